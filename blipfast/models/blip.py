@@ -1,0 +1,228 @@
+"""BLIP pre-training: ViT + MED with the ITC, ITM and LM losses of the original `blip_pretrain.py`.
+
+Parameter and buffer names follow the official checkpoint (`visual_encoder`, `text_encoder`,
+`text_decoder.bert` / `text_decoder.cls`, `vision_proj`, `text_proj`, `itm_head`, `temp`, the
+`*_m` momentum copies, `image_queue`, `text_queue`, `queue_ptr`), so `blipfast.convert` only
+reshapes `temp` and checks keys.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from blipfast.config import BlipConfig
+from blipfast.ops import resolve_losses
+
+from .med import TextDecoder, TextTransformer
+from .vit import VisionTransformer
+
+TEMP_MIN, TEMP_MAX = 0.001, 0.5
+
+
+@dataclass
+class BlipPretrainOutput:
+    loss: torch.Tensor  # loss_itc + loss_itm + loss_lm (the original weights them equally)
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+    loss_lm: torch.Tensor
+    image_feat: torch.Tensor  # (B, E) normalised online image features
+    text_feat: torch.Tensor  # (B, E) normalised online text features
+    itm_logits: torch.Tensor  # (3B, 2): B positives, then B (text, neg image), B (neg text, image)
+    negatives: Tuple[torch.Tensor, torch.Tensor]  # (neg image per text, neg text per image)
+
+
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 without gradient; identity when torch.distributed is not in use."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class BlipForPretraining(nn.Module):
+    """model(images, input_ids, attention_mask, alpha, negatives=None) -> BlipPretrainOutput.
+
+    images: (B, 3, S, S) normalised; input_ids / attention_mask: (B, L) as a BERT tokenizer
+    returns them ([CLS] first, padded); alpha: momentum-distillation weight; negatives: optional
+    (neg_image_for_text, neg_text_for_image) int64 (B,) index tensors that replace sampling.
+    In training mode a forward also updates the momentum encoders (before computing momentum
+    features) and the feature queues (after the ITC loss), exactly as the original does.
+    """
+
+    def __init__(self, config: BlipConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        vc, tc = config.vision, config.text
+        ab = config.attention_backend
+        self.visual_encoder = VisionTransformer(vc, ab)
+        self.text_encoder = TextTransformer(tc, ab)
+        self.text_decoder = TextDecoder(TextTransformer.sharing(self.text_encoder, ab))
+        self.vision_proj = nn.Linear(vc.width, config.embed_dim)
+        self.text_proj = nn.Linear(tc.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(tc.hidden_size, 2)
+        # 1-dim, not 0-dim: DeepSpeed 0.19.8 cannot initialise a 0-dim parameter.
+        self.temp = nn.Parameter(torch.full((1,), config.temp))
+
+        self.visual_encoder_m = VisionTransformer(vc, ab)
+        self.text_encoder_m = TextTransformer(tc, ab)
+        self.vision_proj_m = nn.Linear(vc.width, config.embed_dim)
+        self.text_proj_m = nn.Linear(tc.hidden_size, config.embed_dim)
+        for m in (self.vision_proj, self.text_proj, self.itm_head):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        self.copy_params()
+
+        E, Q = config.embed_dim, config.queue_size
+        self.register_buffer("image_queue", F.normalize(torch.randn(E, Q), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(E, Q), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.losses = resolve_losses(config.loss_backend)
+        # Trainers under ZeRO-3 replace this with a context that gathers partitioned parameters.
+        self.momentum_context: Callable[[List[nn.Parameter]], contextlib.AbstractContextManager] = (
+            lambda params: contextlib.nullcontext()
+        )
+
+    # -- momentum encoders -------------------------------------------------------------------
+
+    def momentum_pairs(self) -> Iterator[Tuple[str, nn.Module, nn.Module]]:
+        yield "visual_encoder", self.visual_encoder, self.visual_encoder_m
+        yield "vision_proj", self.vision_proj, self.vision_proj_m
+        yield "text_encoder", self.text_encoder, self.text_encoder_m
+        yield "text_proj", self.text_proj, self.text_proj_m
+
+    def _param_lists(self):
+        online, momentum = [], []
+        for name, m, m_m in self.momentum_pairs():
+            a, b = dict(m.named_parameters()), dict(m_m.named_parameters())
+            if a.keys() != b.keys():
+                raise RuntimeError(f"momentum copy of {name} does not mirror its parameters")
+            online += [a[k] for k in a]
+            momentum += [b[k] for k in a]
+        return online, momentum
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        online, momentum = self._param_lists()
+        for p, p_m in zip(online, momentum):
+            p_m.data.copy_(p.data)
+            p_m.requires_grad_(False)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """theta_m <- m * theta_m + (1 - m) * theta, in the momentum weights' own dtype (fp32)."""
+        online, momentum = self._param_lists()
+        m = self.config.momentum
+        with self.momentum_context(online):
+            src = [p.data.to(p_m.dtype) for p, p_m in zip(online, momentum)]
+            dst = [p_m.data for p_m in momentum]
+            torch._foreach_mul_(dst, m)
+            torch._foreach_add_(dst, src, alpha=1.0 - m)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
+        image_feats = concat_all_gather(image_feat_m)
+        text_feats = concat_all_gather(text_feat_m)
+        n = image_feats.shape[0]
+        Q = self.config.queue_size
+        if Q % n:
+            raise ValueError(
+                f"queue_size {Q} is not a multiple of the global batch {n} (per-rank batch x world "
+                f"size): choose a batch that divides it, or drop the last incomplete batch"
+            )
+        ptr = int(self.queue_ptr[0])
+        self.image_queue[:, ptr:ptr + n] = image_feats.T.to(self.image_queue.dtype)
+        self.text_queue[:, ptr:ptr + n] = text_feats.T.to(self.text_queue.dtype)
+        self.queue_ptr[0] = (ptr + n) % Q
+
+    # -- features ------------------------------------------------------------------------------
+
+    def with_first_token(self, input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
+        ids = input_ids.clone()
+        ids[:, 0] = token_id
+        return ids
+
+    def image_features(self, image_embeds: torch.Tensor, momentum: bool = False) -> torch.Tensor:
+        proj = self.vision_proj_m if momentum else self.vision_proj
+        return F.normalize(proj(image_embeds[:, 0, :]), dim=-1)
+
+    def text_features(self, input_ids, attention_mask, momentum: bool = False) -> torch.Tensor:
+        enc, proj = (self.text_encoder_m, self.text_proj_m) if momentum else (self.text_encoder, self.text_proj)
+        ids = self.with_first_token(input_ids, self.config.text.cls_token_id)
+        return F.normalize(proj(enc(ids, attention_mask)[:, 0, :]), dim=-1)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def _check_inputs(self, images, input_ids, attention_mask, negatives):
+        if input_ids.ndim != 2 or attention_mask is None or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and attention_mask must both be (B, L); got {tuple(input_ids.shape)} and "
+                f"{None if attention_mask is None else tuple(attention_mask.shape)}"
+            )
+        if images.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {input_ids.shape[0]} texts")
+        if negatives is not None:
+            B = images.shape[0]
+            if len(negatives) != 2 or any(n.shape != (B,) for n in negatives):
+                raise ValueError("negatives must be a pair of (B,) index tensors (neg image per text, neg text per image)")
+            for n in negatives:
+                if n.dtype not in (torch.int64, torch.int32) or bool(((n < 0) | (n >= B)).any()):
+                    raise ValueError(f"negative indices must be integers in [0, {B})")
+
+    def forward(self, images, input_ids, attention_mask, alpha: float,
+                negatives: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> BlipPretrainOutput:
+        self._check_inputs(images, input_ids, attention_mask, negatives)
+        tc = self.config.text
+        with torch.no_grad():
+            self.temp.clamp_(TEMP_MIN, TEMP_MAX)
+        B = images.shape[0]
+
+        image_embeds = self.visual_encoder(images)  # (B, 1 + N, Cv)
+        image_feat = self.image_features(image_embeds)  # (B, E)
+        text_feat = self.text_features(input_ids, attention_mask)  # (B, E)
+
+        with torch.no_grad():
+            if self.training:
+                self.momentum_update()
+            image_feat_m = self.image_features(self.visual_encoder_m(images), momentum=True)
+            text_feat_m = self.text_features(input_ids, attention_mask, momentum=True)
+
+        loss_itc, sim_i2t, sim_t2i = self.losses.itc_loss(
+            image_feat, text_feat, image_feat_m, text_feat_m,
+            self.image_queue, self.text_queue, self.temp, alpha,
+        )
+        # The queues are overwritten in place just below: a loss backend that keeps them for its
+        # backward must keep a copy of what it needs (the reference path's torch.cat copies).
+        if self.training:
+            self.dequeue_and_enqueue(image_feat_m, text_feat_m)
+
+        # ITM: B positives, then B texts with a hard-negative image, B images with a hard-negative text.
+        enc_ids = self.with_first_token(input_ids, tc.enc_token_id)
+        if negatives is None:
+            negatives = self.losses.sample_hard_negatives(sim_i2t, sim_t2i)
+        neg_img, neg_txt = (n.long() for n in negatives)
+        ids_all = torch.cat([enc_ids, enc_ids, enc_ids[neg_txt]], dim=0)  # (3B, L)
+        att_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_txt]], dim=0)
+        img_all = torch.cat([image_embeds, image_embeds[neg_img], image_embeds], dim=0)  # (3B, 1+N, Cv)
+        vl = self.text_encoder(ids_all, att_all, image_embeds=img_all)[:, 0, :]  # (3B, C)
+        itm_logits = self.itm_head(vl)
+        itm_labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(images.device)
+        loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
+
+        # LM: [DEC] first, padding ignored, [SEP] is a target.
+        dec_ids = self.with_first_token(input_ids, tc.dec_token_id)
+        labels = dec_ids.masked_fill(dec_ids == tc.pad_token_id, -100)
+        hidden = self.text_decoder(dec_ids, attention_mask, image_embeds=image_embeds)
+        loss_lm = self.text_decoder.lm_loss(hidden, labels, self.losses, self.config.label_smoothing)
+
+        return BlipPretrainOutput(
+            loss=loss_itc + loss_itm + loss_lm, loss_itc=loss_itc, loss_itm=loss_itm, loss_lm=loss_lm,
+            image_feat=image_feat, text_feat=text_feat, itm_logits=itm_logits, negatives=(neg_img, neg_txt),
+        )

@@ -1,0 +1,51 @@
+"""blipfast: BLIP with fused Triton kernels, DeepSpeed training and a DALI pipeline.
+
+`kernels/` lives at the top of the repository but is installed as `blipfast.kernels`:
+HF's `kernels` package owns the top-level name `kernels` and transformers probes for it.
+"""
+from setuptools import setup
+
+PACKAGES = [
+    "blipfast",
+    "blipfast.data",
+    "blipfast.eval",
+    "blipfast.models",
+    "blipfast.ops",
+    "blipfast.train",
+    "blipfast.kernels",
+]
+
+setup(
+    name="blipfast",
+    version="0.1.0",
+    description="The fastest trustworthy BLIP: fused Triton kernels, DeepSpeed ZeRO, DALI",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir={"blipfast.kernels": "kernels"},
+    package_data={"blipfast": ["assets/*"]},
+    include_package_data=True,
+    install_requires=[
+        # torch is not pinned to a build: the CPU wheel (2.13) and the GPU image's (2.11) both work.
+        "torch>=2.4",
+        "transformers>=4.40",
+        "tokenizers",
+        "safetensors",
+        "pyyaml",
+        "numpy",
+        "tqdm",
+        "pillow",
+    ],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "train": ["deepspeed==0.19.8", "tensorboard"],
+        "dali": ["nvidia-dali-cuda130==2.4.0"],
+        "eval": ["pycocoevalcap"],
+        "bench": ["pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "scipy"],
+    },
+    entry_points={
+        "console_scripts": [
+            "blipfast-capfilt=blipfast.capfilt:main",
+        ]
+    },
+)
