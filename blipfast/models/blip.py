@@ -137,10 +137,11 @@ class BlipForPretraining(nn.Module):
                 f"queue_size {Q} is not a multiple of the global batch {n} (per-rank batch x world "
                 f"size): choose a batch that divides it, or drop the last incomplete batch"
             )
-        ptr = int(self.queue_ptr[0])
-        self.image_queue[:, ptr:ptr + n] = image_feats.T.to(self.image_queue.dtype)
-        self.text_queue[:, ptr:ptr + n] = text_feats.T.to(self.text_queue.dtype)
-        self.queue_ptr[0] = (ptr + n) % Q
+        # Column indices computed on the device: no host sync to read the pointer.
+        cols = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % Q  # (n,)
+        self.image_queue.index_copy_(1, cols, image_feats.T.to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, cols, text_feats.T.to(self.text_queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + n) % Q)
 
     # -- features ------------------------------------------------------------------------------
 

@@ -224,8 +224,6 @@ class TextTransformer(nn.Module):
                     f"{tuple(input_ids.shape)}" + (f" plus {past_len} cached positions" if past_len else "")
                 )
             mask = attention_mask.to(torch.bool)
-            if bool(mask.all()):
-                mask = None  # no padding: let backends take their unmasked fast path
         if image_mask is not None:
             image_mask = image_mask.to(torch.bool)
         x = self.embeddings(input_ids, past_length=past_len)

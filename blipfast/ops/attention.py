@@ -62,10 +62,11 @@ class SdpaAttention(AttentionBackend):
         allowed = key_padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, Lk)
         if causal:
             allowed = allowed & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
-        # SDPA returns NaN for a row with no allowed key; ours defines it as zeros.
+        # SDPA gives NaN (and NaN gradients) for a row with no allowed key; ours defines it as
+        # zeros: let such rows attend anywhere, then zero their output (no host sync).
         empty = ~allowed.any(-1, keepdim=True)  # (B, 1, Lq|1, 1)
-        return out.masked_fill(empty, 0.0) if bool(empty.any()) else out
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p)
+        return out.masked_fill(empty, 0.0)
 
 
 ATTENTION_BACKENDS: Dict[str, Callable[[], AttentionBackend]] = {
