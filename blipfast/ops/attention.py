@@ -3,6 +3,10 @@
 q: (B, H, Lq, D); k, v: (B, H, Lk, D); key_padding_mask: bool (B, Lk), True = real key;
 causal aligns query i with key i. Semantics are `blipfast.kernels.reference.attention`'s.
 
+Backends: `reference` (plain PyTorch), `sdpa` (torch's scaled_dot_product_attention), `triton`
+(blipfast's fused kernels, `blipfast.kernels.attention`), `xformers` and `flash_attn` (optional
+packages, CUDA only, each serving only the cases it supports).
+
 A backend is chosen once per module (from the config's `attention_backend`, overridden by the
 environment variable BLIPFAST_ATTENTION_BACKEND) and shown in the module's repr. "auto" means
 Triton when CUDA is available and SDPA otherwise. Asking explicitly for a backend that cannot
@@ -69,9 +73,165 @@ class SdpaAttention(AttentionBackend):
         return out.masked_fill(empty, 0.0)
 
 
+def _interpreting() -> bool:
+    from blipfast.kernels import flash_attention
+
+    return flash_attention.interpreting()
+
+
+class TritonAttention(AttentionBackend):
+    """blipfast's fused flash-attention kernels (`blipfast.kernels.attention`).
+
+    Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
+    """
+
+    name = "triton"
+
+    def __init__(self):
+        if not torch.cuda.is_available() and not _interpreting():
+            raise BackendUnavailable(
+                "attention backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 set before triton is "
+                "imported, to run its kernels slowly on the CPU); on this machine use 'sdpa' or 'reference'"
+            )
+        from blipfast.kernels.flash_attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+
+        self._dtypes, self._head_dims = SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+
+    def __call__(self, q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0):
+        from blipfast.kernels import attention
+
+        if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+            raise BackendUnsupported(
+                f"attention backend 'triton' got {q.device} tensors: it runs on CUDA (or on the CPU under "
+                "TRITON_INTERPRET=1); use 'sdpa' or 'reference' for them"
+            )
+        if q.shape[-1] not in self._head_dims:
+            raise BackendUnsupported(
+                f"attention backend 'triton' supports head dims {self._head_dims}, got {q.shape[-1]}"
+            )
+        if q.dtype not in self._dtypes:
+            raise BackendUnsupported(f"attention backend 'triton' supports {self._dtypes}, got {q.dtype}")
+        return attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p)
+
+
+def _allowed_and_empty(key_padding_mask, causal, Lq, Lk, device):
+    """allowed: bool (B|1, 1, Lq|1, Lk) or None; empty: bool (B|1, 1, Lq|1, 1) rows with no key, or None."""
+    allowed = None
+    if key_padding_mask is not None:
+        allowed = key_padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, Lk)
+    if causal:
+        tri = torch.ones(Lq, Lk, dtype=torch.bool, device=device).tril()[None, None]  # (1, 1, Lq, Lk)
+        allowed = tri if allowed is None else allowed & tri
+    empty = None if allowed is None else ~allowed.any(-1, keepdim=True)
+    return allowed, empty
+
+
+class XformersAttention(AttentionBackend):
+    """xformers.ops.memory_efficient_attention (optional package), CUDA only.
+
+    Layout (B, L, H, D); masks go in as an additive bias (-inf where not allowed). A row with no
+    allowed key is given a zero bias (so the kernel sees no all -inf row) and zeroed afterwards.
+    """
+
+    name = "xformers"
+
+    def __init__(self):
+        try:
+            import xformers.ops as xops
+        except ImportError as e:
+            raise BackendUnavailable(
+                f"attention backend 'xformers' needs the xformers package ({e}); pip install xformers, "
+                "or choose triton, sdpa or reference"
+            ) from None
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("attention backend 'xformers' needs a CUDA GPU; use 'sdpa' or 'reference'")
+        self._xops = xops
+
+    def __call__(self, q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0):
+        if q.device.type != "cuda":
+            raise BackendUnsupported(f"attention backend 'xformers' needs CUDA tensors, got {q.device}")
+        B, H, Lq, D = q.shape
+        Lk = k.shape[2]
+        bias = None
+        empty = None
+        if key_padding_mask is None and causal:
+            # Top-left aligned, like ours (LowerTriangularFromBottomRightMask is the other one).
+            bias = self._xops.LowerTriangularMask()
+        elif key_padding_mask is not None:
+            allowed, empty = _allowed_and_empty(key_padding_mask, causal, Lq, Lk, q.device)
+            allowed = allowed | empty  # rows with no key: attend to everything, zeroed below
+            # xformers wants the bias's row stride to be a multiple of 8: allocate padded, then slice.
+            pad = -(-Lk // 8) * 8
+            full = torch.zeros(B, 1, Lq, pad, dtype=q.dtype, device=q.device)
+            full[..., :Lk].masked_fill_(~allowed, float("-inf"))
+            bias = full[..., :Lk].expand(B, H, Lq, Lk)
+        out = self._xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, p=dropout_p
+        ).transpose(1, 2)  # (B, Lq, H, D) -> (B, H, Lq, D)
+        return out if empty is None else out.masked_fill(empty, 0.0)
+
+
+class FlashAttnAttention(AttentionBackend):
+    """flash_attn (optional package): fp16/bf16 on CUDA, head dim <= 256 and a multiple of 8.
+
+    Layout (B, L, H, D). A key padding mask goes through the varlen kernel (keys packed, queries
+    not); causal attention is served only without a key padding mask (flash_attn aligns causal
+    masks bottom-right once keys are packed) and with Lq == Lk.
+    """
+
+    name = "flash_attn"
+
+    def __init__(self):
+        try:
+            import flash_attn
+        except ImportError as e:
+            raise BackendUnavailable(
+                f"attention backend 'flash_attn' needs the flash-attn package ({e}); it builds from source "
+                "(pip install flash-attn --no-build-isolation), or choose triton, sdpa or reference"
+            ) from None
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("attention backend 'flash_attn' needs a CUDA GPU; use 'sdpa' or 'reference'")
+        self._fa = flash_attn
+
+    def __call__(self, q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0):
+        B, H, Lq, D = q.shape
+        Lk = k.shape[2]
+        if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+            raise BackendUnsupported(
+                f"attention backend 'flash_attn' needs fp16/bf16 CUDA tensors, got {q.dtype} on {q.device}"
+            )
+        if D > 256 or D % 8:
+            raise BackendUnsupported(f"attention backend 'flash_attn' needs head dim <= 256 and % 8 == 0, got {D}")
+        if causal and (key_padding_mask is not None or Lq != Lk):
+            raise BackendUnsupported(
+                "attention backend 'flash_attn' serves causal attention only with Lq == Lk and no key padding "
+                "mask (its causal mask is bottom-right aligned); use 'triton' or 'sdpa'"
+            )
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, L, H, D)
+        if key_padding_mask is None:
+            out = self._fa.flash_attn_func(qt, kt, vt, dropout_p=dropout_p, causal=causal)
+            return out.transpose(1, 2)
+        mask = key_padding_mask.to(torch.bool)
+        lens_k = mask.sum(1, dtype=torch.int32)  # (B,)
+        idx = mask.flatten().nonzero().squeeze(1)  # positions of real keys in (B*Lk)
+        k_packed = kt.reshape(B * Lk, H, D)[idx]  # (total_k, H, D)
+        v_packed = vt.reshape(B * Lk, H, D)[idx]
+        cu_k = F.pad(lens_k.cumsum(0, dtype=torch.int32), (1, 0))  # (B + 1,)
+        cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=q.device)
+        out = self._fa.flash_attn_varlen_func(
+            qt.reshape(B * Lq, H, D), k_packed, v_packed, cu_q, cu_k, Lq, int(lens_k.max()),
+            dropout_p=dropout_p, causal=False,
+        ).view(B, Lq, H, D)
+        empty = (lens_k == 0)[:, None, None, None]  # (B, 1, 1, 1): no real key at all
+        return out.transpose(1, 2).masked_fill(empty, 0.0)
+
+
 ATTENTION_BACKENDS: Dict[str, Callable[[], AttentionBackend]] = {
     "reference": ReferenceAttention,
     "sdpa": SdpaAttention,
+    "triton": TritonAttention,
+    "xformers": XformersAttention,
+    "flash_attn": FlashAttnAttention,
 }
 
 

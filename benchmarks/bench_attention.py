@@ -1,0 +1,220 @@
+"""Attention microbenchmarks at BLIP's shapes: blipfast's Triton kernels against every SDPA backend
+that accepts the case, xformers and flash-attn when importable, and the plain-PyTorch reference.
+
+    pytest benchmarks/bench_attention.py --benchmark-enable                # all cases (GPU)
+    pytest benchmarks/bench_attention.py --benchmark-enable -k "vit_b_197 and fwd+bwd"
+
+GPU only: without CUDA every case is skipped, except under BLIPFAST_BENCH_DRY_RUN=1, where tiny
+fp32 versions of the cases run on the CPU through the providers that can (reference, SDPA math),
+to exercise the code path. Inputs are bf16, laid out as the model holds them (ViT: strided views
+of a fused (B, N, 3, H, D) qkv; text: (B, L, H, D) viewed as (B, H, L, D)).
+
+Each case records in `extra_info` (read by benchmarks/harness.py into result rows):
+  p20/p50/p80_ms  device time per call (CUDA events, harness.time_iterations);
+  flops           FlashAttention convention: forward 4*B*H*Lq*Lk*D, halved when causal;
+                  backward 2.5x forward (5 matmuls, one of them recomputing QK^T); fwd+bwd 3.5x;
+  bytes           the memory floor, each tensor touched once at the input element size e:
+                    fwd  e*(2*B*H*Lq*D + 2*B*H*Lk*D) + 4*B*H*Lq     (read q, k, v; write o; fp32 LSE)
+                    bwd  e*(4*B*H*Lq*D + 4*B*H*Lk*D) + 4*B*H*Lq     (read q, o, dO, k, v, LSE;
+                                                                      write dq, dk, dv)
+                    fwd+bwd the sum; plus B*Lk bytes when a key padding mask is read;
+  hbm_peak_gbps   the card's HBM bandwidth (table below): the row's gbps / hbm_peak_gbps is the
+                  fraction of the memory floor achieved.
+Before timing, each provider's forward is checked against the fp32 reference on the case's
+inputs; a provider that is wrong fails its test instead of producing a fast row.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Dict, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # sibling scripts (harness) are not a package
+    sys.path.insert(0, HERE)
+
+import harness  # noqa: E402
+
+from blipfast.kernels import reference as ref  # noqa: E402
+from blipfast.ops.attention import (  # noqa: E402
+    BackendUnavailable, BackendUnsupported, FlashAttnAttention, XformersAttention,
+)
+
+CUDA = torch.cuda.is_available()
+DRY = harness.is_dry_run() and not CUDA
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+pytestmark = pytest.mark.skipif(not (CUDA or DRY), reason="attention benchmarks need a CUDA GPU "
+                                "(BLIPFAST_BENCH_DRY_RUN=1 runs tiny CPU versions)")
+
+# name: (B, H, Lq, Lk, D, causal, key padding, layout). Batches: ViT at the pre-training batch,
+# text at B, cross-attention at 3B (ITM runs positives plus two sets of hard negatives).
+CASES = {
+    "vit_b_197": (256, 12, 197, 197, 64, False, False, "fused_qkv"),
+    "vit_b_577": (64, 12, 577, 577, 64, False, False, "fused_qkv"),
+    "vit_l_577": (64, 16, 577, 577, 64, False, False, "fused_qkv"),
+    "text_35_padded": (256, 12, 35, 35, 64, False, True, "heads_view"),
+    "causal_35_padded": (256, 12, 35, 35, 64, True, True, "heads_view"),
+    "cross_35x197": (768, 12, 35, 197, 64, False, False, "heads_view"),
+    "cross_35x577": (192, 12, 35, 577, 64, False, False, "heads_view"),
+}
+PROVIDERS = ("triton", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "xformers", "flash_attn", "reference")
+MODES = ("fwd", "bwd", "fwd+bwd")
+DRY_CASES = ("vit_b_197", "causal_35_padded", "cross_35x197")  # one per kind keeps the dry run short
+HBM_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0}  # most specific first
+
+
+def shape_of(case: str):
+    B, H, Lq, Lk, D, causal, padded, layout = CASES[case]
+    if DRY:  # the same case, small enough for the CPU
+        B, H = 2, 2
+    return B, H, Lq, Lk, D, causal, padded, layout
+
+
+def make_inputs(case: str, seed: int = 0):
+    B, H, Lq, Lk, D, causal, padded, layout = shape_of(case)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=DEVICE, dtype=DTYPE)
+
+    if layout == "fused_qkv":
+        q, k, v = rnd(B, Lq, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D), strided
+    else:
+        q, k, v = (rnd(B, L, H, D).transpose(1, 2) for L in (Lq, Lk, Lk))  # (B, H, L, D) views
+    mask = None
+    if padded:  # BERT right padding: lengths from 8 to Lk
+        lens = torch.randint(8, Lk + 1, (B,), generator=g, device=DEVICE)
+        mask = torch.arange(Lk, device=DEVICE)[None, :] < lens[:, None]  # (B, Lk) bool
+    dout = rnd(B, Lq, H, D).transpose(1, 2)  # the gradient arrives in the merged-heads layout
+    return [x.requires_grad_() for x in (q, k, v)], mask, dout
+
+
+def sdpa_provider(backend_name: str) -> Callable:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend_name]
+
+    def call(q, k, v, mask, causal):
+        attn_mask = None
+        if mask is not None:
+            attn_mask = mask[:, None, None, :]  # (B, 1, 1, Lk)
+            if causal:
+                tri = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+                attn_mask = attn_mask & tri  # (B, 1, Lq, Lk)
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                  is_causal=causal and attn_mask is None)
+
+    return call
+
+
+def make_provider(name: str) -> Callable:
+    """call(q, k, v, mask, causal) -> (B, H, Lq, D); pytest.skip when it cannot run here."""
+    if name == "reference":
+        return lambda q, k, v, mask, causal: ref.attention(q, k, v, key_padding_mask=mask, causal=causal)
+    if name.startswith("sdpa-"):
+        if DRY:  # the CPU has only SDPA's math backend: run it once, under the efficient name
+            if name != "sdpa-efficient":
+                pytest.skip(f"{name} needs CUDA")
+            return sdpa_provider("math")
+        return sdpa_provider(name.split("-", 1)[1])
+    if name == "triton":
+        if not CUDA:
+            pytest.skip("the Triton kernels need CUDA here (the interpreter is for tests)")
+        from blipfast.kernels import attention
+        return lambda q, k, v, mask, causal: attention(q, k, v, key_padding_mask=mask, causal=causal)
+    factory = {"xformers": XformersAttention, "flash_attn": FlashAttnAttention}[name]
+    try:
+        backend = factory()
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
+    return lambda q, k, v, mask, causal: backend(q, k, v, key_padding_mask=mask, causal=causal)
+
+
+def make_run(call: Callable, mode: str, qkv, mask, dout, causal: bool) -> Callable[[], object]:
+    """The function timed for `mode`; bwd reuses one forward graph (retain_graph)."""
+    if mode == "fwd":
+        return lambda: call(*qkv, mask, causal)
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(call(*qkv, mask, causal), qkv, dout)
+    out = call(*qkv, mask, causal)
+    return lambda: torch.autograd.grad(out, qkv, dout, retain_graph=True)
+
+
+def flops_and_bytes(case: str, mode: str):
+    B, H, Lq, Lk, D, causal, padded, _ = shape_of(case)
+    e = torch.finfo(DTYPE).bits // 8
+    fwd = 4 * B * H * Lq * Lk * D // (2 if causal else 1)
+    lse = 4 * B * H * Lq
+    mask = B * Lk if padded else 0
+    fwd_bytes = e * (2 * B * H * Lq * D + 2 * B * H * Lk * D) + lse + mask
+    bwd_bytes = e * (4 * B * H * Lq * D + 4 * B * H * Lk * D) + lse + mask
+    return {"fwd": (fwd, fwd_bytes), "bwd": (int(2.5 * fwd), bwd_bytes),
+            "fwd+bwd": (int(3.5 * fwd), fwd_bytes + bwd_bytes)}[mode]
+
+
+def hbm_gbps() -> Optional[float]:
+    if not CUDA:
+        return None
+    name = torch.cuda.get_device_name()
+    return next((bw for key, bw in HBM_GBPS.items() if key in name), None)
+
+
+_REFERENCE_OUT: Dict[str, torch.Tensor] = {}
+
+
+def reference_output(case: str) -> torch.Tensor:
+    """fp32 reference forward on this case's inputs (computed once per case)."""
+    if case not in _REFERENCE_OUT:
+        _REFERENCE_OUT.clear()  # one case's worth of memory at a time
+        qkv, mask, _ = make_inputs(case)
+        causal = shape_of(case)[5]
+        with torch.no_grad():
+            _REFERENCE_OUT[case] = ref.attention(*(x.float() for x in qkv), key_padding_mask=mask, causal=causal)
+    return _REFERENCE_OUT[case]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention(benchmark, case, provider, mode):
+    if DRY and case not in DRY_CASES:
+        pytest.skip("dry run: one case per attention kind")
+    B, H, Lq, Lk, D, causal, padded, layout = shape_of(case)
+    call = make_provider(provider)
+    qkv, mask, dout = make_inputs(case)
+    try:  # one probe call: a provider that rejects the case is skipped, not failed
+        with torch.no_grad():
+            out = call(*qkv, mask, causal)
+    except BackendUnsupported as e:
+        pytest.skip(str(e))
+    except RuntimeError as e:  # SDPA: "No available kernel", xformers: no operator for the inputs
+        pytest.skip(f"{provider} rejects this case: {str(e).splitlines()[0][:200]}")
+    max_err = (out.float() - reference_output(case)).abs().max().item()
+    del out
+    # A fast wrong answer is not a result (cuDNN attention has had bugs at lengths that are not
+    # multiples of 128): fail loudly instead of recording it.
+    tol = 0.05 if DTYPE == torch.bfloat16 else 1e-4
+    assert max_err <= tol, f"{provider} forward differs from the fp32 reference by {max_err:.3g} (> {tol})"
+
+    run = make_run(call, mode, qkv, mask, dout, causal)
+    warmup, iters = (1, 3) if DRY else (3, 10)
+    with harness.peak_memory(DEVICE) as mem:
+        times = harness.time_iterations(run, DEVICE, warmup=warmup, iters=iters, max_seconds=0.5)
+    p20, p50, p80 = harness.quantiles(times)
+    flops, nbytes = flops_and_bytes(case, mode)
+    # Only what defines the case goes in here (the harness groups rows by it); provider and mode
+    # come from the test parameters. Fraction of the memory floor = row gbps / hbm_peak_gbps.
+    benchmark.extra_info.update(
+        op="attention", B=B, H=H, Lq=Lq, Lk=Lk, D=D, causal=causal, key_padding=padded, layout=layout,
+        dtype=str(DTYPE).replace("torch.", ""), hbm_peak_gbps=hbm_gbps(),
+        precision="bf16" if DTYPE == torch.bfloat16 else "fp32", flops=flops, bytes=nbytes,
+        p20_ms=p20, p50_ms=p50, p80_ms=p80, peak_mem_mb=mem["mb"],
+    )
+    benchmark.pedantic(harness.synchronized(run), rounds=1 if DRY else 2, iterations=1, warmup_rounds=0)

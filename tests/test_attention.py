@@ -1,0 +1,411 @@
+"""The fused Triton attention (`blipfast.kernels.attention`) against the fp64 reference.
+
+On a CPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1), about
+10-20 ms per program instance: shapes here use few (batch, head) pairs. Tolerances follow the
+flash-attention rule: the kernel's error against an fp64 reference may be at most twice PyTorch's
+own error in the same dtype (the reference run in that dtype), plus a small atol. GPU-marked tests
+repeat the grid in fp16/bf16 at BLIP's real sizes.
+"""
+import importlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import blipfast.kernels as K
+from blipfast.kernels import reference as ref
+
+fa = importlib.import_module("blipfast.kernels.flash_attention")
+attn_mod = importlib.import_module("blipfast.kernels.attention")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def describe_error(actual: torch.Tensor, expected: torch.Tensor, tol: float, name: str) -> str:
+    """Max/mean error, first index over tol, NaN/inf mismatches: for assertion messages."""
+    a, e = actual.double(), expected.double()
+    diff = (a - e).abs()
+    bad_nonfinite = (~torch.isfinite(a)) != (~torch.isfinite(e))
+    over = (diff > tol).nonzero()
+    first = tuple(over[0].tolist()) if len(over) else None
+    at = f" (actual {a[first].item():.6g}, expected {e[first].item():.6g})" if first else ""
+    return (f"{name}: max err {diff.nan_to_num(float('inf')).max().item():.3e}, mean err "
+            f"{diff.nan_to_num(0).mean().item():.3e}, tol {tol:.3e}, first index over tol {first}{at}, "
+            f"{int(bad_nonfinite.sum())} NaN/inf mismatches")
+
+
+def assert_within(actual, expected, tol, name):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    ok = bool(((actual.double() - expected.double()).abs() <= tol).all()) and bool(torch.isfinite(actual).all())
+    assert ok, describe_error(actual, expected, tol, name)
+
+
+def make_qkv(B, H, Lq, Lk, D, dtype, layout="contiguous", seed=0):
+    """q (B, H, Lq, D), k/v (B, H, Lk, D) in one of the layouts the model produces."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+    if layout == "fused_qkv":  # ViT: qkv (B, N, 3, H, D) permuted to three (B, H, N, D) views
+        assert Lq == Lk
+        q, k, v = rnd(B, Lq, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    elif layout == "heads_view":  # BERT: (B, L, H, D) viewed as (B, H, L, D)
+        q = rnd(B, Lq, H, D).transpose(1, 2)
+        k = rnd(B, Lk, H, D).transpose(1, 2)
+        v = rnd(B, Lk, H, D).transpose(1, 2)
+    elif layout == "strided_d":  # every other element of the head dim: stride_d != 1
+        q = rnd(B, H, Lq, 2 * D)[..., ::2]
+        k = rnd(B, H, Lk, 2 * D)[..., ::2]
+        v = rnd(B, H, Lk, 2 * D)[..., ::2]
+    else:
+        q, k, v = rnd(B, H, Lq, D), rnd(B, H, Lk, D), rnd(B, H, Lk, D)
+    return q, k, v
+
+
+def make_mask(kind, B, Lk, seed=1):
+    """None; 'padded': batch 0 has all keys masked, batch 1 right padding, others random;
+    'prefix': right padding of varying length (BERT's attention_mask)."""
+    if kind is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    if kind == "prefix":
+        lens = torch.randint(1, Lk + 1, (B,), generator=g)
+        lens[0] = max(1, Lk // 2)
+        return (torch.arange(Lk)[None, :] < lens[:, None]).to(DEVICE)
+    m = torch.rand(B, Lk, generator=g) > 0.3
+    m[0] = False  # every query of batch 0 attends to nothing
+    if B > 1:
+        m[1] = torch.arange(Lk) < max(1, Lk - 3)
+    return m.to(DEVICE)
+
+
+def run_kernel(q, k, v, dout, mask, causal, scale=None, config=None):
+    """Kernel output and grads; with `config` the launchers are called with that tiling."""
+    if config is None:
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+        out = K.attention(q, k, v, key_padding_mask=mask, causal=causal, softmax_scale=scale)
+        out.backward(dout)
+        return out.detach(), q.grad, k.grad, v.grad
+    scale = scale or 1.0 / math.sqrt(q.shape[-1])
+    out, lse = fa.forward(q, k, v, mask, causal, 0.0, scale, 0, config=config)
+    return (out, *fa.backward(dout, q, k, v, out, lse, mask, causal, 0.0, scale, 0, config=config))
+
+
+def run_reference(q, k, v, dout, mask, causal, dtype, scale=None, dropout_p=0.0, dropout_mask=None):
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    out = ref.attention(q, k, v, key_padding_mask=mask, causal=causal, softmax_scale=scale,
+                        dropout_p=dropout_p, dropout_mask=dropout_mask)
+    out.backward(dout.to(dtype))
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def check_against_reference(q, k, v, mask, causal, scale=None, config=None, seed=3):
+    """Output, dq, dk, dv within 2x PyTorch's own error in q's dtype (+ atol) of the fp64 reference."""
+    dtype = q.dtype
+    g = torch.Generator().manual_seed(seed)
+    dout = torch.randn(q.shape, generator=g).to(DEVICE, dtype)
+    got = run_kernel(q, k, v, dout, mask, causal, scale, config)
+    exact = run_reference(q, k, v, dout, mask, causal, torch.float64, scale)
+    torch_same_dtype = run_reference(q, k, v, dout, mask, causal, dtype, scale)
+    for name, a, e, t in zip(("out", "dq", "dk", "dv"), got, exact, torch_same_dtype):
+        torch_err = (t.double() - e).abs().max().item()
+        assert_within(a, e, 2 * torch_err + ATOL[dtype] * max(1.0, e.abs().max().item()), name)
+    return got
+
+
+# ---------------------------------------------------------------------------------------------
+# forward and gradients against the fp64 reference
+
+# (B, H, Lq, Lk, D, causal, mask kind, layout)
+CASES = {
+    "single_token": (1, 2, 1, 1, 32, False, None, "contiguous"),
+    "text_35": (1, 2, 35, 35, 64, False, "prefix", "heads_view"),
+    "vit_197_fused_qkv": (1, 1, 197, 197, 64, False, None, "fused_qkv"),
+    "causal_35_padded": (2, 1, 35, 35, 64, True, "prefix", "heads_view"),
+    "cross_35x197": (2, 1, 35, 197, 64, False, None, "heads_view"),
+    "cross_35x197_masked": (2, 1, 35, 197, 32, False, "padded", "contiguous"),
+    "self_masked_empty_rows": (2, 1, 35, 35, 32, False, "padded", "contiguous"),
+    "causal_cross_odd": (2, 1, 37, 20, 32, True, "padded", "strided_d"),
+    "causal_lq_lt_lk": (1, 1, 20, 45, 16, True, None, "contiguous"),
+    "head_dim_128": (1, 1, 35, 35, 128, False, None, "contiguous"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_reference(case, dtype):
+    B, H, Lq, Lk, D, causal, mask_kind, layout = CASES[case]
+    q, k, v = make_qkv(B, H, Lq, Lk, D, dtype, layout)
+    check_against_reference(q, k, v, make_mask(mask_kind, B, Lk), causal)
+
+
+@pytest.mark.parametrize("config", [(16, 32), (32, 16)], ids=["bm16_bn32", "bm32_bn16"])
+def test_tilings_where_blocks_differ(config):
+    """Causal bounds (first/last tile per block) with BLOCK_M != BLOCK_N, ragged tails, a mask."""
+    q, k, v = make_qkv(2, 1, 45, 38, 32, torch.float32)
+    check_against_reference(q, k, v, make_mask("padded", 2, 38), causal=True, config=config)
+
+
+def test_custom_scale():
+    q, k, v = make_qkv(1, 1, 35, 35, 32, torch.float32)
+    check_against_reference(q, k, v, None, False, scale=0.37)
+
+
+def test_rows_without_keys_are_zero_with_zero_grads():
+    q, k, v = make_qkv(2, 2, 9, 12, 16, torch.float32)
+    mask = make_mask("padded", 2, 12)  # batch 0: no key at all
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = K.attention(q, k, v, key_padding_mask=mask)
+    out.sum().backward()
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    for name, g in (("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        assert torch.equal(g[0], torch.zeros_like(g[0])), name
+        assert torch.isfinite(g).all(), name
+    assert out[1].abs().sum() > 0
+
+
+def test_output_layout_and_determinism():
+    """Output stored (B, L, H, D) (the merge of heads is a view); two backwards are bitwise equal."""
+    q, k, v = make_qkv(1, 2, 35, 35, 32, torch.float32, "heads_view")
+    mask = make_mask("prefix", 1, 35)
+    grads = []
+    for _ in range(2):
+        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+        out = K.attention(qq, kk, vv, key_padding_mask=mask, causal=True)
+        out.backward(torch.ones_like(out))
+        grads.append((qq.grad, kk.grad, vv.grad))
+    assert out.transpose(1, 2).is_contiguous()
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout
+
+
+def test_dropout_keep_fraction_and_independence():
+    p = 0.3
+    keep = attn_mod.dropout_keep_mask(1234, (2, 2, 64, 64), p, device=DEVICE)
+    n = keep.numel()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    assert not torch.equal(keep, attn_mod.dropout_keep_mask(1235, (2, 2, 64, 64), p, device=DEVICE))
+    assert torch.equal(keep, attn_mod.dropout_keep_mask(1234, (2, 2, 64, 64), p, device=DEVICE))
+
+
+def test_dropout_expectation_matches_no_dropout():
+    """Averaged over 64 heads holding the same q, k, v (each with its own dropout pattern), the
+    output approaches the no-dropout output within 6 sigma, sigma from the exact variance."""
+    p, n_copies = 0.25, 64
+    q, k, v = make_qkv(1, 1, 40, 40, 32, torch.float32)
+    expand = lambda x: x.expand(1, n_copies, *x.shape[2:])  # noqa: E731 (stride-0 heads)
+    out = K.attention(expand(q), expand(k), expand(v), dropout_p=p)
+    probs = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / math.sqrt(32), -1)  # (1, 1, L, L)
+    exact = probs @ v.double()
+    var = (probs ** 2) @ (v.double() ** 2) * (p / (1 - p))  # per output element, one copy
+    sigma = (var / n_copies).sqrt()
+    dev = (out.double().mean(1, keepdim=True) - exact).abs()
+    assert bool((dev <= 6 * sigma + 1e-6).all()), describe_error(out.double().mean(1, keepdim=True), exact,
+                                                                  float((6 * sigma).min()), "mean over copies")
+
+
+@pytest.mark.parametrize("causal,mask_kind,Lq,Lk", [(True, "prefix", 35, 35), (False, "padded", 21, 70)],
+                         ids=["causal_padded", "cross_masked"])
+def test_dropout_gradients_use_the_forward_mask(causal, mask_kind, Lq, Lk):
+    """The public call's output and gradients equal the reference given the kernel's own mask."""
+    p = 0.2
+    q, k, v = make_qkv(2, 2, Lq, Lk, 32, torch.float32)
+    mask = make_mask(mask_kind, 2, Lk)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+    torch.manual_seed(42)
+    out = K.attention(qq, kk, vv, key_padding_mask=mask, causal=causal, dropout_p=p)
+    out.backward(dout)
+    torch.manual_seed(42)
+    keep = attn_mod.dropout_keep_mask(attn_mod.draw_dropout_seed(), (2, 2, Lq, Lk), p, device=DEVICE)
+    exact = run_reference(q, k, v, dout, mask, causal, torch.float64, dropout_p=p, dropout_mask=keep)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), (out.detach(), qq.grad, kk.grad, vv.grad), exact):
+        assert_within(a, e, 1e-5 * max(1.0, e.abs().max().item()), name)
+    # and the dropout did something: the no-dropout output differs
+    assert (out.detach() - ref.attention(q, k, v, mask, causal)).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    q, k, v = make_qkv(1, 1, 20, 20, 16, torch.float32)
+    mask = make_mask("prefix", 1, 20)
+
+    def f(q, k, v):
+        return (K.attention(q, k, v, key_padding_mask=mask, causal=True) * 2).sum(-1)
+
+    compiled = torch.compile(f, fullgraph=True)
+    q1, k1, v1 = (x.detach().requires_grad_() for x in (q, k, v))
+    out = compiled(q1, k1, v1)
+    out.sum().backward()
+    exact = run_reference(q, k, v, torch.full((1, 1, 20, 16), 2.0), mask, True, torch.float64)
+    assert_within(out.detach(), 2 * exact[0].sum(-1), 1e-5, "compiled out")
+    for name, a, e in zip(("dq", "dk", "dv"), (q1.grad, k1.grad, v1.grad), exact[1:]):
+        assert_within(a, e, 1e-5, f"compiled {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs
+
+
+def _bad_cases():
+    q, k, v = make_qkv(1, 2, 8, 8, 16, torch.float32)
+    m = torch.ones(1, 8, dtype=torch.bool, device=DEVICE)
+    return {
+        "3d": ((q[0], k, v), {}, "must be 4-D"),
+        "batch_heads": ((q, k[:, :1], v[:, :1]), {}, "batch and head dims differ"),
+        "head_dim_mismatch": ((q, k[..., :8], v), {}, "share the head dim"),
+        "kv_length": ((q, k, v[:, :, :5]), {}, "same length"),
+        "dtype_mismatch": ((q, k.half(), v), {}, "share a dtype"),
+        "float64": ((q.double(), k.double(), v.double()), {}, "float64 is not supported"),
+        "head_dim_48": ((*make_qkv(1, 1, 8, 8, 48, torch.float32),), {}, "head dim 48 is not supported"),
+        "device_mismatch": ((q, k.to("meta"), v), {}, "one device"),
+        "mask_shape": ((q, k, v), {"key_padding_mask": m[:, :5]}, r"must be \(B, Lk\)"),
+        "mask_dtype": ((q, k, v), {"key_padding_mask": m.float()}, "must be a bool tensor"),
+        "dropout_1": ((q, k, v), {"dropout_p": 1.0}, r"dropout_p must be in \[0, 1\)"),
+        "not_tensor": ((q.tolist(), k, v), {}, "must be a torch.Tensor"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_bad_inputs_raise_clear_errors(case):
+    args, kwargs, match = _bad_cases()[case]
+    with pytest.raises((ValueError, TypeError), match=match):
+        K.attention(*args, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-without-interpreter path")
+def test_cpu_without_interpreter_is_refused():
+    """Without TRITON_INTERPRET, CPU tensors are refused with a pointer to sdpa/reference, and the
+    'triton' backend is unavailable."""
+    code = (
+        "import torch, blipfast.kernels as K\n"
+        "from blipfast.ops.attention import resolve_attention, BackendUnavailable\n"
+        "x = torch.randn(1, 1, 4, 16)\n"
+        "try:\n    K.attention(x, x, x)\nexcept ValueError as e:\n    print('KERNEL:', e)\n"
+        "try:\n    resolve_attention('triton')\nexcept BackendUnavailable as e:\n    print('BACKEND:', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BLIPFAST_ATTENTION_BACKEND")}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "KERNEL:" in res.stdout and "need CUDA tensors" in res.stdout and "'sdpa'" in res.stdout
+    assert "BACKEND:" in res.stdout and "needs a CUDA GPU" in res.stdout
+
+
+COMPILE_SM90 = """
+import importlib
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+fa = importlib.import_module("blipfast.kernels.flash_attention")
+consts = dict(HEAD_DIM=64, IS_CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=True, UPCAST=False, DOT_PREC="tf32",
+              INTERPRET=False, EVEN_M=False, EVEN_N=False)
+PTRS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
+types = dict(KPM="*u8", LSE="*fp32", DELTA="*fp32", qk_scale="fp32", sm_scale="fp32", dropout_p="fp32", seed="i64")
+for kind, fn in fa._KERNELS.items():
+    c = fa._gpu_configs(kind)[0]
+    cx = dict(consts, **c.kwargs)
+    sig = {a: "constexpr" if a in cx else types.get(a, "*bf16" if a in PTRS else "i32") for a in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=c.num_warps, num_stages=c.num_stages))
+    print(kind, "compiled, shared memory", k.metadata.shared)
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The GPU code path (for loops, bf16 dots, Philox) compiles to sm_90 code with the ptxas that
+    ships with triton: the interpreter never type-checks it, and CI has no GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", COMPILE_SM90], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("compiled") == 3, res.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: BLIP's real sizes in fp16/bf16 with the flash-attention tolerance rule
+
+# (B, H, Lq, Lk, D, causal, mask kind, layout). Few kernel variants (flags x head dim x dtype):
+# each costs the autotuner one compile per config on a fresh machine.
+GPU_CASES = {
+    "vit_b_197": (16, 12, 197, 197, 64, False, None, "fused_qkv"),
+    "vit_l_577": (4, 16, 577, 577, 64, False, None, "fused_qkv"),
+    "text_35_padded": (32, 12, 35, 35, 64, False, "prefix", "heads_view"),
+    "causal_35_padded": (32, 12, 35, 35, 64, True, "prefix", "heads_view"),
+    "cross_35x197": (32, 12, 35, 197, 64, False, None, "heads_view"),
+    "cross_35x577_masked": (8, 12, 35, 577, 64, False, "padded", "heads_view"),
+    "odd_97x203_causal": (4, 4, 97, 203, 64, True, "padded", "contiguous"),
+    "hd128_197": (4, 8, 197, 197, 128, False, None, "contiguous"),
+}
+GPU_GRID = [(c, torch.bfloat16) for c in GPU_CASES] + [(c, torch.float16) for c in ("vit_b_197", "causal_35_padded")]
+
+
+def check_low_precision(q, k, v, mask, causal, dtype, config=None):
+    """The flash-attention rule on a GPU: error vs fp32 math on the same inputs <= 2x PyTorch's own."""
+    dout = torch.randn(q.shape, device=DEVICE, dtype=dtype)
+    got = run_kernel(q, k, v, dout, mask, causal, config=config)
+    exact = run_reference(q, k, v, dout, mask, causal, torch.float32)
+    low = run_reference(q, k, v, dout, mask, causal, dtype)
+    for name, a, e, t in zip(("out", "dq", "dk", "dv"), got, exact, low):
+        torch_err = (t.float() - e).abs().max().item()
+        assert_within(a, e, 2 * torch_err + ATOL[dtype] * max(1.0, e.abs().max().item()), name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,dtype", GPU_GRID, ids=[f"{c}-{str(d)[6:]}" for c, d in GPU_GRID])
+def test_gpu_matches_reference(case, dtype):
+    B, H, Lq, Lk, D, causal, mask_kind, layout = GPU_CASES[case]
+    q, k, v = make_qkv(B, H, Lq, Lk, D, dtype, layout)
+    check_low_precision(q, k, v, make_mask(mask_kind, B, Lk), causal, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_every_tuning_config_is_correct():
+    """The autotuner may pick any config: check each one (a ragged causal masked case)."""
+    q, k, v = make_qkv(4, 4, 97, 203, 64, torch.bfloat16, "heads_view")
+    mask = make_mask("padded", 4, 203)
+    for kind in ("fwd", "dq", "dkdv"):
+        for c in fa._gpu_configs(kind):
+            cfg = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            check_low_precision(q, k, v, mask, True, torch.bfloat16, config={kind: cfg})
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_is_ieee_accurate():
+    q, k, v = make_qkv(2, 4, 197, 197, 64, torch.float32, "fused_qkv")
+    check_against_reference(q, k, v, make_mask("padded", 2, 197), causal=False)
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_matches_reference_given_mask():
+    p, (B, H, L, D) = 0.1, (4, 12, 35, 64)
+    q, k, v = make_qkv(B, H, L, L, D, torch.bfloat16, "heads_view")
+    mask = make_mask("prefix", B, L)
+    qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+    torch.manual_seed(0)
+    out = K.attention(qq, kk, vv, key_padding_mask=mask, causal=True, dropout_p=p)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    torch.manual_seed(0)
+    keep = attn_mod.dropout_keep_mask(attn_mod.draw_dropout_seed(), (B, H, L, L), p, device=DEVICE)
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / keep.numel())
+    exact = run_reference(q, k, v, dout, mask, True, torch.float32, dropout_p=p, dropout_mask=keep)
+    low = run_reference(q, k, v, dout, mask, True, torch.bfloat16, dropout_p=p, dropout_mask=keep)
+    for name, a, e, t in zip(("out", "dq", "dk", "dv"), (out.detach(), qq.grad, kk.grad, vv.grad), exact, low):
+        torch_err = (t.float() - e).abs().max().item()
+        assert_within(a, e, 2 * torch_err + ATOL[torch.bfloat16] * max(1.0, e.abs().max().item()), name)
