@@ -3,17 +3,10 @@
 `kernels/` lives at the top of the repository but is installed as `blipfast.kernels`:
 HF's `kernels` package owns the top-level name `kernels` and transformers probes for it.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = [
-    "blipfast",
-    "blipfast.data",
-    "blipfast.eval",
-    "blipfast.models",
-    "blipfast.ops",
-    "blipfast.train",
-    "blipfast.kernels",
-]
+# Every blipfast subpackage, plus kernels/ mapped to blipfast.kernels.
+PACKAGES = find_packages(include=["blipfast", "blipfast.*"]) + ["blipfast.kernels"]
 
 setup(
     name="blipfast",
@@ -34,9 +27,10 @@ setup(
         "numpy",
         "tqdm",
         "pillow",
+        # The fused kernels are the point of blipfast; on CPU they run under TRITON_INTERPRET=1.
+        "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
-        "triton": ["triton>=3.2"],
         "train": ["deepspeed==0.19.8", "tensorboard"],
         "dali": ["nvidia-dali-cuda130==2.4.0"],
         "eval": ["pycocoevalcap"],

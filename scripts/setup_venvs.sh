@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-MAIN_RECIPE="torch==2.13.0 | .[train,dali,eval,test,triton] | $(sha1sum setup.py | cut -c1-12)"
+MAIN_RECIPE="torch==2.13.0 | .[train,dali,eval,test] | $(sha1sum setup.py | cut -c1-12)"
 if [ "$(cat .venv/.blipfast-stamp 2>/dev/null)" != "$MAIN_RECIPE" ]; then
   echo "[setup] building .venv (blipfast + CPU torch 2.13, deepspeed, DALI)"
   rm -rf .venv
@@ -16,7 +16,7 @@ if [ "$(cat .venv/.blipfast-stamp 2>/dev/null)" != "$MAIN_RECIPE" ]; then
   .venv/bin/pip install -q --upgrade pip
   # torch first and pinned: a bare 'torch' requirement would pull a multi-GB CUDA build.
   .venv/bin/pip install -q torch==2.13.0
-  .venv/bin/pip install -q -e ".[train,dali,eval,test,triton]"
+  .venv/bin/pip install -q -e ".[train,dali,eval,test]"
   echo "$MAIN_RECIPE" > .venv/.blipfast-stamp
 fi
 
