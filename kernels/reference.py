@@ -20,6 +20,9 @@ __all__ = [
     "hard_negative_weights",
     "sample_hard_negatives",
     "lm_cross_entropy",
+    "itc_loss_retrieval",
+    "retrieval_negative_weights",
+    "sample_retrieval_negatives",
 ]
 
 
@@ -203,3 +206,69 @@ def lm_cross_entropy(
     logits = F.linear(hidden, weight, bias)
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index,
                            label_smoothing=label_smoothing, reduction=reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# retrieval fine-tuning variants (original `blip_retrieval.py`): targets and negatives by image id
+
+
+def itc_loss_retrieval(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_feat_m: torch.Tensor,
+    text_feat_m: torch.Tensor,
+    image_queue: torch.Tensor,
+    text_queue: torch.Tensor,
+    idx: torch.Tensor,
+    idx_queue: torch.Tensor,
+    temp: torch.Tensor,
+    alpha: float,
+    return_logits: bool = False,
+):
+    """ITC of retrieval fine-tuning: as `itc_loss`, but the hard targets are every column with
+    the same image id, y = pos / pos.sum(1) with pos = (idx_i == [idx | idx_queue]_j).
+
+    idx: (B,) image ids of the batch; idx_queue: (Q,) ids stored beside the queues (the original
+    initialises them to -100). Other arguments and `return_logits` as `itc_loss`.
+    """
+    idx_all = torch.cat([idx.view(-1), idx_queue.view(-1)])  # (B + Q,)
+    pos = (idx.view(-1, 1) == idx_all.view(1, -1)).to(image_feat.dtype)  # (B, B + Q)
+    y = pos / pos.sum(1, keepdim=True)
+    with torch.no_grad():
+        t_i2t = alpha * F.softmax(itc_logits(image_feat_m, text_feat_m, text_queue, temp), dim=1) + (1 - alpha) * y
+        t_t2i = alpha * F.softmax(itc_logits(text_feat_m, image_feat_m, image_queue, temp), dim=1) + (1 - alpha) * y
+    sim_i2t = itc_logits(image_feat, text_feat_m, text_queue, temp)
+    sim_t2i = itc_logits(text_feat, image_feat_m, image_queue, temp)
+    loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * t_i2t, dim=1).mean()
+    loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * t_t2i, dim=1).mean()
+    loss = (loss_i2t + loss_t2i) / 2
+    if return_logits:
+        return loss, sim_i2t, sim_t2i
+    return loss
+
+
+def retrieval_negative_weights(sim: torch.Tensor, idx_row: torch.Tensor, idx_col: torch.Tensor) -> torch.Tensor:
+    """Retrieval sampling weights: softmax(sim) with the columns of the row's own image id zeroed
+    (no 1e-4 floor). sim: (R, C) logits (online features vs the [gathered] batch, / temp);
+    idx_row: (R,), idx_col: (C,). Raises ValueError for non-finite logits, or when a row has no
+    column left (the original's multinomial then crashes)."""
+    if not torch.isfinite(sim).all():
+        raise ValueError("non-finite similarity while sampling retrieval negatives (NaN/inf features)")
+    w = F.softmax(sim, dim=1).masked_fill(idx_row.view(-1, 1) == idx_col.view(1, -1), 0)
+    if not (w.sum(1) > 0).all():
+        raise ValueError("cannot sample a retrieval negative: every candidate shares the row's image id")
+    return w
+
+
+def sample_retrieval_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, idx_row: torch.Tensor,
+                               idx_col: torch.Tensor, generator: Optional[torch.Generator] = None):
+    """One draw per row from `retrieval_negative_weights`, batched (no host sync).
+
+    sim_i2t: (B, C) local images vs candidate texts; sim_t2i: (B, C) local texts vs candidate
+    images. Returns (neg_image_for_text, neg_text_for_image): int64 (B,) column indices.
+    """
+    w_t2i = retrieval_negative_weights(sim_t2i, idx_row, idx_col)
+    w_i2t = retrieval_negative_weights(sim_i2t, idx_row, idx_col)
+    neg_img = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
+    neg_txt = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
+    return neg_img, neg_txt

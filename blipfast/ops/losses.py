@@ -1,14 +1,20 @@
 """Loss backends: ITC (momentum distillation + queue), hard-negative sampling, LM cross-entropy.
 
 Chosen once per model (config `loss_backend`, env var BLIPFAST_LOSS_BACKEND). "auto" means the
-fused Triton path on CUDA and the reference path otherwise.
+fused Triton path on CUDA (when triton imports) and the reference path otherwise. "triton"
+runs `blipfast.kernels.itc` / `cross_entropy`: on CUDA, or on CPU tensors under TRITON_INTERPRET=1.
+
+Also here, for retrieval fine-tuning (original `blip_retrieval.py`): `LossBackend.itc_loss` with
+image ids, `LossBackend.retrieval_negatives` (negatives over the local or all-gathered batch)
+and the gathers `concat_all_gather` (no gradient) / `all_gather_with_grad`.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from blipfast.kernels import reference as ref
 
@@ -17,16 +23,47 @@ from .attention import BackendUnavailable
 ENV_VAR = "BLIPFAST_LOSS_BACKEND"
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 (rank-major), no gradient; identity without torch.distributed."""
+    if _world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 (rank-major) whose backward sums every rank's gradient for this
+    rank's slice (as the original's GatherLayer); identity without torch.distributed."""
+    if _world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
 class LossBackend:
     """Reference implementation; fused backends override the methods."""
 
     name = "reference"
 
     def itc_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
-                 temp, alpha):
-        """Returns (loss, sim_i2t_inbatch (B, B), sim_t2i_inbatch (B, B)); the sims carry no grad."""
-        loss, sim_i2t, sim_t2i = ref.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
-                                              image_queue, text_queue, temp, alpha, return_logits=True)
+                 temp, alpha, idx=None, idx_queue=None):
+        """Returns (loss, sim_i2t_inbatch (B, B), sim_t2i_inbatch (B, B)); the sims carry no grad.
+
+        With idx (B,) / idx_queue (Q,) image ids: the retrieval fine-tuning loss (targets over
+        every column of the same image). The queues are not needed after this call returns."""
+        if idx is None:
+            loss, sim_i2t, sim_t2i = ref.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
+                                                  image_queue, text_queue, temp, alpha, return_logits=True)
+        else:
+            loss, sim_i2t, sim_t2i = ref.itc_loss_retrieval(
+                image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, idx, idx_queue,
+                temp, alpha, return_logits=True)
         B = image_feat.shape[0]
         return loss, sim_i2t[:, :B].detach(), sim_t2i[:, :B].detach()
 
@@ -38,11 +75,73 @@ class LossBackend:
         return ref.lm_cross_entropy(hidden, weight, bias, labels, label_smoothing=label_smoothing,
                                     ignore_index=ignore_index)
 
+    def retrieval_negatives(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor,
+                            temp: torch.Tensor, all_ranks: bool = True,
+                            generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Hard negatives of retrieval fine-tuning (original `negative_all_rank=all_ranks`).
+
+        image_feat, text_feat: (B, E) this rank's normalised online features; idx: (B,) image ids;
+        temp: 1-element tensor. Weights: softmax(online feat @ candidate online feats^T / temp)
+        with every candidate of the same image id removed (no 1e-4 floor). Candidates are the
+        all-gathered batch (rank-major, W x B) when all_ranks, else the local batch. Returns
+        (neg_image_for_text, neg_text_for_image): int64 (B,) indices into the candidates, i.e.
+        into `all_gather_with_grad(image_embeds)` (gradient flows back to the owning rank) and
+        `concat_all_gather(input_ids / attention_mask)`; no host sync.
+        """
+        with torch.no_grad():
+            if all_ranks:
+                img_c, txt_c, idx_c = concat_all_gather(image_feat), concat_all_gather(text_feat), concat_all_gather(idx)
+            else:
+                img_c, txt_c, idx_c = image_feat, text_feat, idx
+            t = temp.reshape(())
+            sim_i2t = image_feat @ txt_c.t() / t  # (B, C)
+            sim_t2i = text_feat @ img_c.t() / t  # (B, C)
+            return self._sample_by_idx(sim_i2t, sim_t2i, idx, idx_c, generator)
+
+    def _sample_by_idx(self, sim_i2t, sim_t2i, idx_row, idx_col, generator):
+        return ref.sample_retrieval_negatives(sim_i2t, sim_t2i, idx_row, idx_col, generator=generator)
+
     def __repr__(self) -> str:
         return f"LossBackend({self.name})"
 
 
-LOSS_BACKENDS: Dict[str, Callable[[], LossBackend]] = {"reference": LossBackend}
+class TritonLossBackend(LossBackend):
+    """Fused Triton kernels: streaming ITC + sync-free sampling (`blipfast.kernels.itc`) and the
+    chunked LM-head cross-entropy (`blipfast.kernels.cross_entropy`). Same methods and results as
+    the reference (losses as 0-dim fp32 tensors); sampling draws from the same distributions
+    with a different random stream."""
+
+    name = "triton"
+
+    def __init__(self):
+        try:
+            from blipfast.kernels import cross_entropy, itc
+        except ImportError as e:  # triton missing or broken
+            raise BackendUnavailable(f"loss backend 'triton' needs triton: {e}") from e
+        if not (torch.cuda.is_available() or itc.interpreting()):
+            raise BackendUnavailable("loss backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for CPU tests)")
+        self._itc, self._ce = itc, cross_entropy
+
+    def itc_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
+                 temp, alpha, idx=None, idx_queue=None):
+        return self._itc.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
+                                  temp, alpha, idx=idx, idx_queue=idx_queue)
+
+    def sample_hard_negatives(self, sim_i2t_inbatch, sim_t2i_inbatch, generator=None):
+        """generator: a CPU torch.Generator (or None: torch's default CPU generator) seeds the draw."""
+        return self._itc.sample_hard_negatives(sim_i2t_inbatch, sim_t2i_inbatch, generator=generator)
+
+    def lm_loss(self, hidden, weight, bias, labels, label_smoothing=0.1, ignore_index=-100):
+        return self._ce.lm_cross_entropy(hidden, weight, bias, labels, label_smoothing=label_smoothing,
+                                         ignore_index=ignore_index)
+
+    def _sample_by_idx(self, sim_i2t, sim_t2i, idx_row, idx_col, generator):
+        neg_img = self._itc.sample_negatives_by_idx(sim_t2i, idx_row, idx_col, generator=generator)
+        neg_txt = self._itc.sample_negatives_by_idx(sim_i2t, idx_row, idx_col, generator=generator)
+        return neg_img, neg_txt
+
+
+LOSS_BACKENDS: Dict[str, Callable[[], LossBackend]] = {"reference": LossBackend, "triton": TritonLossBackend}
 
 
 def register_loss_backend(name: str, factory: Callable[[], LossBackend]) -> None:
@@ -52,7 +151,12 @@ def register_loss_backend(name: str, factory: Callable[[], LossBackend]) -> None
 def resolve_losses(name: Optional[str] = "auto") -> LossBackend:
     name = os.environ.get(ENV_VAR) or name or "auto"
     if name == "auto":
-        name = "triton" if torch.cuda.is_available() and "triton" in LOSS_BACKENDS else "reference"
+        if torch.cuda.is_available() and "triton" in LOSS_BACKENDS:
+            try:
+                return LOSS_BACKENDS["triton"]()
+            except BackendUnavailable:  # e.g. triton not installed: the reference still runs
+                pass
+        name = "reference"
     if name not in LOSS_BACKENDS:
         raise BackendUnavailable(
             f"unknown loss backend {name!r}; choose one of auto, {', '.join(sorted(LOSS_BACKENDS))}"

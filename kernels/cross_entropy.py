@@ -1,0 +1,219 @@
+"""LM head fused with label-smoothed cross-entropy: the (N, V) logits are never held in full.
+
+Semantics: `reference.lm_cross_entropy` with reduction "mean":
+    loss = mean over rows with labels != ignore_index of
+           (1 - eps) * (lse_i - x_{i,y_i}) + eps * (lse_i - mean_j x_ij),   x = hidden @ weight^T + bias
+which is PyTorch's `cross_entropy(label_smoothing=eps)`.
+
+Design (the Liger-Kernel "fused linear cross-entropy" layout): rows are processed in chunks.
+For each chunk, cuBLAS computes the chunk's logits (chunk x V, in the compute dtype), one
+Triton program per row streams over the vocabulary with a running max / sum-exp (plus the sum
+of the logits for the smoothing term and the target logit), writes the row loss, and in a
+second sweep overwrites the logits in place with d loss / d logits =
+(softmax - eps / V - (1 - eps) * onehot) / n_valid. Then cuBLAS turns that chunk into its share of
+the gradients: d hidden = dlogits @ weight, d weight += dlogits^T @ hidden, d bias += sum(dlogits).
+The gradients are therefore computed during the forward (when any input needs one), and the
+backward only scales them by the incoming gradient. Why this split rather than one Triton
+kernel doing the matmuls too: the three matmuls are 99% of the FLOPs and cuBLAS runs them at
+peak, while the part worth fusing is the memory-bound softmax/CE over the logits, which the
+Triton kernel reads twice and writes once per chunk (the unfused path makes about six full
+passes over an fp32 (N, V) tensor and keeps several alive). Peak extra memory is
+O(chunk x V) for the logits plus the fp32 weight-gradient accumulator (V x C), not O(N x V).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .itc import interpreting
+
+__all__ = ["lm_cross_entropy"]
+
+
+@triton.jit
+def _ce_kernel(logits_ptr, stride_row, labels_ptr, loss_ptr, scale_ptr, n_rows, eps, ignore_index,
+               V: tl.constexpr, WRITE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """ROWS rows per program: loss_ptr[row] = smoothed CE (0 if ignored); with WRITE_GRAD,
+    logits[row] <- d loss / d logits. (ROWS is 1 on a GPU; the interpreter takes 16 at a time.)"""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    base = logits_ptr + rows.to(tl.int64)[:, None] * stride_row  # (ROWS, 1)
+    y = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int32)
+    offs = tl.arange(0, BLOCK_V)
+    # per-lane running statistics, reduced once at the end
+    m_v = tl.full((ROWS, BLOCK_V), -3.0e38, tl.float32)
+    l_v = tl.zeros((ROWS, BLOCK_V), tl.float32)
+    sx_v = tl.zeros((ROWS, BLOCK_V), tl.float32)
+    xy_v = tl.zeros((ROWS, BLOCK_V), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        ok = row_ok[:, None] & (cols < V)[None, :]
+        x = tl.load(base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m_v, x)
+        l_v = l_v * tl.exp(m_v - m_new) + tl.exp(x - m_new)
+        m_v = m_new
+        sx_v += tl.where(ok, x, 0.0)
+        xy_v += tl.where(cols[None, :] == y[:, None], x, 0.0)
+    m = tl.max(m_v, 1)
+    lse = m + tl.log(tl.sum(l_v * tl.exp(m_v - m[:, None]), 1))
+    ignored = y == ignore_index
+    loss = lse - (1.0 - eps) * tl.sum(xy_v, 1) - eps * tl.sum(sx_v, 1) / V
+    tl.store(loss_ptr + rows, tl.where(ignored, 0.0, loss), mask=row_ok)
+    if WRITE_GRAD:
+        scale = tl.where(ignored, 0.0, tl.load(scale_ptr))  # 1 / number of non-ignored rows
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs
+            ok = row_ok[:, None] & (cols < V)[None, :]
+            x = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse[:, None]) - eps / V - tl.where(cols[None, :] == y[:, None], 1.0 - eps, 0.0)
+            tl.store(base + cols[None, :], (g * scale[:, None]).to(logits_ptr.dtype.element_ty), mask=ok)
+
+
+_OUT_DTYPE_MM = {}  # device type -> whether torch.addmm(..., out_dtype=float32) works there
+
+
+def _acc_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, with a, b in a 16-bit dtype accumulated in fp32 without a full temp."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    dev = acc.device.type
+    if _OUT_DTYPE_MM.get(dev, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _OUT_DTYPE_MM[dev] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_MM[dev] = False
+    acc += torch.mm(a, b).float()
+
+
+def _check_inputs(hidden, weight, bias, labels, label_smoothing):
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)) + ((("bias", bias),) if bias is not None else ()):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if hidden.device.type == "cuda":
+        if interpreting():
+            raise ValueError("hidden is on CUDA but TRITON_INTERPRET=1 runs kernels on the CPU")
+    elif hidden.device.type != "cpu" or not interpreting():
+        raise ValueError(f"hidden is on {hidden.device}; the fused LM loss needs CUDA tensors (or CPU "
+                         f"tensors with TRITON_INTERPRET=1)")
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be (N, C) and weight (V, C); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    V = weight.shape[0]
+    if bias is not None and bias.shape != (V,):
+        raise ValueError(f"bias must be (V,) = ({V},), got {tuple(bias.shape)}")
+    if labels.shape != (hidden.shape[0],):
+        raise ValueError(f"labels must be (N,) = ({hidden.shape[0]},), got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be int64 or int32, got {labels.dtype}")
+    for name, t in (("hidden", hidden), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if not torch.is_autocast_enabled(hidden.device.type) and (
+            weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype)):
+        raise ValueError(f"hidden, weight and bias must share a dtype outside autocast, got {hidden.dtype}, "
+                         f"{weight.dtype}, {None if bias is None else bias.dtype}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
+def _check_labels(labels: torch.Tensor, V: int, ignore_index: int) -> None:
+    valid = (labels == ignore_index) | ((labels >= 0) & (labels < V))
+    msg = f"labels must be in [0, {V}) or equal ignore_index ({ignore_index})"
+    if labels.device.type == "cpu":
+        if not bool(valid.all()):
+            raise ValueError(msg)
+    else:
+        torch._assert_async(valid.all(), msg)  # no host sync; fails like PyTorch's own CE on CUDA
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, eps, ignore_index, chunk_rows, block_v):
+        N, C = hidden.shape
+        V = weight.shape[0]
+        dev = hidden.device
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else hidden.dtype
+        need = ctx.needs_input_grad
+        want_grad = need[0] or need[1] or (bias is not None and need[2])
+        with torch.autocast(dev.type, enabled=False):  # explicit casts below, one dtype throughout
+            h = hidden.to(dtype).contiguous()
+            w = weight.to(dtype).contiguous()
+            b = bias.to(dtype) if bias is not None else None
+            labels = labels.contiguous()
+            n_valid = (labels != ignore_index).sum()
+            scale = (1.0 / n_valid.clamp(min=1).float()).reshape(1)  # device scalar: no sync
+            loss_rows = torch.empty(N, dtype=torch.float32, device=dev)
+            grad_h = torch.empty_like(h) if need[0] else None
+            grad_w = torch.zeros(V, C, dtype=torch.float32, device=dev) if need[1] else None
+            grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if (b is not None and need[2]) else None
+            rows_per_program = 16 if interpreting() else 1
+            for r0 in range(0, N, chunk_rows):
+                r1 = min(r0 + chunk_rows, N)
+                h_c = h[r0:r1]  # (n, C)
+                logits = torch.addmm(b, h_c, w.t()) if b is not None else h_c @ w.t()  # (n, V)
+                _ce_kernel[(triton.cdiv(r1 - r0, rows_per_program),)](
+                    logits, logits.stride(0), labels[r0:r1], loss_rows[r0:r1], scale, r1 - r0, float(eps),
+                    int(ignore_index), V=V, WRITE_GRAD=want_grad, ROWS=rows_per_program, BLOCK_V=block_v,
+                    num_warps=8,
+                )
+                if not want_grad:
+                    continue
+                dlogits = logits  # overwritten in place by the kernel: (n, V)
+                if grad_h is not None:
+                    torch.mm(dlogits, w, out=grad_h[r0:r1])
+                if grad_w is not None:
+                    _acc_mm_(grad_w, dlogits.t(), h_c)
+                if grad_b is not None:
+                    grad_b += dlogits.sum(0, dtype=torch.float32)
+            loss = loss_rows.sum() / n_valid  # NaN when every row is ignored, like PyTorch
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        out = []
+        for grad, dt in zip((grad_h, grad_w, grad_b), ctx.dtypes):
+            out.append(None if grad is None else (grad.float() * g).to(dt))
+        return out[0], out[1], out[2], None, None, None, None, None
+
+
+def lm_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    label_smoothing: float = 0.1,
+    ignore_index: int = -100,
+    chunk_rows: Optional[int] = None,
+    block_v: Optional[int] = None,
+) -> torch.Tensor:
+    """Mean label-smoothed cross-entropy of `hidden @ weight^T + bias` against `labels`.
+
+    hidden: (N, C) (the LM head's transformed states); weight: (V, C) (tied word embeddings);
+    bias: (V,) or None; labels: (N,) int, `ignore_index` rows excluded from the mean. Returns a
+    0-dim fp32 loss; gradients flow to hidden, weight and bias. Under autocast the matmuls run
+    in the autocast dtype (as F.linear would). chunk_rows: rows per chunk (default: about
+    4 x N x C / V, at least 64, so a chunk's logits are a few times the size of `hidden`);
+    block_v: vocabulary tile of the CE kernel (default 4096, 128 under the interpreter).
+    """
+    _check_inputs(hidden, weight, bias, labels, label_smoothing)
+    V, C = weight.shape
+    _check_labels(labels, V, ignore_index)
+    N = hidden.shape[0]
+    if chunk_rows is None:
+        chunk_rows = max(64, triton.next_power_of_2(max(1, 4 * N * C // V)))
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if block_v is None:
+        block_v = min(triton.next_power_of_2(V), 128 if interpreting() else 4096)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, float(label_smoothing), int(ignore_index),
+                                     int(chunk_rows), int(block_v))

@@ -1,0 +1,707 @@
+"""Streaming image-text contrastive (ITC) loss with momentum distillation, and hard-negative sampling.
+
+The math is `reference.itc_loss` (and `reference.itc_loss_retrieval` with image ids): for each
+direction, with online query rows q_i, momentum query rows qm_i and the columns
+k_j = [in-batch momentum features of the other modality | that modality's queue]:
+
+    s_ij = q_i . k_j / temp,   sm_ij = qm_i . k_j / temp,   p = softmax_j(s),
+    t_ij = alpha * softmax_j(sm)_ij + (1 - alpha) * y_ij     (y = onehot(i), or pos / pos.sum)
+    loss_i = logsumexp_j(s_ij) - sum_j t_ij s_ij
+
+Design: the B x (B + Q) matrices are never materialised. Kernel 1 (`_itc_stats_kernel`) streams
+column tiles with running max / sum-exp for s and sm and carries, with online rescaling (flash-
+attention style), sum_j softmax(sm)_ij (s_ij - c_i) and sum_j y_ij (s_ij - c_i), where c_i is
+the row's paired logit (a shift that keeps these sums at the size of the logits' spread rather
+than |s|, up to 1 / temp = 1000). The columns are split across programs (split-K style) so
+that a small batch still fills the GPU; the per-split partial statistics (O(splits x B)) are
+merged with a log-sum-exp in PyTorch. Only the query side gets a gradient (the columns are
+momentum features and queue):
+    d loss_i / d q_i   = sum_j (p_ij - t_ij) k_j / temp
+    d loss_i / d temp  = -sum_j (p_ij - t_ij) s_ij / temp
+Kernel 2 (`_itc_grad_kernel`) recomputes the tiles from the merged per-row log-sum-exps and
+accumulates both sums (summing the products (p - t) s directly avoids the cancellation of
+sum p s - sum t s). It runs inside the forward (when any gradient is needed), so the backward
+is elementwise and keeps no reference to the queue: the model overwrites the queue in place
+right after the loss (dequeue-and-enqueue), and a backward that re-read it would see the new
+features. Cost: 5 matmul passes over the columns (2 + 3) instead of a backward's re-read of the
+queue. Extra memory: the gradient kernel's fp32 partials, about 2 x SMs x 32 x E floats
+(9 MB on an H100 at E = 256) whatever B and Q, plus O(splits x B); never O(B x (B + Q)).
+
+Hard negatives (`sample_hard_negatives`): the stats kernel also writes the B x B in-batch
+logits (cheap), and `_sample_kernel` draws, per row, from exactly the original distribution
+softmax(s[:, :B]) + 1e-4 with the diagonal zeroed, as a mixture: with probability
+soft / (soft + (B - 1) * 1e-4), where soft = sum_{j != i} softmax_j, a Gumbel-max draw over
+the off-diagonal logits (the softmax part), otherwise a uniform draw over the off-diagonal
+columns (the 1e-4 floor). Seeded philox noise, no host sync. The retrieval variant
+(`sample_negatives_by_idx`) draws from softmax(s) with the columns of the same image id
+removed (no floor).
+
+Precision: the dot products run in the online features' dtype (fp16/bf16: tensor cores with
+fp32 accumulation, momentum features and queue cast to it on load, as PyTorch autocast would;
+fp32: `precision`, default "tf32x3", about fp32-accurate; the 1/temp = 1000 scale makes plain
+TF32 too coarse). All softmax statistics are fp32. Under TRITON_INTERPRET=1, bf16 tiles are
+upcast to fp32 (the interpreter's bf16 arithmetic is broken, triton#11584).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["itc_loss", "sample_hard_negatives", "sample_negatives_by_idx", "ItcKernelConfig"]
+
+FLOOR = 1e-4  # the original's additive weight on every off-diagonal in-batch column
+NEG = tl.constexpr(-3.0e38)  # finite "minus infinity" for running maxima (no inf - inf = NaN)
+
+
+def interpreting() -> bool:
+    """True when triton.jit produced interpreter functions (TRITON_INTERPRET=1 at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_itc_stats_kernel, InterpretedFunction)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _stats_tile(q, qm, kT, inv_t, col_ok, pos, shift, m_s, l_s, m_m, l_m, ts, pos_s, pos_n,
+                PRECISION: tl.constexpr):
+    """Fold one column tile kT (BLOCK_E, BLOCK_N) into the running per-row statistics.
+
+    The target-weighted sums accumulate s - shift (shift: the row's paired logit), so they stay
+    of the size of the logits' spread, not of |s| (up to 1000 at temp = 0.001).
+    Returns the tile's logits s (BLOCK_M, BLOCK_N) and the updated statistics."""
+    s_raw = tl.dot(q, kT, input_precision=PRECISION) * inv_t
+    sm_raw = tl.dot(qm, kT, input_precision=PRECISION) * inv_t
+    s_safe = tl.where(col_ok[None, :], s_raw - shift[:, None], 0.0)  # 0 * -inf would be NaN
+    s = tl.where(col_ok[None, :], s_raw, float("-inf"))
+    sm = tl.where(col_ok[None, :], sm_raw, float("-inf"))
+    m_s_new = tl.maximum(m_s, tl.max(s, 1))
+    l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s - m_s_new[:, None]), 1)
+    m_m_new = tl.maximum(m_m, tl.max(sm, 1))
+    r_m = tl.exp(m_m - m_m_new)
+    e_m = tl.exp(sm - m_m_new[:, None])
+    l_m = l_m * r_m + tl.sum(e_m, 1)
+    ts = ts * r_m + tl.sum(e_m * s_safe, 1)
+    pos_s += tl.sum(tl.where(pos, s_safe, 0.0), 1)
+    pos_n += tl.sum(pos.to(tl.float32), 1)
+    return s_raw, m_s_new, l_s, m_m_new, l_m, ts, pos_s, pos_n
+
+
+@triton.jit
+def _grad_tile(q, qm, kT, inv_t, col_ok, pos, shift, mx, lz, mx_m, lz_m, posw, alpha, acc, ws, wsum,
+               PRECISION: tl.constexpr):
+    """acc += (p - t) @ K for one column tile, ws += sum_j (p - t)(s - shift), wsum += sum_j (p - t)."""
+    s = tl.dot(q, kT, input_precision=PRECISION) * inv_t
+    sm = tl.dot(qm, kT, input_precision=PRECISION) * inv_t
+    # log-sum-exps as (row max, log of the rescaled sum): exp((s - max) - log_sum) keeps the
+    # probabilities' relative precision where exp(s - lse) would lose it to |s| up to 1000
+    p = tl.exp((s - mx[:, None]) - lz[:, None])
+    pm = tl.exp((sm - mx_m[:, None]) - lz_m[:, None])
+    w = p - alpha * pm - tl.where(pos, posw[:, None], 0.0)
+    w = tl.where(col_ok[None, :], w, 0.0)  # (BLOCK_M, BLOCK_N) = p - t
+    ws += tl.sum(w * (s - shift[:, None]), 1)  # sum_j w_ij = 0: the shift only removes rounding
+    w_lp = w.to(kT.dtype)
+    wsum += tl.sum(w_lp.to(tl.float32), 1)
+    acc = tl.dot(w_lp, tl.trans(kT), acc, input_precision=PRECISION)
+    return acc, ws, wsum
+
+
+@triton.jit
+def _itc_stats_kernel(
+    q_ptr, qm_ptr, k_ptr, queue_ptr, temp_ptr, idx_ptr, idxq_ptr, shift_ptr, part_ptr, sims_ptr,
+    B, Q, E, stride_q, stride_qm, stride_k, stride_ue, stride_un, splits_b,
+    TILES_PER_SPLIT: tl.constexpr, HAS_IDX: tl.constexpr, WRITE_SIMS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """Program (row block, column split): partial statistics of its columns, 7 x (BLOCK_M,).
+
+    Splits [0, splits_b) cover the in-batch columns (rows of k, (B, E)), the others the queue
+    ((E, Q), read in place with its strides); each split streams TILES_PER_SPLIT tiles."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    row_ok = rows < B
+    e_ok = offs_e < E
+    q = tl.load(q_ptr + rows[:, None] * stride_q + offs_e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+    qm = tl.load(qm_ptr + rows[:, None] * stride_qm + offs_e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qm = qm.to(q.dtype)  # momentum features may be kept in another dtype (e.g. fp32 EMA weights)
+    inv_t = 1.0 / tl.load(temp_ptr).to(tl.float32)
+    if HAS_IDX:
+        key_row = tl.load(idx_ptr + rows, mask=row_ok, other=0)
+    shift = tl.load(shift_ptr + rows, mask=row_ok, other=0.0)
+
+    m_s = tl.full((BLOCK_M,), NEG, tl.float32)
+    l_s = tl.zeros((BLOCK_M,), tl.float32)
+    m_m = tl.full((BLOCK_M,), NEG, tl.float32)
+    l_m = tl.zeros((BLOCK_M,), tl.float32)
+    ts = tl.zeros((BLOCK_M,), tl.float32)
+    pos_s = tl.zeros((BLOCK_M,), tl.float32)
+    pos_n = tl.zeros((BLOCK_M,), tl.float32)
+    if pid_s < splits_b:  # in-batch columns: momentum features of the other modality
+        for i in range(0, TILES_PER_SPLIT):
+            cols = (pid_s * TILES_PER_SPLIT + i) * BLOCK_N + offs_n
+            col_ok = cols < B
+            kT = tl.load(k_ptr + cols[None, :] * stride_k + offs_e[:, None],
+                         mask=e_ok[:, None] & col_ok[None, :], other=0.0).to(q.dtype)  # (BLOCK_E, BLOCK_N)
+            if HAS_IDX:  # positives: every column with the row's image id
+                idx_col = tl.load(idx_ptr + cols, mask=col_ok, other=0)
+                pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
+            else:  # positive: the paired sample, the diagonal
+                pos = (cols[None, :] == rows[:, None]) & col_ok[None, :]
+            s, m_s, l_s, m_m, l_m, ts, pos_s, pos_n = _stats_tile(
+                q, qm, kT, inv_t, col_ok, pos, shift, m_s, l_s, m_m, l_m, ts, pos_s, pos_n, PRECISION)
+            if WRITE_SIMS:
+                tl.store(sims_ptr + rows[:, None] * B + cols[None, :], s, mask=row_ok[:, None] & col_ok[None, :])
+    else:  # queue columns
+        for i in range(0, TILES_PER_SPLIT):
+            cols = ((pid_s - splits_b) * TILES_PER_SPLIT + i) * BLOCK_N + offs_n
+            col_ok = cols < Q
+            kT = tl.load(queue_ptr + offs_e[:, None] * stride_ue + cols[None, :] * stride_un,
+                         mask=e_ok[:, None] & col_ok[None, :], other=0.0).to(q.dtype)
+            if HAS_IDX:
+                idx_col = tl.load(idxq_ptr + cols, mask=col_ok, other=0)
+                pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
+            else:  # no positives in the queue (full shape: both branches must type-match)
+                pos = (cols[None, :] < 0) & row_ok[:, None]
+            s, m_s, l_s, m_m, l_m, ts, pos_s, pos_n = _stats_tile(
+                q, qm, kT, inv_t, col_ok, pos, shift, m_s, l_s, m_m, l_m, ts, pos_s, pos_n, PRECISION)
+
+    base = part_ptr + pid_s * B + rows
+    stride_stat = n_splits * B
+    tl.store(base + 0 * stride_stat, m_s, mask=row_ok)
+    tl.store(base + 1 * stride_stat, l_s, mask=row_ok)
+    tl.store(base + 2 * stride_stat, m_m, mask=row_ok)
+    tl.store(base + 3 * stride_stat, l_m, mask=row_ok)
+    tl.store(base + 4 * stride_stat, ts, mask=row_ok)
+    tl.store(base + 5 * stride_stat, pos_s, mask=row_ok)
+    tl.store(base + 6 * stride_stat, pos_n, mask=row_ok)
+
+
+@triton.jit
+def _itc_grad_kernel(
+    q_ptr, qm_ptr, k_ptr, queue_ptr, temp_ptr, idx_ptr, idxq_ptr, shift_ptr, stat_ptr, posw_ptr,
+    gpart_ptr, tpart_ptr, alpha,
+    B, Q, E, stride_q, stride_qm, stride_k, stride_ue, stride_un, splits_b,
+    TILES_PER_SPLIT: tl.constexpr, HAS_IDX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """Program (row block, column split): partial sum_j (p_ij - t_ij) k_j / temp, (BLOCK_M, E),
+    and partial sum_j (p_ij - t_ij) s_ij, (BLOCK_M,) (for the temperature: summing the products
+    avoids the cancellation of sum p s - sum t s, two large nearly equal numbers)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    row_ok = rows < B
+    e_ok = offs_e < E
+    q = tl.load(q_ptr + rows[:, None] * stride_q + offs_e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+    qm = tl.load(qm_ptr + rows[:, None] * stride_qm + offs_e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qm = qm.to(q.dtype)  # momentum features may be kept in another dtype (e.g. fp32 EMA weights)
+    inv_t = 1.0 / tl.load(temp_ptr).to(tl.float32)
+    mx = tl.load(stat_ptr + rows, mask=row_ok, other=0.0)
+    lz = tl.load(stat_ptr + B + rows, mask=row_ok, other=0.0)
+    mx_m = tl.load(stat_ptr + 2 * B + rows, mask=row_ok, other=0.0)
+    lz_m = tl.load(stat_ptr + 3 * B + rows, mask=row_ok, other=0.0)
+    posw = tl.load(posw_ptr + rows, mask=row_ok, other=0.0)  # (1 - alpha) / number of positives
+    shift = tl.load(shift_ptr + rows, mask=row_ok, other=0.0)
+    if HAS_IDX:
+        key_row = tl.load(idx_ptr + rows, mask=row_ok, other=0)
+    acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
+    ws = tl.zeros((BLOCK_M,), tl.float32)
+    wsum = tl.zeros((BLOCK_M,), tl.float32)
+    if pid_s < splits_b:
+        for i in range(0, TILES_PER_SPLIT):
+            cols = (pid_s * TILES_PER_SPLIT + i) * BLOCK_N + offs_n
+            col_ok = cols < B
+            kT = tl.load(k_ptr + cols[None, :] * stride_k + offs_e[:, None],
+                         mask=e_ok[:, None] & col_ok[None, :], other=0.0).to(q.dtype)
+            if HAS_IDX:
+                idx_col = tl.load(idx_ptr + cols, mask=col_ok, other=0)
+                pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
+            else:
+                pos = (cols[None, :] == rows[:, None]) & col_ok[None, :]
+            acc, ws, wsum = _grad_tile(q, qm, kT, inv_t, col_ok, pos, shift, mx, lz, mx_m, lz_m, posw, alpha,
+                                       acc, ws, wsum, PRECISION)
+    else:
+        for i in range(0, TILES_PER_SPLIT):
+            cols = ((pid_s - splits_b) * TILES_PER_SPLIT + i) * BLOCK_N + offs_n
+            col_ok = cols < Q
+            kT = tl.load(queue_ptr + offs_e[:, None] * stride_ue + cols[None, :] * stride_un,
+                         mask=e_ok[:, None] & col_ok[None, :], other=0.0).to(q.dtype)
+            if HAS_IDX:
+                idx_col = tl.load(idxq_ptr + cols, mask=col_ok, other=0)
+                pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
+            else:
+                pos = (cols[None, :] < 0) & row_ok[:, None]
+            acc, ws, wsum = _grad_tile(q, qm, kT, inv_t, col_ok, pos, shift, mx, lz, mx_m, lz_m, posw, alpha,
+                                       acc, ws, wsum, PRECISION)
+
+    # sum_j w_ij = 0 exactly, but not once w is rounded to the dot's dtype: remove the rounded
+    # weights' sum times the row's own feature, which is close to the columns carrying most weight
+    # (reloaded rather than kept: q's dot-operand registers are not reused in another layout)
+    q_f = tl.load(q_ptr + rows[:, None] * stride_q + offs_e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+    acc -= wsum[:, None] * q_f.to(tl.float32)
+    out = gpart_ptr + pid_s * B * E + rows[:, None] * E + offs_e[None, :]
+    tl.store(out, acc * inv_t, mask=row_ok[:, None] & e_ok[None, :])
+    tl.store(tpart_ptr + pid_s * B + rows, ws, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _sample_kernel(
+    sims_ptr, out_ptr, bad_ptr, seed, idx_row_ptr, idx_col_ptr,
+    R, S, stride_r, floor, C: tl.constexpr,
+    BY_IDX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One draw per virtual row v = row * S + draw, over the C columns of sims[row].
+
+    BY_IDX False (pre-training): column row % C excluded, weights softmax(row) + floor, drawn
+    as a mixture of a Gumbel-max draw (softmax part) and a uniform one (floor part).
+    BY_IDX True (retrieval): columns with idx_col == idx_row[row] excluded, weights softmax.
+    Noise for virtual row v lives at philox offsets v * (C + 2) + [0, C + 2).
+    """
+    pid = tl.program_id(0)
+    v = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) virtual rows
+    v_ok = v < R * S
+    row = tl.where(v_ok, v // S, 0)
+    offs_c = tl.arange(0, BLOCK_C)
+    if BY_IDX:
+        idx_r = tl.load(idx_row_ptr + row)
+    else:
+        excl = row % C
+    best = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    best_j = tl.zeros((BLOCK_R,), tl.int32)
+    m_all = tl.full((BLOCK_R,), NEG, tl.float32)
+    l_all = tl.zeros((BLOCK_R,), tl.float32)
+    m_off = tl.full((BLOCK_R,), NEG, tl.float32)
+    l_off = tl.zeros((BLOCK_R,), tl.float32)
+    bad = tl.zeros((BLOCK_R,), tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + offs_c
+        c_ok = cols < C
+        ok2 = v_ok[:, None] & c_ok[None, :]
+        x = tl.load(sims_ptr + row[:, None] * stride_r + cols[None, :], mask=ok2, other=0.0).to(tl.float32)
+        bad = tl.maximum(bad, tl.max((ok2 & ((x != x) | (tl.abs(x) == float("inf")))).to(tl.int32), 1))
+        if BY_IDX:
+            idx_c = tl.load(idx_col_ptr + cols, mask=c_ok, other=0)
+            allowed = ok2 & (idx_c[None, :] != idx_r[:, None])
+        else:
+            allowed = ok2 & (cols[None, :] != excl[:, None])
+        u = tl.rand(seed, v[:, None] * (C + 2) + cols[None, :])
+        u = tl.minimum(u, 0.99999994)  # keep -log(u) > 0 (u rounds to 1.0 about once in 2^25)
+        g = tl.where(allowed, x - tl.log(-tl.log(u)), float("-inf"))  # Gumbel-perturbed logits
+        tile_best = tl.max(g, 1)
+        tile_j = tl.argmax(g, 1).to(tl.int32) + c0
+        take = tile_best > best
+        best_j = tl.where(take, tile_j, best_j)
+        best = tl.where(take, tile_best, best)
+        if not BY_IDX:
+            xa = tl.where(ok2, x, float("-inf"))
+            mn = tl.maximum(m_all, tl.max(xa, 1))
+            l_all = l_all * tl.exp(m_all - mn) + tl.sum(tl.exp(xa - mn[:, None]), 1)
+            m_all = mn
+            xo = tl.where(allowed, x, float("-inf"))
+            mn = tl.maximum(m_off, tl.max(xo, 1))
+            l_off = l_off * tl.exp(m_off - mn) + tl.sum(tl.exp(xo - mn[:, None]), 1)
+            m_off = mn
+    if BY_IDX:
+        choice = best_j
+        bad = tl.maximum(bad, (best == float("-inf")).to(tl.int32))  # no column left to draw
+        fallback = row % C
+    else:
+        # soft = sum_{j != i} softmax_j; the floor part has total mass floor * (C - 1)
+        soft = tl.exp((m_off + tl.log(l_off)) - (m_all + tl.log(l_all)))
+        p_soft = soft / (soft + floor * (C - 1))
+        u_branch = tl.rand(seed, v * (C + 2) + C)
+        u_pick = tl.rand(seed, v * (C + 2) + C + 1)
+        k = tl.minimum((u_pick * (C - 1)).to(tl.int32), C - 2)
+        uniform_j = k + (k >= excl).to(tl.int32)  # skip the excluded column
+        choice = tl.where(u_branch < p_soft, best_j, uniform_j)
+        fallback = (row + 1) % C
+    choice = tl.where(bad != 0, fallback, choice)  # always a valid index, even for bad rows
+    tl.store(out_ptr + v, choice.to(tl.int64), mask=v_ok)
+    tl.store(bad_ptr + v, bad, mask=v_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+
+
+@dataclass(frozen=True)
+class ItcKernelConfig:
+    """Launch parameters; None picks the defaults below. Both kernels use the same column tile
+    width; each picks its own row tile and number of column splits (num_splits, when given,
+    applies to both).
+
+    GPU defaults (chosen by compiling for sm_90 and reading ptxas' register/spill report, not yet
+    timed on a GPU): 16-bit features: stats 64 x 32 tiles, gradient 32 x 32, 8 warps, 2 stages
+    (no spills, <= 112 KB shared memory); fp32 features: 16 x 32 tiles, 4 warps, 1 stage with
+    "tf32x3" dots (plain TF32 is too coarse for logits up to 1 / temp = 1000; the fp32 path is
+    the accurate one, bf16 the fast one). Splits: about 4 programs per SM (gradient kernel: 2).
+    Interpreter: 16 x 64 tiles, 2 splits."""
+
+    block_m: Optional[int] = None  # rows per program of the stats kernel
+    block_m_grad: Optional[int] = None  # rows per program of the gradient kernel
+    block_n: Optional[int] = None  # columns per tile
+    num_splits: Optional[int] = None  # column splits (target; rounded to whole tiles)
+    num_warps: Optional[int] = None
+    num_stages: Optional[int] = None
+    precision: str = "tf32x3"  # dot precision for fp32 features on a GPU: "ieee", "tf32x3" or "tf32"
+
+    def resolved(self, dtype: torch.dtype, interp: bool) -> "ItcKernelConfig":
+        if interp:
+            d = dict(block_m=16, block_m_grad=16, block_n=64, num_warps=4, num_stages=1)
+        elif dtype == torch.float32:
+            d = dict(block_m=16, block_m_grad=16, block_n=32, num_warps=4, num_stages=1)
+        else:
+            d = dict(block_m=64, block_m_grad=32, block_n=32, num_warps=8, num_stages=2)
+        given = {k: getattr(self, k) for k in d if getattr(self, k) is not None}
+        return ItcKernelConfig(**{**d, **given}, num_splits=self.num_splits, precision=self.precision)
+
+
+_SM_COUNT = {}
+
+
+def _programs_target(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * _SM_COUNT[device]
+
+
+def _check_device(t: torch.Tensor, what: str) -> None:
+    if t.device.type == "cuda":
+        if interpreting():
+            raise ValueError(f"{what} is on CUDA but TRITON_INTERPRET=1 runs kernels on the CPU")
+    elif t.device.type != "cpu" or not interpreting():
+        raise ValueError(
+            f"{what} is on {t.device}; the Triton loss kernels need CUDA tensors (or CPU tensors "
+            f"with TRITON_INTERPRET=1)"
+        )
+
+
+def _check_itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
+                      temp, idx, idx_queue):
+    named = dict(image_feat=image_feat, text_feat=text_feat, image_feat_m=image_feat_m,
+                 text_feat_m=text_feat_m, image_queue=image_queue, text_queue=text_queue, temp=temp)
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.device != image_feat.device:
+            raise ValueError(f"{name} is on {t.device} but image_feat is on {image_feat.device}")
+    _check_device(image_feat, "image_feat")
+    if image_feat.ndim != 2:
+        raise ValueError(f"image_feat must be (B, E), got {tuple(image_feat.shape)}")
+    B, E = image_feat.shape
+    for name in ("text_feat", "image_feat_m", "text_feat_m"):
+        if named[name].shape != (B, E):
+            raise ValueError(f"{name} must be (B, E) = {(B, E)} like image_feat, got {tuple(named[name].shape)}")
+    if image_queue.ndim != 2 or image_queue.shape[0] != E or text_queue.shape != image_queue.shape:
+        raise ValueError(
+            f"image_queue and text_queue must both be (E, Q) with E = {E}, got "
+            f"{tuple(image_queue.shape)} and {tuple(text_queue.shape)}"
+        )
+    if temp.numel() != 1:
+        raise ValueError(f"temp must have one element, got shape {tuple(temp.shape)}")
+    if B < 1 or E < 1:
+        raise ValueError(f"empty features: B = {B}, E = {E}")
+    if E > 1024:
+        raise ValueError(f"embed dim {E} > 1024 is not supported by the fused ITC kernel")
+    if (idx is None) != (idx_queue is None):
+        raise ValueError("idx and idx_queue must be given together (retrieval targets) or not at all")
+    if idx is not None:
+        Q = image_queue.shape[1]
+        if idx.shape != (B,) or idx_queue.shape != (Q,):
+            raise ValueError(f"idx must be (B,) = ({B},) and idx_queue (Q,) = ({Q},), got "
+                             f"{tuple(idx.shape)} and {tuple(idx_queue.shape)}")
+        for name, t in (("idx", idx), ("idx_queue", idx_queue)):
+            if t.dtype not in (torch.int64, torch.int32) or t.device != image_feat.device:
+                raise ValueError(f"{name} must be an int64/int32 tensor on {image_feat.device}")
+
+
+def _column_splits(B: int, Q: int, bn: int, row_blocks: int, num_splits: Optional[int], target: int):
+    """(tiles per split, in-batch splits, all splits) for about `target` programs in all.
+
+    Tiles per split is a compile-time trip count: one kernel per (B, Q) shape, which is fixed
+    in training. The in-batch and the queue columns get separate splits (the kernel branches
+    once per program, not per tile); every split has at least one tile."""
+    n_tb, n_tq = triton.cdiv(B, bn), triton.cdiv(Q, bn)
+    n_t = n_tb + n_tq
+    want = num_splits or max(1, target // row_blocks)
+    tps = triton.cdiv(n_t, min(want, n_t))
+    splits_b = triton.cdiv(n_tb, tps)
+    return tps, splits_b, splits_b + triton.cdiv(n_tq, tps)
+
+
+def _itc_direction(q, qm, k, queue, temp, alpha, idx, idx_queue, need_grad, write_sims, cfg):
+    """One direction's per-row loss, d loss_i / d q_i, d loss_i / d temp, and (B, B) logits."""
+    B, E = q.shape
+    Q = queue.shape[1]
+    interp = interpreting()
+    cfg = cfg.resolved(q.dtype, interp)
+    bm, bn = cfg.block_m, cfg.block_n
+    be = max(16, triton.next_power_of_2(E))
+    row_blocks = triton.cdiv(B, bm)
+    tps, splits_b, splits = _column_splits(B, Q, bn, row_blocks, cfg.num_splits, _programs_target(q.device))
+    row_blocks_g = triton.cdiv(B, cfg.block_m_grad)
+    # the gradient kernel needs only the merged per-row statistics, so it splits the columns its
+    # own way: fewer programs per SM, as each writes a (BLOCK_M, E) fp32 partial
+    tps_g, splits_b_g, splits_g = _column_splits(B, Q, bn, row_blocks_g, cfg.num_splits,
+                                                 max(1, _programs_target(q.device) // 2))
+    if splits_g * B * E >= 2**31 or E * max(Q, 1) >= 2**31:
+        raise ValueError("ITC problem too large for 32-bit offsets")
+    upcast = q.dtype == torch.bfloat16 and interp
+    precision = cfg.precision if q.dtype == torch.float32 else "tf32"  # ignored for 16-bit
+    dev = q.device
+    has_idx = idx is not None
+    dummy = torch.zeros(1, dtype=torch.int64, device=dev)
+    idx_a = idx if has_idx else dummy
+    idx_b = idx_queue if has_idx else dummy
+    part = torch.empty(7, splits, B, dtype=torch.float32, device=dev)
+    # per-row shift for the weighted sums: the paired (diagonal) logit, a positive in both modes
+    shift = (q.float() * k.float()).sum(1) / temp.reshape(()).float()
+    sims = torch.empty(B, B, dtype=torch.float32, device=dev) if write_sims else part
+    common = dict(HAS_IDX=has_idx, UPCAST=upcast, PRECISION=precision, BLOCK_N=bn, BLOCK_E=be,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _itc_stats_kernel[(row_blocks, splits)](
+        q, qm, k, queue, temp, idx_a, idx_b, shift, part, sims,
+        B, Q, E, q.stride(0), qm.stride(0), k.stride(0), queue.stride(0), queue.stride(1), splits_b,
+        TILES_PER_SPLIT=tps, WRITE_SIMS=write_sims, BLOCK_M=bm, **common,
+    )
+    # merge the column splits: (S, B) partials -> (B,) per-row statistics
+    m_s, l_s, m_m, l_m, ts, pos_s, pos_n = part.unbind(0)
+    mx = m_s.max(0).values
+    lz = torch.log((l_s * torch.exp(m_s - mx)).sum(0))  # lse = mx + lz
+    mx_m = m_m.max(0).values
+    w_m = torch.exp(m_m - mx_m)
+    l_tot_m = (l_m * w_m).sum(0)
+    lz_m = torch.log(l_tot_m)
+    et_s = (ts * w_m).sum(0) / l_tot_m  # sum_j softmax(sm)_ij (s_ij - shift_i)
+    n_pos = pos_n.sum(0)
+    tgt_s = alpha * et_s + (1.0 - alpha) * pos_s.sum(0) / n_pos  # sum_j t_ij (s_ij - shift_i)
+    loss_rows = ((mx - shift) - tgt_s) + lz  # lse_i - sum_j t_ij s_ij
+    g = dtemp_rows = None
+    if need_grad:
+        posw = (1.0 - alpha) / n_pos
+        gpart = torch.empty(splits_g, B, E, dtype=torch.float32, device=dev)  # about 2 x SMs x BLOCK_M x E
+        tpart = torch.empty(splits_g, B, dtype=torch.float32, device=dev)
+        _itc_grad_kernel[(row_blocks_g, splits_g)](
+            q, qm, k, queue, temp, idx_a, idx_b, shift, torch.stack([mx, lz, mx_m, lz_m]), posw, gpart, tpart, float(alpha),
+            B, Q, E, q.stride(0), qm.stride(0), k.stride(0), queue.stride(0), queue.stride(1), splits_b_g,
+            TILES_PER_SPLIT=tps_g, BLOCK_M=cfg.block_m_grad, **common,
+        )
+        g = gpart.sum(0)  # (B, E) = sum_j (p_ij - t_ij) k_j / temp
+        dtemp_rows = -tpart.sum(0) / temp.reshape(()).float()  # d loss_i / d temp
+    return loss_rows, g, dtemp_rows, (sims if write_sims else None)
+
+
+class _ItcLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
+                temp, alpha, idx, idx_queue, cfg):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[6]
+        feats = [t.contiguous() for t in (image_feat, text_feat, image_feat_m, text_feat_m)]
+        image_feat, text_feat, image_feat_m, text_feat_m = feats
+        temp_c = temp.reshape(1).contiguous()
+        # image -> text: image queries, text momentum features + text queue as columns
+        l_i2t, g_i2t, dt_i2t, s_i2t = _itc_direction(image_feat, image_feat_m, text_feat_m, text_queue,
+                                                     temp_c, alpha, idx, idx_queue, need_grad, True, cfg)
+        l_t2i, g_t2i, dt_t2i, s_t2i = _itc_direction(text_feat, text_feat_m, image_feat_m, image_queue,
+                                                     temp_c, alpha, idx, idx_queue, need_grad, True, cfg)
+        B = image_feat.shape[0]
+        loss = (l_i2t.sum() + l_t2i.sum()) / (2 * B)  # mean over rows, then over the two directions
+        ctx.save_for_backward(g_i2t, g_t2i, (dt_i2t.sum() + dt_t2i.sum()) if need_grad else None)
+        ctx.B = B
+        ctx.dtypes = (image_feat.dtype, text_feat.dtype, temp.dtype)
+        ctx.temp_shape = temp.shape
+        ctx.mark_non_differentiable(s_i2t, s_t2i)
+        return loss, s_i2t, s_t2i
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_s1, _g_s2):
+        g_i2t, g_t2i, dtemp = ctx.saved_tensors
+        c = g_loss.float() / (2 * ctx.B)
+        d_img = d_txt = d_temp = None
+        if ctx.needs_input_grad[0]:
+            d_img = (c * g_i2t).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            d_txt = (c * g_t2i).to(ctx.dtypes[1])
+        if ctx.needs_input_grad[6]:
+            d_temp = (c * dtemp).reshape(ctx.temp_shape).to(ctx.dtypes[2])
+        return d_img, d_txt, None, None, None, None, d_temp, None, None, None, None
+
+
+def itc_loss(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_feat_m: torch.Tensor,
+    text_feat_m: torch.Tensor,
+    image_queue: torch.Tensor,
+    text_queue: torch.Tensor,
+    temp: torch.Tensor,
+    alpha: float,
+    idx: Optional[torch.Tensor] = None,
+    idx_queue: Optional[torch.Tensor] = None,
+    config: ItcKernelConfig = ItcKernelConfig(),
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused ITC loss; returns (loss, sim_i2t_inbatch, sim_t2i_inbatch).
+
+    image_feat, text_feat: (B, E) normalised online features (get gradients);
+    image_feat_m, text_feat_m: (B, E) normalised momentum features (no gradient);
+    image_queue, text_queue: (E, Q) feature queues (read in place, no gradient, not needed by
+    the backward, so they may be overwritten right after this call);
+    temp: 1-element tensor (gets a gradient); alpha: python float, distillation weight;
+    idx, idx_queue: optional (B,) and (Q,) int image ids (retrieval fine-tuning): targets
+    pos / pos.sum with pos = (idx_i == [idx | idx_queue]_j) instead of the diagonal.
+
+    loss is a 0-dim fp32 tensor equal to `reference.itc_loss` (`reference.itc_loss_retrieval`
+    with ids); the sims are the (B, B) fp32 online-vs-momentum in-batch logits (no gradient),
+    which `sample_hard_negatives` takes.
+    """
+    _check_itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
+                      temp, idx, idx_queue)
+    return _ItcLoss.apply(image_feat, text_feat, image_feat_m.detach(), text_feat_m.detach(),
+                          image_queue.detach(), text_queue.detach(), temp, float(alpha), idx, idx_queue, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def _seed_from(generator: Optional[torch.Generator], seed: Optional[int]) -> int:
+    """A philox seed drawn on the host (no device sync): explicit, from a CPU generator, or
+    from PyTorch's default CPU generator (so torch.manual_seed makes runs repeatable)."""
+    if seed is not None:
+        return int(seed)
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError("pass a CPU torch.Generator (or seed=): drawing the seed from a CUDA "
+                         "generator would need a host-device sync")
+    # >= 2^31: Triton then always passes it as int64 (one compiled variant)
+    return int(torch.randint(2**31, 2**62, (1,), generator=generator).item())
+
+
+def _launch_sampler(sims, num_samples, seed, idx_row=None, idx_col=None):
+    R, C = sims.shape
+    by_idx = idx_row is not None
+    if sims.stride(1) != 1:
+        sims = sims.contiguous()
+    total = R * num_samples
+    if total * (C + 2) >= 2**31:
+        raise ValueError(f"too many draws for 32-bit noise offsets: {R} rows x {num_samples} x {C + 2}")
+    out = torch.empty(total, dtype=torch.int64, device=sims.device)
+    bad = torch.empty(total, dtype=torch.int32, device=sims.device)
+    interp = interpreting()
+    block_c = min(triton.next_power_of_2(C), 16 if interp else 256)
+    block_r = 8192 if interp else max(1, 4096 // block_c)
+    dummy = torch.zeros(1, dtype=torch.int64, device=sims.device)
+    grid = (triton.cdiv(total, block_r),)
+    _sample_kernel[grid](
+        sims, out, bad, seed, idx_row if by_idx else dummy, idx_col if by_idx else dummy,
+        R, num_samples, sims.stride(0), FLOOR, C, BY_IDX=by_idx, BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    return out.view(R, num_samples), bad.view(R, num_samples)
+
+
+def _check_sims(sims: torch.Tensor, name: str) -> None:
+    if not isinstance(sims, torch.Tensor) or sims.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D tensor of logits")
+    if sims.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {sims.dtype}")
+    _check_device(sims, name)
+
+
+def _raise_if_bad(bad: torch.Tensor, check: Optional[bool], message: str) -> None:
+    """Non-finite rows: raised here on CPU (no sync to avoid); on CUDA only when check=True."""
+    if check is None:
+        check = bad.device.type == "cpu"
+    if check and bool(bad.any()):
+        raise ValueError(message)
+
+
+def sample_hard_negatives(
+    sim_i2t_inbatch: torch.Tensor,
+    sim_t2i_inbatch: torch.Tensor,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    num_samples: int = 1,
+    check: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pre-training hard negatives, drawn from `reference.hard_negative_weights` without a sync.
+
+    sim_i2t_inbatch, sim_t2i_inbatch: (B, B) in-batch logits (already / temp), B >= 2.
+    Returns (neg_image_for_text, neg_text_for_image): int64 (B,) (or (B, num_samples)), drawn
+    from the t2i and the i2t rows respectively. Seed: `seed`, else a CPU `generator`, else
+    torch's default CPU generator. Non-finite similarities raise ValueError when `check` (default:
+    on CPU tensors only); on CUDA the draw does not wait for the GPU: a non-finite row draws
+    (i + 1) % B, and the same non-finite values make the ITC loss non-finite, which is where a
+    diverged run surfaces (pass check=True to pay one sync and raise here).
+    """
+    _check_sims(sim_i2t_inbatch, "sim_i2t_inbatch")
+    _check_sims(sim_t2i_inbatch, "sim_t2i_inbatch")
+    B = sim_i2t_inbatch.shape[0]
+    if sim_i2t_inbatch.shape != (B, B) or sim_t2i_inbatch.shape != (B, B):
+        raise ValueError(f"in-batch sims must both be (B, B), got {tuple(sim_i2t_inbatch.shape)} "
+                         f"and {tuple(sim_t2i_inbatch.shape)}")
+    if B < 2:
+        raise ValueError(f"hard-negative sampling needs a batch of at least 2 per rank, got {B}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    # rows 0..B-1: t2i (a negative image per text), rows B..2B-1: i2t (a negative text per image)
+    sims = torch.cat([sim_t2i_inbatch, sim_i2t_inbatch], dim=0)  # (2B, B); row r excludes r % B
+    out, bad = _launch_sampler(sims, num_samples, _seed_from(generator, seed))
+    _raise_if_bad(bad, check, "non-finite ITC similarity while sampling hard negatives (the model "
+                              "has diverged: NaN/inf in the image or text features)")
+    neg_img, neg_txt = out[:B], out[B:]
+    if num_samples == 1:
+        return neg_img.squeeze(1), neg_txt.squeeze(1)
+    return neg_img, neg_txt
+
+
+def sample_negatives_by_idx(
+    sims: torch.Tensor,
+    idx_row: torch.Tensor,
+    idx_col: torch.Tensor,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    num_samples: int = 1,
+    check: Optional[bool] = None,
+) -> torch.Tensor:
+    """Retrieval negatives: per row r, one column drawn from softmax(sims[r]) with the columns
+    of the same image id (idx_col == idx_row[r]) removed, as `reference.retrieval_negative_weights`.
+
+    sims: (R, C) logits; idx_row: (R,), idx_col: (C,) int ids. Returns int64 (R,) (or
+    (R, num_samples)). A row with no allowed column (every column shares its id) or with
+    non-finite logits raises ValueError when `check` (default on CPU); on CUDA it draws
+    r % C, without a sync (see `sample_hard_negatives`).
+    """
+    _check_sims(sims, "sims")
+    R, C = sims.shape
+    if idx_row.shape != (R,) or idx_col.shape != (C,):
+        raise ValueError(f"idx_row must be (R,) = ({R},) and idx_col (C,) = ({C},), got "
+                         f"{tuple(idx_row.shape)} and {tuple(idx_col.shape)}")
+    for name, t in (("idx_row", idx_row), ("idx_col", idx_col)):
+        if t.dtype not in (torch.int64, torch.int32) or t.device != sims.device:
+            raise ValueError(f"{name} must be an int64/int32 tensor on {sims.device}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    out, bad = _launch_sampler(sims, num_samples, _seed_from(generator, seed),
+                               idx_row.contiguous(), idx_col.contiguous())
+    _raise_if_bad(bad, check, "cannot sample a retrieval negative: a row has non-finite similarities "
+                              "or every candidate shares its image id")
+    return out.squeeze(1) if num_samples == 1 else out
