@@ -23,6 +23,9 @@ from .med import TextDecoder, TextTransformer
 from .vit import VisionTransformer
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
+# EMA state: the momentum encoders and the feature queues (see `detach_momentum`).
+MOMENTUM_STATE = ("visual_encoder_m", "vision_proj_m", "text_encoder_m", "text_proj_m",
+                  "image_queue", "text_queue", "queue_ptr")
 
 
 @dataclass
@@ -89,6 +92,48 @@ class BlipForPretraining(nn.Module):
         self.momentum_context: Callable[[List[nn.Parameter]], contextlib.AbstractContextManager] = (
             lambda params: contextlib.nullcontext()
         )
+        # A trainer that runs `momentum_update()` itself before each forward (outside DeepSpeed's
+        # ZeRO-3 hooks) sets this to False; the online weights do not change in between, so the
+        # result is the same.
+        self.update_momentum_in_forward = True
+
+    # -- momentum state kept outside the module tree -----------------------------------------
+
+    def detach_momentum(self) -> nn.Module:
+        """Move the momentum encoders and queues (MOMENTUM_STATE) into a separate module and return it.
+
+        This model keeps using them (attribute access falls through to the container), but they
+        are no longer registered: `parameters()`, `state_dict()`, `.to()` and DeepSpeed's casting
+        and ZeRO-3 partitioning no longer see them, so a trainer can keep this EMA state in fp32
+        and replicated. The container's state_dict uses the same names, so
+        `{**model.state_dict(), **container.state_dict()}` is the full official layout.
+        """
+        if "_momentum_state" in self.__dict__:
+            raise RuntimeError("the momentum state is already detached")
+        holder = nn.Module()
+        for name in MOMENTUM_STATE:
+            value = getattr(self, name)
+            delattr(self, name)
+            if isinstance(value, nn.Module):
+                holder.add_module(name, value)
+            else:
+                holder.register_buffer(name, value)
+        holder.train(self.training)
+        object.__setattr__(self, "_momentum_state", holder)  # deliberately not a registered child
+        return holder
+
+    def __getattr__(self, name: str):
+        holder = self.__dict__.get("_momentum_state")
+        if holder is not None and name in MOMENTUM_STATE:
+            return getattr(holder, name)
+        return super().__getattr__(name)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        holder = self.__dict__.get("_momentum_state")
+        if holder is not None:
+            holder.train(mode)  # the original runs the momentum encoders in train mode too
+        return self
 
     # -- momentum encoders -------------------------------------------------------------------
 
@@ -190,7 +235,7 @@ class BlipForPretraining(nn.Module):
         text_feat = self.text_features(input_ids, attention_mask)  # (B, E)
 
         with torch.no_grad():
-            if self.training:
+            if self.training and self.update_momentum_in_forward:
                 self.momentum_update()
             image_feat_m = self.image_features(self.visual_encoder_m(images), momentum=True)
             text_feat_m = self.text_features(input_ids, attention_mask, momentum=True)

@@ -1,0 +1,216 @@
+"""Atomic, resumable checkpoints on top of DeepSpeed's `save_checkpoint` / `load_checkpoint`.
+
+Layout of `output_dir/checkpoints/`:
+    step00001200/            one tag per save (global optimizer step)
+        (DeepSpeed's files)  model states, ZeRO optimizer shards, zero_to_fp32.py
+        momentum.pt          the fp32 momentum encoders, queues and queue_ptr (rank 0 writes it)
+        rank{r}.pt           rank r's RNG states (python, numpy, torch, accelerator)
+        COMMITTED            written last, by rank 0, after a barrier: JSON manifest of the files
+    latest_good              the newest committed tag (atomic rename), for humans and tools
+
+DeepSpeed writes its own files in place and its `latest` pointer without waiting for the other
+ranks, so a crash while saving can leave a torn tag. Here a tag counts only once its COMMITTED
+marker exists and every file the manifest lists has the recorded size; `find_latest` ignores the
+rest, and a later save of the same tag first deletes the torn one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMMITTED = "COMMITTED"
+LATEST = "latest_good"
+MOMENTUM_FILE = "momentum.pt"
+TAG_PREFIX = "step"
+
+
+def tag_for(global_step: int) -> str:
+    return f"{TAG_PREFIX}{global_step:08d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+# -- RNG ---------------------------------------------------------------------------------------
+
+
+def rng_state() -> Dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -- committed tags ----------------------------------------------------------------------------
+
+
+def _manifest(tag_dir: str) -> Dict[str, int]:
+    files = {}
+    for root, _, names in os.walk(tag_dir):
+        for n in names:
+            if n == COMMITTED or n.endswith(".tmp"):
+                continue
+            full = os.path.join(root, n)
+            files[os.path.relpath(full, tag_dir)] = os.path.getsize(full)
+    return files
+
+
+def is_committed(tag_dir: str) -> bool:
+    """COMMITTED exists and every file it lists is present with its recorded size."""
+    marker = os.path.join(tag_dir, COMMITTED)
+    if not os.path.isfile(marker):
+        return False
+    try:
+        with open(marker) as f:
+            info = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    for rel, size in info.get("files", {}).items():
+        full = os.path.join(tag_dir, rel)
+        if not os.path.isfile(full) or os.path.getsize(full) != size:
+            return False
+    return True
+
+
+def committed_tags(ckpt_dir: str) -> List[str]:
+    """Committed tags, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = [t for t in os.listdir(ckpt_dir)
+            if t.startswith(TAG_PREFIX) and os.path.isdir(os.path.join(ckpt_dir, t))
+            and is_committed(os.path.join(ckpt_dir, t))]
+    return sorted(tags)
+
+
+def find_latest(ckpt_dir: str) -> Optional[str]:
+    """The newest committed tag (by step), or None. Torn tags (no valid COMMITTED) are ignored."""
+    tags = committed_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def read_meta(ckpt_dir: str, tag: str) -> Dict:
+    with open(os.path.join(ckpt_dir, tag, COMMITTED)) as f:
+        return json.load(f)["meta"]
+
+
+# -- save / load -------------------------------------------------------------------------------
+
+
+def save(engine, ckpt_dir: str, global_step: int, meta: Dict, momentum_state: Dict, keep_last: int) -> str:
+    """Save a checkpoint on every rank (all ranks must call this); returns the tag.
+
+    meta: small JSON-able training position (epoch, batch, global step, ...), also handed to
+    DeepSpeed as client_state. Order: DeepSpeed files + own files on every rank -> barrier ->
+    rank 0 writes COMMITTED (manifest) and latest_good -> prune -> barrier."""
+    tag = tag_for(global_step)
+    tag_dir = os.path.join(ckpt_dir, tag)
+    rank = _rank()
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        if os.path.isdir(tag_dir):  # a torn (or stale) save of the same step: start clean
+            shutil.rmtree(tag_dir)
+    _barrier()
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"blipfast": meta}, save_latest=False)
+    atomic_torch_save({"rng": rng_state(), "meta": meta}, os.path.join(tag_dir, f"rank{rank}.pt"))
+    if rank == 0:
+        atomic_torch_save(momentum_state, os.path.join(tag_dir, MOMENTUM_FILE))
+    _barrier()  # every rank's files are on disk
+    if rank == 0:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        missing = [f"rank{r}.pt" for r in range(world) if not os.path.isfile(os.path.join(tag_dir, f"rank{r}.pt"))]
+        if missing:
+            raise RuntimeError(f"checkpoint {tag_dir}: files of other ranks are not visible here: {missing} "
+                               f"(the output directory must be on a filesystem every rank shares)")
+        _fsync_dir(tag_dir)
+        atomic_write_text(os.path.join(tag_dir, COMMITTED),
+                          json.dumps({"tag": tag, "meta": meta, "world_size": world, "files": _manifest(tag_dir)}))
+        atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
+        prune(ckpt_dir, keep_last, newest=tag)
+    _barrier()
+    return tag
+
+
+def prune(ckpt_dir: str, keep_last: int, newest: str) -> None:
+    """Keep the newest `keep_last` committed tags; delete older committed ones and torn ones
+    older than `newest` (torn tags newer than it cannot exist: saves are sequential)."""
+    committed = committed_tags(ckpt_dir)
+    doomed = committed[:-keep_last] if keep_last > 0 else []
+    for t in os.listdir(ckpt_dir):
+        full = os.path.join(ckpt_dir, t)
+        if t.startswith(TAG_PREFIX) and os.path.isdir(full) and t < newest and t not in committed:
+            doomed.append(t)
+    for t in doomed:
+        shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
+
+
+def load(engine, ckpt_dir: str, tag: str) -> Dict:
+    """Load tag into the engine (model, optimizer) on every rank; returns {'meta', 'momentum', 'rng'}.
+    The caller restores the momentum state and, last, the RNG state."""
+    tag_dir = os.path.join(ckpt_dir, tag)
+    if not is_committed(tag_dir):
+        raise RuntimeError(f"checkpoint {tag_dir} is not committed (incomplete save): refusing to load it")
+    path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    rank = _rank()
+    own = os.path.join(tag_dir, f"rank{rank}.pt")
+    if not os.path.isfile(own):
+        raise RuntimeError(f"checkpoint {tag_dir} has no {os.path.basename(own)}: it was saved with fewer "
+                           f"ranks than this run has; resume with the same world size")
+    rank_state = torch.load(own, map_location="cpu", weights_only=False)
+    momentum = torch.load(os.path.join(tag_dir, MOMENTUM_FILE), map_location="cpu", weights_only=True)
+    return {"meta": read_meta(ckpt_dir, tag), "momentum": momentum, "rng": rank_state["rng"]}

@@ -1,0 +1,128 @@
+"""Plain weights from a training checkpoint of any ZeRO stage and precision.
+
+    python -m blipfast.train.export OUTPUT_DIR --out model.pth [--format blipfast|original|hf]
+                                    [--tag step00001200] [--task captioning]
+
+OUTPUT_DIR is a run's train.output_dir (config.yaml + checkpoints/); the newest committed
+checkpoint is used unless --tag says otherwise. The online weights come from DeepSpeed's
+zero_to_fp32 utilities (fp32 master weights, gathered from every rank's partition), the momentum
+encoders and queues from the checkpoint's own fp32 momentum.pt (zero_to_fp32 would return
+frozen weights in the training dtype and the int64 queue_ptr as float32). The result is checked
+key by key and shape by shape against a freshly built model before it is written.
+
+Formats: blipfast (`torch.save({'model': state_dict})`, this package's names), original (the
+official BLIP .pth layout via blipfast.convert.export_original_state_dict: loads into Salesforce's
+code with strict=True), hf (a transformers BLIP directory via blipfast.convert.export_hf; needs
+--task, and keeps only that task's modules).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Dict, Optional
+
+import torch
+
+from blipfast.config import BlipConfig, from_dict, load_yaml
+
+from . import checkpoint
+
+
+def _ds_state_dict(ckpt_dir: str, tag: str) -> Dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag))
+    except (ValueError, FileNotFoundError):
+        # ZeRO stage 0 keeps the whole model in mp_rank_00_model_states.pt
+        path = os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt")
+        if not os.path.isfile(path):
+            raise
+        return {k: v.float() if v.is_floating_point() else v
+                for k, v in torch.load(path, map_location="cpu", weights_only=False)["module"].items()}
+
+
+def load_run_model_config(output_dir: str) -> BlipConfig:
+    path = os.path.join(output_dir, "config.yaml")
+    data = load_yaml(path)
+    if not isinstance(data.get("model"), dict):
+        raise ValueError(f"{path}: no resolved model section (is this a train.output_dir?)")
+    cfg = from_dict(BlipConfig, data["model"], where=f"{path}: model")
+    cfg.validate(path)
+    return cfg
+
+
+def consolidated_state_dict(output_dir: str, tag: Optional[str] = None, model=None) -> Dict[str, torch.Tensor]:
+    """The full BlipForPretraining state dict (blipfast layout, fp32 weights, int64 queue_ptr) of
+    a committed checkpoint; loaded strictly into `model` (built from config.yaml if None) to check it."""
+    from blipfast.models.blip import BlipForPretraining
+
+    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    tag = tag or checkpoint.find_latest(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no committed checkpoint in {ckpt_dir}")
+    if not checkpoint.is_committed(os.path.join(ckpt_dir, tag)):
+        raise ValueError(f"{os.path.join(ckpt_dir, tag)} is not a committed checkpoint (incomplete save)")
+    sd = _ds_state_dict(ckpt_dir, tag)
+    momentum = torch.load(os.path.join(ckpt_dir, tag, checkpoint.MOMENTUM_FILE), map_location="cpu", weights_only=True)
+    sd.update(momentum)  # fp32 EMA weights and queues, int64 queue_ptr
+    if model is None:
+        model = BlipForPretraining(load_run_model_config(output_dir))
+    want = model.state_dict()
+    missing, unexpected = want.keys() - sd.keys(), sd.keys() - want.keys()
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {tag} does not match the model: missing {sorted(missing)[:10]}, "
+                         f"unexpected {sorted(unexpected)[:10]}")
+    out = {}
+    for k, v in want.items():
+        if sd[k].shape != v.shape:
+            raise ValueError(f"checkpoint {tag}: {k} has shape {tuple(sd[k].shape)}, the model {tuple(v.shape)}")
+        out[k] = sd[k].to(v.dtype)
+    model.load_state_dict(out, strict=True)
+    return out
+
+
+def export(output_dir: str, out: str, fmt: str = "blipfast", tag: Optional[str] = None,
+           task: Optional[str] = None) -> str:
+    from blipfast.models.blip import BlipForPretraining
+
+    model = BlipForPretraining(load_run_model_config(output_dir))
+    sd = consolidated_state_dict(output_dir, tag, model)
+    if fmt == "blipfast":
+        torch.save({"model": sd}, out)
+    elif fmt == "original":
+        from blipfast.convert import export_original_state_dict
+
+        torch.save({"model": export_original_state_dict(model)}, out)
+    elif fmt == "hf":
+        from blipfast.convert import export_hf
+
+        if task is None:
+            raise ValueError("--format hf needs --task (captioning, retrieval or vqa): a pre-training model has "
+                             "the modules of several transformers BLIP classes")
+        export_hf(model, out, task=task)
+    else:
+        raise ValueError(f"unknown format {fmt!r}: blipfast, original or hf")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m blipfast.train.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("output_dir", help="a run's train.output_dir (holds config.yaml and checkpoints/)")
+    p.add_argument("--out", required=True, help="file to write (a directory for --format hf)")
+    p.add_argument("--format", default="blipfast", choices=("blipfast", "original", "hf"))
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest committed one)")
+    p.add_argument("--task", default=None, help="with --format hf: captioning, retrieval or vqa")
+    a = p.parse_args(argv)
+    try:
+        path = export(a.output_dir, a.out, a.format, a.tag, a.task)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Training logs: metrics.jsonl (every optimizer step), TensorBoard and a console line (every
+`log_every` steps), a tqdm bar, throughput, data-loader wait time and MFU on GPUs.
+
+MFU = achieved model FLOP/s / (peak FLOP/s of the GPU x world size), with the model FLOPs of one
+pre-training sample counted analytically by `pretrain_flops_per_sample` (matmuls only: 2 FLOPs
+per multiply-add; backward = 2 x forward for the parts that get gradients; softmax, norms and
+elementwise work are left out, as in the usual MFU convention). Activation recomputation is not
+counted (it is overhead, not model work).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Dict, Optional
+
+import torch
+
+from blipfast.config import BlipConfig
+
+# Dense peak FLOP/s by GPU name fragment: (bf16/fp16, fp32 via TF32). Published datasheet numbers.
+PEAK_FLOPS = {
+    "H200": (989e12, 494e12),
+    "H100": (989e12, 494e12),  # SXM; the PCIe card is lower (756e12) - reported as H100 anyway
+    "A100": (312e12, 156e12),
+    "L40S": (362e12, 183e12),
+    "A10": (125e12, 62.5e12),
+}
+
+
+def _vit_flops(cfg: BlipConfig) -> float:
+    v = cfg.vision
+    n = v.num_patches + 1  # tokens incl. CLS
+    c, hidden = v.width, int(v.width * v.mlp_ratio)
+    per_layer = n * (2 * 4 * c * c + 2 * 2 * c * hidden) + 2 * 2 * n * n * c  # qkv+proj, mlp, QK^T and PV
+    patch = 2 * v.num_patches * (v.in_chans * v.patch_size ** 2) * c
+    return v.depth * per_layer + patch
+
+
+def _text_flops(cfg: BlipConfig, length: int, cross: bool) -> float:
+    t = cfg.text
+    h, inter, n_img = t.hidden_size, t.intermediate_size, cfg.vision.num_patches + 1
+    per_layer = length * (2 * 4 * h * h + 2 * 2 * h * inter) + 2 * 2 * length * length * h
+    if cross:  # q and output projections on the text, k and v on the image tokens, attention
+        per_layer += length * 2 * 2 * h * h + n_img * 2 * 2 * t.encoder_width * h + 2 * 2 * length * n_img * h
+    return t.num_hidden_layers * per_layer
+
+
+def pretrain_flops_per_sample(cfg: BlipConfig, text_len: int, batch_per_rank: int) -> float:
+    """Model FLOPs of one image-text pair in one pre-training step (forward + backward).
+
+    Trained forward work (x3 for forward + backward): ViT, unimodal text encoder, 3 image-grounded
+    encoder passes (positive + 2 hard negatives), the decoder (causal attention counted in full),
+    the LM head (transform + vocab projection), both ITC directions against [batch | queue]
+    columns. No-grad work (x1): the momentum ViT and text encoder and the momentum ITC logits."""
+    t, e = cfg.text, cfg.embed_dim
+    cols = batch_per_rank + cfg.queue_size  # ITC columns: in-batch momentum features + queue
+    trained = (_vit_flops(cfg) + _text_flops(cfg, text_len, cross=False)
+               + 3 * _text_flops(cfg, text_len, cross=True) + _text_flops(cfg, text_len, cross=True)
+               + text_len * (2 * t.hidden_size * t.hidden_size + 2 * t.hidden_size * t.vocab_size)
+               + 2 * 2 * e * cols + 2 * e * (cfg.vision.width + t.hidden_size))
+    frozen = _vit_flops(cfg) + _text_flops(cfg, text_len, cross=False) + 2 * 2 * e * cols
+    return 3 * trained + frozen
+
+
+def peak_flops(precision: str) -> Optional[float]:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, (low, fp32) in PEAK_FLOPS.items():
+        if key in name:
+            return fp32 if precision == "fp32" else low
+    return None
+
+
+class RunLogger:
+    """Rank-0 sink for per-step metrics and periodic throughput; a no-op on other ranks."""
+
+    def __init__(self, output_dir: str, rank: int, total_steps: int, start_step: int, enabled_bar: bool,
+                 flops_per_sample: float, peak: Optional[float], world_size: int):
+        self.rank, self.world = rank, world_size
+        self.flops_per_sample, self.peak = flops_per_sample, peak
+        self.metrics = None
+        self.tb = None
+        self.bar = None
+        self._reset_window(start_step)
+        if rank != 0:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.metrics = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        except ImportError:  # tensorboard is in the [train] extra; logs still go to metrics.jsonl
+            self.tb = None
+        if enabled_bar:
+            from tqdm import tqdm
+
+            # disable=None: on when stderr is a terminal, off in batch logs
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, disable=None,
+                            desc="train", unit="step", file=sys.stderr)
+
+    def _reset_window(self, step: int) -> None:
+        self.t0 = time.perf_counter()
+        self.win_steps = 0
+        self.win_samples = 0
+        self.win_tokens = 0
+        self.win_wait = 0.0
+        self.win_losses: Dict[str, float] = {}
+
+    def step(self, record: Dict, samples: int, tokens: float, wait_s: float) -> None:
+        """One optimizer step: record (JSON-able; losses averaged over ranks and micro-batches)."""
+        self.win_steps += 1
+        self.win_samples += samples
+        self.win_tokens += tokens
+        self.win_wait += wait_s
+        for k in ("loss", "loss_itc", "loss_itm", "loss_lm"):
+            if k in record:
+                self.win_losses[k] = self.win_losses.get(k, 0.0) + record[k]
+        if self.rank != 0:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", lr=f"{record['lr']:.2e}")
+
+    def flush_window(self, step: int, extra: Dict[str, float]) -> Dict[str, float]:
+        """Throughput and mean losses since the last flush; written to TensorBoard and printed."""
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        n = max(self.win_steps, 1)
+        out = {k: v / n for k, v in self.win_losses.items()}
+        out.update(extra)
+        out["images_per_s"] = self.win_samples / dt
+        out["tokens_per_s"] = self.win_tokens / dt
+        out["data_wait_frac"] = self.win_wait / dt
+        out["step_time_s"] = dt / n
+        if self.peak:
+            out["mfu"] = self.flops_per_sample * out["images_per_s"] / (self.peak * self.world)
+        if self.rank == 0:
+            if self.tb is not None:
+                for k, v in out.items():
+                    self.tb.add_scalar(f"train/{k}", v, step)
+                self.tb.flush()
+            parts = [f"step {step}"] + [f"{k} {v:.4g}" for k, v in out.items()]
+            self.print("  ".join(parts))
+        self._reset_window(step)
+        return out
+
+    def print(self, msg: str) -> None:
+        if self.rank != 0:
+            return
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.metrics is not None:
+            self.metrics.close()

@@ -1,0 +1,480 @@
+"""The pre-training loop: BlipForPretraining under a DeepSpeed ZeRO engine.
+
+One micro-batch (`forward_backward`): cast inputs to the engine's dtype, EMA-update the fp32
+momentum encoders (outside the engine, see momentum.py), forward (losses, enqueue), all-reduce
+a small vector (non-finite flags, losses, token count) so every rank takes the same decision,
+then backward or stop/skip. `engine.step()` applies AdamW at accumulation boundaries, with the
+learning rate of the original schedule set just before. Checkpoints: checkpoint.py.
+
+BLIP semantics are kept under data parallelism: ITC in-batch columns and hard negatives are per
+rank; the queue receives the all-gathered momentum features of every rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from blipfast.config import ConfigError
+from blipfast.models.blip import TEMP_MAX, TEMP_MIN, BlipForPretraining
+
+from . import checkpoint, schedule
+from .config import RunConfig, build_deepspeed_config, save_resolved
+from .logging import RunLogger, peak_flops, pretrain_flops_per_sample
+from .momentum import MomentumState, autocast_context, register_zero3_external_params
+
+LOSS_NAMES = ("loss_itc", "loss_itm", "loss_lm")
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN/inf and train.nan_policy is 'stop'."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Tuple[int, int, int]:
+    """(rank, world size, local rank). Works under the deepspeed launcher, torchrun, or plain python."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python train.py`: a one-rank group
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    if not dist.is_initialized():
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() == "cpu":
+            if "OMP_NUM_THREADS" not in os.environ:
+                # Ranks sharing a CPU: one slice of the cores each, not all of them each.
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+            # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU inference at start-up
+            # (over a minute of C++ compilation on a fresh machine); training never uses it.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(verbose=False)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+class _NonRaisingNegatives:
+    """Wraps the model's loss backend so hard-negative sampling never raises on non-finite
+    similarities (a corrupt batch or divergence): it returns the next sample as the negative
+    instead. Every rank then finishes its forward (ZeRO-3 gathers parameters collectively inside
+    it, so a rank that raised half-way would deadlock the others) and the trainer's all-reduced
+    non-finite check stops or skips on all ranks together."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def sample_hard_negatives(self, sim_i2t, sim_t2i, *args, **kwargs):
+        try:
+            return self.inner.sample_hard_negatives(sim_i2t, sim_t2i, *args, **kwargs)
+        except ValueError as e:
+            if "non-finite" not in str(e):
+                raise
+            B = sim_i2t.shape[0]
+            nxt = (torch.arange(B, device=sim_i2t.device) + 1) % B
+            return nxt, nxt.clone()
+
+    def __repr__(self) -> str:
+        return f"NonRaisingNegatives({self.inner!r})"
+
+
+@dataclass
+class MicroResult:
+    losses: Dict[str, float]  # mean over ranks
+    local: Dict[str, float]  # this rank's
+    tokens: float  # text tokens (attention mask) over all ranks
+    skipped: bool = False
+    nonfinite: Tuple[str, ...] = ()
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    batch: int = 0  # next batch index within the epoch
+    skipped: int = 0  # micro-batches skipped by nan_policy=skip so far
+    history: list = field(default_factory=list)
+
+
+class Trainer:
+    """Builds everything from a RunConfig; `fit()` trains, checkpoints and evaluates.
+
+    loader / tokenizer / eval_set default to blipfast.data's; tests pass their own loader (any
+    object with len() and .epoch(epoch, start_step) yielding dict batches) and may fix hard
+    negatives with negatives_fn(epoch, batch_index, rank) -> (neg_img, neg_txt) or None."""
+
+    def __init__(self, run: RunConfig, *, loader=None, tokenizer=None, eval_set=None,
+                 negatives_fn: Optional[Callable] = None):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        self.run, cfg = run, run.train
+        self.rank, self.world, self.local_rank = init_distributed()
+        run.check_world(self.world)  # before any other work
+        self.output_dir = cfg.output_dir
+        self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
+        self.negatives_fn = negatives_fn
+        self.eval_set = eval_set
+
+        acc = get_accelerator()
+        self.device = torch.device(acc.device_name(self.local_rank))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+        self.tokenizer = tokenizer if tokenizer is not None or loader is not None else self._build_tokenizer()
+        self.loader = loader if loader is not None else self._build_loader()
+        if cfg.eval.enabled and eval_set is None and loader is None:
+            from blipfast.data.index import build_eval_index
+
+            build_eval_index(run.data)  # a missing held-out set fails now, not after training
+        self.batches_per_epoch = (len(self.loader) // cfg.grad_accum) * cfg.grad_accum
+        if self.batches_per_epoch == 0:
+            raise ConfigError(
+                f"{run.source}: an epoch has {len(self.loader)} batches per rank, fewer than train.grad_accum "
+                f"{cfg.grad_accum}: the dataset is too small for batch_size {cfg.batch_size} x world size {self.world}"
+            )
+        self.steps_per_epoch = self.batches_per_epoch // cfg.grad_accum
+
+        # Same seed on every rank for the weights (the momentum copy and the queues are not
+        # broadcast by DeepSpeed), then seed + rank for everything random in training.
+        seed_everything(cfg.seed)
+        model = BlipForPretraining(run.model)
+        model.losses = _NonRaisingNegatives(model.losses)
+        self.ds_config = build_deepspeed_config(run, self.world)
+        self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+        self.momentum = MomentumState(model, self.stage, self.device)
+        if self.stage == 3:
+            register_zero3_external_params(model)
+        seed_everything(cfg.seed + self.rank)
+
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        optimizer = torch.optim.AdamW(schedule.param_groups(model, cfg), lr=cfg.warmup_lr,
+                                      betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, **fused)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False)
+        self.momentum.broadcast_from_rank0()
+        self.model = self.engine.module
+        self.model.train()
+        self.compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        self.position = Position()
+        self.last_saved: Optional[str] = None  # tag of the newest checkpoint this run saved or resumed from
+        self.logger: Optional[RunLogger] = None
+        if self.rank == 0:
+            save_resolved(run, self.ds_config, self.output_dir)
+
+    # -- building blocks ------------------------------------------------------------------------
+
+    def _build_tokenizer(self):
+        from blipfast.data.tokenizer import build_demo_tokenizer, load_tokenizer
+
+        t = self.run.data.tokenizer
+        return build_demo_tokenizer() if t == "demo" else load_tokenizer(t)
+
+    def _build_loader(self):
+        from blipfast.data import build_pretrain_loader
+
+        r, cfg = self.run, self.run.train
+        device_id = self.device.index if self.device.type == "cuda" else None  # DALI's GPU decoding
+        return build_pretrain_loader(r.data, self.tokenizer, r.model.vision.image_size, cfg.batch_size,
+                                     r.model.max_text_len, self.rank, self.world, cfg.seed, device_id=device_id)
+
+    @property
+    def global_step(self) -> int:
+        return int(self.engine.global_steps)
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    # -- one micro-batch -----------------------------------------------------------------------
+
+    def forward_backward(self, batch: Dict, epoch: int, index: int) -> MicroResult:
+        cfg = self.run.train
+        images = batch["images"].to(self.device, dtype=self.compute_dtype, non_blocking=True)
+        ids = batch["input_ids"].to(self.device, non_blocking=True)
+        mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        B = images.shape[0]
+        if B != cfg.batch_size:
+            raise RuntimeError(f"batch of {B} at epoch {epoch} batch {index}; the loader must drop the last "
+                               f"incomplete batch (the queue needs train.batch_size x world size per step)")
+        negatives = self.negatives_fn(epoch, index, self.rank) if self.negatives_fn else None
+        if negatives is not None:
+            negatives = tuple(n.to(self.device) for n in negatives)
+        alpha = schedule.alpha(cfg, epoch, index, self.batches_per_epoch)
+        snap = self.momentum.snapshot_queue(B * self.world) if cfg.nan_policy == "skip" else None
+
+        self.momentum.update()
+        with autocast_context(self.device, cfg.precision):
+            out = self.engine(images, ids, mask, alpha=alpha, negatives=negatives)
+        local = torch.stack([out.loss.detach().float()] + [getattr(out, n).detach().float() for n in LOSS_NAMES])
+        flags = (~torch.isfinite(local[1:])).float()
+        vec = torch.cat([flags, local, mask.sum().float()[None]])  # (3 flags, 4 losses, tokens)
+        vec = self._all_reduce(vec.clone()).cpu()  # one small collective per micro-batch
+        local_cpu = local.cpu()
+        local_d = {"loss": float(local_cpu[0]), **{n: float(v) for n, v in zip(LOSS_NAMES, local_cpu[1:])}}
+        bad = tuple(n for n, f in zip(LOSS_NAMES, vec[:3]) if f > 0)
+        if bad:
+            where = (f"non-finite {', '.join(bad)} at optimizer step {self.global_step} (epoch {epoch}, batch "
+                     f"{index}) on {int(vec[:3].max())} of {self.world} rank(s)")
+            if cfg.nan_policy == "stop":
+                raise NonFiniteLoss(
+                    where + ". Stopping (train.nan_policy=stop) before the update, so the last checkpoint "
+                    "is intact: resume with --resume (maybe with a lower train.lr), or set train.nan_policy=skip")
+            self.momentum.restore_queue(snap)  # undo this micro-batch's enqueue on every rank
+            self.position.skipped += 1
+            if self.logger:
+                self.logger.print(f"WARNING: {where}: skipped (train.nan_policy=skip; {self.position.skipped} so far)")
+            return MicroResult({}, local_d, float(vec[7]), skipped=True, nonfinite=bad)
+        self.engine.backward(out.loss)
+        mean = vec[3:7] / self.world
+        losses = {"loss": float(mean[0]), **{n: float(v) for n, v in zip(LOSS_NAMES, mean[1:])}}
+        return MicroResult(losses, local_d, float(vec[7]))
+
+    def optimizer_step(self, epoch: int, index: int) -> bool:
+        """engine.step() for this micro-batch with the schedule's lr; True at an optimizer step."""
+        lr = schedule.learning_rate(self.run.train, epoch, index // self.run.train.grad_accum)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if boundary:
+            self._clamp_temperature()
+        return boundary
+
+    def _gathered(self, params):
+        if self.stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def temperature(self) -> float:
+        t = self.model.temp
+        with self._gathered([t]):
+            return float(t.detach().float().reshape(-1)[0])
+
+    def _clamp_temperature(self) -> None:
+        """The forward clamps the module's temp in place, as the original; under DeepSpeed that
+        copy is overwritten from the optimizer's master weight after each step, so clamp the
+        master too when it left [0.001, 0.5] (rare)."""
+        value = self.temperature()
+        if TEMP_MIN <= value <= TEMP_MAX:
+            return
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        t = self.model.temp
+        master = safe_get_full_fp32_param(t)
+        if master is not None:
+            safe_set_full_fp32_param(t, master.clamp(TEMP_MIN, TEMP_MAX))
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save(self) -> str:
+        meta = {"epoch": self.position.epoch, "batch": self.position.batch, "global_step": self.global_step,
+                "skipped": self.position.skipped, "world_size": self.world, "zero_stage": self.stage}
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.global_step, meta, self.momentum.state_dict(),
+                              self.run.train.keep_last)
+        self.last_saved = tag
+        if self.logger:
+            self.logger.print(f"checkpoint {os.path.join(self.ckpt_dir, tag)} committed "
+                              f"(epoch {meta['epoch']}, batch {meta['batch']}, step {meta['global_step']})")
+        return tag
+
+    def resume(self) -> Optional[str]:
+        """Load the newest committed checkpoint of output_dir (ignoring torn ones); None if none."""
+        tag = checkpoint.find_latest(self.ckpt_dir)
+        if tag is None:
+            if self.rank == 0:
+                print(f"--resume: no committed checkpoint in {self.ckpt_dir}; starting from scratch", flush=True)
+            return None
+        meta = checkpoint.read_meta(self.ckpt_dir, tag)
+        if meta.get("world_size") != self.world:
+            raise RuntimeError(f"checkpoint {tag} was saved by {meta.get('world_size')} ranks, this run has "
+                               f"{self.world}: resume with the same number of ranks")
+        state = checkpoint.load(self.engine, self.ckpt_dir, tag)
+        self.momentum.load_state_dict(state["momentum"])
+        self.position = Position(epoch=meta["epoch"], batch=meta["batch"], skipped=meta.get("skipped", 0))
+        self.last_saved = tag
+        checkpoint.set_rng_state(state["rng"])  # last: nothing above may draw random numbers after it
+        if self.rank == 0:
+            print(f"resumed from {os.path.join(self.ckpt_dir, tag)}: epoch {meta['epoch']}, batch "
+                  f"{meta['batch']}, step {meta['global_step']}", flush=True)
+        return tag
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def total_steps(self) -> int:
+        cfg = self.run.train
+        total = cfg.epochs * self.steps_per_epoch
+        return min(total, cfg.max_steps) if cfg.max_steps else total
+
+    def fit(self) -> Dict:
+        cfg = self.run.train
+        total = self.total_steps()
+        flops = pretrain_flops_per_sample(self.run.model, self.run.model.max_text_len, cfg.batch_size)
+        self.logger = RunLogger(self.output_dir, self.rank, total, self.global_step,
+                                cfg.progress_bar, flops, peak_flops(cfg.precision), self.world)
+        log = self.logger
+        if self.rank == 0:
+            log.print(f"training: {self.world} rank(s), ZeRO stage {self.stage}, {cfg.precision}, "
+                      f"batch {cfg.batch_size}/rank x {cfg.grad_accum} accumulation, {self.steps_per_epoch} "
+                      f"steps/epoch ({len(self.loader)} batches/rank; the last incomplete batch of each epoch "
+                      f"is dropped), {total} steps in all, device {self.device}")
+        done = self.global_step >= total
+        acc: Dict[str, float] = {}
+        n_acc, tokens, wait = 0, 0.0, 0.0
+        while not done and self.position.epoch < cfg.epochs:
+            epoch = self.position.epoch
+            it = iter(self.loader.epoch(epoch, start_step=self.position.batch))
+            while self.position.batch < self.batches_per_epoch:
+                i = self.position.batch
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    raise RuntimeError(f"the loader ended after {i} batches in epoch {epoch}, but len() said "
+                                       f"{len(self.loader)}") from None
+                wait += time.perf_counter() - t0
+                res = self.forward_backward(batch, epoch, i)
+                tokens += res.tokens
+                stepped = False
+                if not res.skipped:
+                    for k, v in res.losses.items():
+                        acc[k] = acc.get(k, 0.0) + v
+                    n_acc += 1
+                    stepped = self.optimizer_step(epoch, i)
+                self.position.batch = i + 1
+                if not stepped:
+                    continue
+                gs = self.global_step
+                record = {"step": gs, "epoch": epoch, "batch": i,
+                          "lr": schedule.learning_rate(cfg, epoch, i // cfg.grad_accum),
+                          "alpha": schedule.alpha(cfg, epoch, i, self.batches_per_epoch),
+                          **{k: v / max(n_acc, 1) for k, v in acc.items()}}
+                log.step(record, samples=cfg.batch_size * cfg.grad_accum * self.world, tokens=tokens, wait_s=wait)
+                acc, n_acc, tokens, wait = {}, 0, 0.0, 0.0
+                if gs % cfg.log_every == 0:
+                    log.flush_window(gs, {"lr": record["lr"], "alpha": record["alpha"], "temp": self.temperature(),
+                                          "epoch": epoch, "skipped": self.position.skipped})
+                if gs >= total:
+                    done = True
+                    break
+                if cfg.save_every_steps and gs % cfg.save_every_steps == 0:
+                    self.save()
+            if self.position.batch >= self.batches_per_epoch:
+                self.position.epoch, self.position.batch = epoch + 1, 0
+                if not done:
+                    self.save()
+        if self.global_step > 0 and self.last_saved != checkpoint.tag_for(self.global_step):
+            self.save()
+        result = {"steps": self.global_step, "skipped": self.position.skipped}
+        if cfg.eval.enabled:
+            result["eval"] = self.evaluate()
+        log.close()
+        return result
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The whole model in the blipfast layout, fp32 on the CPU, on every rank (a collective
+        under ZeRO-3). Shared tensors appear under each of their names, as in model.state_dict()."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        with self._gathered(list(self.model.parameters())):
+            sd = {k: p.detach().float().cpu().clone() for k, p in params.items()}
+        for k, b in self.model.named_buffers(remove_duplicate=False):
+            sd[k] = b.detach().cpu().clone()
+        sd.update(self.momentum.state_dict())
+        return sd
+
+    def evaluate(self) -> Dict:
+        """Held-out retrieval recall and a few greedy captions, on rank 0 with a plain fp32 copy."""
+        from . import evaluate as ev_mod
+
+        cfg = self.run.train.eval
+        sd = self.full_state_dict()
+        result: Dict = {}
+        if self.rank == 0:
+            ev = self.eval_set if self.eval_set is not None else self._build_eval_set()
+            if cfg.max_images and ev is not None:
+                ev = _subset_eval(ev, cfg.max_images)
+            model = BlipForPretraining(self.run.model)
+            model.load_state_dict(sd, strict=True)
+            model.to(self.device).eval()
+            t0 = time.perf_counter()
+            recall = ev_mod.retrieval(model, ev, self.device, cfg.batch_size, cfg.k_test)
+            n_img = ev.images.shape[0]
+            result = {"recall": recall, "num_images": n_img, "num_texts": int(ev.input_ids.shape[0]),
+                      "chance_r1_percent": 100.0 / n_img}
+            if cfg.num_captions and self.tokenizer is not None:
+                n = min(cfg.num_captions, n_img)
+                caps = ev_mod.captions(model, ev.images[:n], self.tokenizer, self.device, cfg.max_caption_len)
+                result["captions"] = [{"generated": c, "reference": _first_caption(ev, j)} for j, c in enumerate(caps)]
+            result["eval_seconds"] = time.perf_counter() - t0
+            with open(os.path.join(self.output_dir, "eval.json"), "w") as f:
+                json.dump(result, f, indent=2)
+            _print_eval(result)
+        if self.world > 1:
+            dist.barrier()
+        return result
+
+    def _build_eval_set(self):
+        from blipfast.data import build_eval_set
+
+        r = self.run
+        return build_eval_set(r.data, self.tokenizer, r.model.vision.image_size, r.model.max_text_len)
+
+
+def _first_caption(ev, image_index: int) -> str:
+    caps = getattr(ev, "captions", None)
+    if caps is None:
+        return ""
+    texts = ev.img2txt[image_index]
+    return caps[texts[0]] if len(texts) else ""
+
+
+def _subset_eval(ev, n: int):
+    """The first n images and their texts (text ids renumbered)."""
+    from types import SimpleNamespace
+
+    n = min(n, ev.images.shape[0])
+    texts = [t for i in range(n) for t in ev.img2txt[i]]
+    remap = {t: j for j, t in enumerate(texts)}
+    caps = getattr(ev, "captions", None)
+    return SimpleNamespace(
+        images=ev.images[:n], input_ids=ev.input_ids[texts], attention_mask=ev.attention_mask[texts],
+        txt2img=[int(ev.txt2img[t]) for t in texts], img2txt=[[remap[t] for t in ev.img2txt[i]] for i in range(n)],
+        captions=None if caps is None else [caps[t] for t in texts])
+
+
+def _print_eval(result: Dict) -> None:
+    r = result["recall"]
+    print(f"held-out retrieval on {result['num_images']} images / {result['num_texts']} texts "
+          f"(chance R@1 = {result['chance_r1_percent']:.2f}%):\n"
+          f"  image->text R@1 {r['txt_r1']:.2f}  R@5 {r['txt_r5']:.2f}  R@10 {r['txt_r10']:.2f}\n"
+          f"  text->image R@1 {r['img_r1']:.2f}  R@5 {r['img_r5']:.2f}  R@10 {r['img_r10']:.2f}", flush=True)
+    for c in result.get("captions", []):
+        print(f"  caption: {c['generated']!r}  (reference: {c['reference']!r})", flush=True)

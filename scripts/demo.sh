@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The embedded default, from a fresh clone: a venv with blipfast[train,dali], then a tiny BLIP
+# trained under DeepSpeed on blipfast's synthetic shapes dataset and evaluated on its held-out
+# split (image<->text recall@1 and a few captions).
+#   bash scripts/demo.sh                 # 2 ranks on the CPU, or every GPU of the machine
+#   bash scripts/demo.sh train.epochs=4  # extra key=value overrides go to train.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c "import blipfast, deepspeed, nvidia.dali" 2>/dev/null; then
+  "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
+  if ! command -v nvidia-smi >/dev/null 2>&1; then
+    # No GPU: pin the release whose CPU build blipfast is tested with (a bare `torch`
+    # requirement can resolve to a multi-GB CUDA build).
+    "$VENV/bin/pip" install -q torch==2.13.0
+  else
+    "$VENV/bin/pip" install -q torch
+  fi
+  # deepspeed ships as an sdist that requires torch: build it against the torch just installed
+  # (build isolation would download another, multi-GB torch).
+  "$VENV/bin/pip" install -q --no-build-isolation "deepspeed==0.19.8"
+  "$VENV/bin/pip" install -q -e ".[train,dali]"
+fi
+if command -v nvidia-smi >/dev/null 2>&1; then
+  LAUNCH=("$VENV/bin/deepspeed")                 # all GPUs
+else
+  LAUNCH=("$VENV/bin/deepspeed" --num_gpus 2)    # 2 ranks on the CPU (gloo)
+fi
+exec "${LAUNCH[@]}" train.py --config configs/demo.yaml "$@"
