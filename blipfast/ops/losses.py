@@ -56,7 +56,16 @@ class LossBackend:
         """Returns (loss, sim_i2t_inbatch (B, B), sim_t2i_inbatch (B, B)); the sims carry no grad.
 
         With idx (B,) / idx_queue (Q,) image ids: the retrieval fine-tuning loss (targets over
-        every column of the same image). The queues are not needed after this call returns."""
+        every column of the same image). The queues are not needed after this call returns.
+
+        Computed in fp32 with autocast off: logits reach 1/temp = 1000, where bf16 rounding would
+        change the loss (the original runs in fp32)."""
+        with torch.autocast(device_type=image_feat.device.type, enabled=False):
+            f32 = [t.float() for t in (image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp)]
+            return self._itc_loss_fp32(*f32, alpha, idx, idx_queue)
+
+    def _itc_loss_fp32(self, image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
+                       temp, alpha, idx, idx_queue):
         if idx is None:
             loss, sim_i2t, sim_t2i = ref.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
                                                   image_queue, text_queue, temp, alpha, return_logits=True)
