@@ -10,3 +10,8 @@ __all__ = [
     "VisionTransformer",
     "interpolate_pos_embed",
 ]
+from .caption import BlipForCaptioning  # noqa: E402
+from .retrieval import BlipForRetrieval, BlipRetrievalOutput  # noqa: E402
+from .vqa import BlipForVQA  # noqa: E402
+
+__all__ += ["BlipForCaptioning", "BlipForRetrieval", "BlipRetrievalOutput", "BlipForVQA"]

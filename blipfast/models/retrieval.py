@@ -1,0 +1,273 @@
+"""Image-text retrieval fine-tuning: ITC with image-id positives + ITM with gathered hard negatives.
+
+The original `blip_retrieval.py`, with its checkpoint names (`visual_encoder`, `text_encoder`,
+`vision_proj`, `text_proj`, `itm_head`, `temp`, the `*_m` momentum copies, `image_queue`,
+`text_queue`, `idx_queue`, `ptr_queue`). What differs from pre-training:
+
+* ITC targets: every column with the sample's image id is a positive (y = pos / pos.sum), the
+  queue also stores image ids (`idx_queue`, -100 = empty);
+* ITM negatives are drawn from the whole world batch (`negative_all_rank=True`, the COCO setting;
+  False = local, Flickr): weights softmax(online sims vs the gathered online features / temp)
+  with same-image columns zeroed; negative images come from an all-gather that keeps gradients;
+* no LM loss, no decoder.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from blipfast.config import BlipConfig
+from blipfast.kernels import reference as ref
+from blipfast.ops import resolve_losses
+
+from .blip import TEMP_MAX, TEMP_MIN, BlipForPretraining, concat_all_gather
+from .med import TextTransformer
+from .vit import VisionTransformer
+
+# EMA state of this model (see `detach_momentum`); the queue pointer has the retrieval name.
+RETRIEVAL_MOMENTUM_STATE = ("visual_encoder_m", "vision_proj_m", "text_encoder_m", "text_proj_m",
+                            "image_queue", "text_queue", "idx_queue", "ptr_queue")
+
+
+@dataclass
+class BlipRetrievalOutput:
+    loss: torch.Tensor  # loss_itc + loss_itm (equal weights, as the original's train_retrieval.py)
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+    image_feat: torch.Tensor  # (B, E) normalised online image features
+    text_feat: torch.Tensor  # (B, E) normalised online text features
+    itm_logits: torch.Tensor  # (3B, 2): B positives, B (text, neg image), B (neg text, image)
+    negatives: Tuple[torch.Tensor, torch.Tensor]  # indices into the gathered batch (image per text, text per image)
+
+
+def _world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rank, world = _world()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = rank, x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's images
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(n, ...) per rank -> (world * n, ...), differentiable; identity without torch.distributed."""
+    if _world()[1] == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+class BlipForRetrieval(nn.Module):
+    """model(images, input_ids, attention_mask, alpha, idx, negatives=None) -> BlipRetrievalOutput.
+
+    images: (B, 3, S, S); input_ids / attention_mask: (B, L) BERT-tokenised ([CLS] first; the
+    original pads to 35); alpha: momentum-distillation weight; idx: (B,) int image ids;
+    negatives: optional (neg_image_for_text, neg_text_for_image) int64 (B,) indices into the
+    gathered world batch (this rank's rows are [rank * B, (rank + 1) * B)) replacing sampling.
+    In training mode a forward updates the momentum encoders first and the queues after ITC.
+    """
+
+    def __init__(self, config: BlipConfig, negative_all_rank: bool = True):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.negative_all_rank = negative_all_rank
+        vc, tc, ab = config.vision, config.text, config.attention_backend
+        self.visual_encoder = VisionTransformer(vc, ab)
+        self.text_encoder = TextTransformer(tc, ab)
+        self.vision_proj = nn.Linear(vc.width, config.embed_dim)
+        self.text_proj = nn.Linear(tc.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(tc.hidden_size, 2)
+        self.temp = nn.Parameter(torch.full((1,), config.temp))  # 1-dim: DeepSpeed rejects 0-dim params
+
+        self.visual_encoder_m = VisionTransformer(vc, ab)
+        self.vision_proj_m = nn.Linear(vc.width, config.embed_dim)
+        self.text_encoder_m = TextTransformer(tc, ab)
+        self.text_proj_m = nn.Linear(tc.hidden_size, config.embed_dim)
+        for m in (self.vision_proj, self.text_proj, self.itm_head):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        self.copy_params()
+
+        E, Q = config.embed_dim, config.queue_size
+        self.register_buffer("image_queue", F.normalize(torch.randn(E, Q), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(E, Q), dim=0))
+        self.register_buffer("idx_queue", torch.full((1, Q), -100, dtype=torch.long))
+        self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
+        self.losses = resolve_losses(config.loss_backend)
+        self.momentum_context: Callable[[List[nn.Parameter]], contextlib.AbstractContextManager] = (
+            lambda params: contextlib.nullcontext()
+        )
+        self.update_momentum_in_forward = True  # a trainer may run momentum_update() itself
+
+    # The momentum machinery and feature helpers are the pre-training model's, which only rely on
+    # `momentum_pairs`, `config`, `momentum_context` and the projection / encoder attributes.
+    _param_lists = BlipForPretraining._param_lists
+    copy_params = BlipForPretraining.copy_params
+    momentum_update = BlipForPretraining.momentum_update
+    with_first_token = BlipForPretraining.with_first_token
+    image_features = BlipForPretraining.image_features
+    text_features = BlipForPretraining.text_features
+
+    def momentum_pairs(self) -> Iterator[Tuple[str, nn.Module, nn.Module]]:
+        yield "visual_encoder", self.visual_encoder, self.visual_encoder_m
+        yield "vision_proj", self.vision_proj, self.vision_proj_m
+        yield "text_encoder", self.text_encoder, self.text_encoder_m
+        yield "text_proj", self.text_proj, self.text_proj_m
+
+    # -- momentum state kept outside the module tree (same contract as BlipForPretraining) -------
+
+    def detach_momentum(self) -> nn.Module:
+        """Unregister the momentum encoders and queues (RETRIEVAL_MOMENTUM_STATE) into a returned
+        container; this model keeps using them. `{**model.state_dict(), **holder.state_dict()}` is
+        the official layout."""
+        if "_momentum_state" in self.__dict__:
+            raise RuntimeError("the momentum state is already detached")
+        holder = nn.Module()
+        for name in RETRIEVAL_MOMENTUM_STATE:
+            value = getattr(self, name)
+            delattr(self, name)
+            if isinstance(value, nn.Module):
+                holder.add_module(name, value)
+            else:
+                holder.register_buffer(name, value)
+        holder.train(self.training)
+        object.__setattr__(self, "_momentum_state", holder)  # deliberately not a registered child
+        return holder
+
+    def __getattr__(self, name: str):
+        holder = self.__dict__.get("_momentum_state")
+        if holder is not None and name in RETRIEVAL_MOMENTUM_STATE:
+            return getattr(holder, name)
+        return super().__getattr__(name)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        holder = self.__dict__.get("_momentum_state")
+        if holder is not None:
+            holder.train(mode)
+        return self
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
+                            idx_world: torch.Tensor) -> None:
+        image_feats = concat_all_gather(image_feat_m)
+        text_feats = concat_all_gather(text_feat_m)
+        n, Q = image_feats.shape[0], self.config.queue_size
+        if Q % n:
+            raise ValueError(
+                f"queue_size {Q} is not a multiple of the global batch {n} (per-rank batch x world "
+                f"size): choose a batch that divides it, or drop the last incomplete batch"
+            )
+        ptr = int(self.ptr_queue[0])
+        self.image_queue[:, ptr:ptr + n] = image_feats.T.to(self.image_queue.dtype)
+        self.text_queue[:, ptr:ptr + n] = text_feats.T.to(self.text_queue.dtype)
+        self.idx_queue[:, ptr:ptr + n] = idx_world.reshape(1, -1).to(self.idx_queue.dtype)
+        self.ptr_queue[0] = (ptr + n) % Q
+
+    # -- inference helpers ---------------------------------------------------------------------
+
+    def itm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   image_embeds: Optional[torch.Tensor] = None, image_kv=None) -> torch.Tensor:
+        """(B, 2) ITM logits (class 1 = match) of texts against image tokens (or their precomputed
+        cross-attention keys/values); the first token is replaced by [ENC]."""
+        ids = self.with_first_token(input_ids, self.config.text.enc_token_id)
+        h = self.text_encoder(ids, attention_mask, image_embeds=image_embeds, image_kv=image_kv)
+        return self.itm_head(h[:, 0, :])
+
+    # -- training forward ----------------------------------------------------------------------
+
+    def _check_inputs(self, images, input_ids, attention_mask, idx):
+        if input_ids.ndim != 2 or attention_mask is None or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and attention_mask must both be (B, L); got {tuple(input_ids.shape)} and "
+                f"{None if attention_mask is None else tuple(attention_mask.shape)}"
+            )
+        B = images.shape[0]
+        if input_ids.shape[0] != B:
+            raise ValueError(f"{B} images but {input_ids.shape[0]} texts")
+        if idx is None or idx.numel() != B or idx.dtype.is_floating_point:
+            raise ValueError(f"idx must hold one integer image id per sample ({B}), got "
+                             f"{None if idx is None else (tuple(idx.shape), idx.dtype)}")
+
+    def forward(self, images, input_ids, attention_mask, alpha: float, idx: torch.Tensor,
+                negatives: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> BlipRetrievalOutput:
+        self._check_inputs(images, input_ids, attention_mask, idx)
+        with torch.no_grad():
+            self.temp.clamp_(TEMP_MIN, TEMP_MAX)
+        B = images.shape[0]
+        idx = idx.reshape(-1).long()
+
+        image_embeds = self.visual_encoder(images)  # (B, 1 + N, Cv)
+        image_feat = self.image_features(image_embeds)  # (B, E)
+        text_feat = self.text_features(input_ids, attention_mask)  # (B, E)
+        with torch.no_grad():
+            if self.training and self.update_momentum_in_forward:
+                self.momentum_update()
+            image_feat_m = self.image_features(self.visual_encoder_m(images), momentum=True)
+            text_feat_m = self.text_features(input_ids, attention_mask, momentum=True)
+        loss_itc = ref.itc_loss_retrieval(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
+                                          self.text_queue, idx, self.idx_queue.reshape(-1), self.temp, alpha)
+        idx_world = concat_all_gather(idx)
+        if self.training:  # after the loss: the reference path above copied the queues (torch.cat)
+            self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx_world)
+
+        # ITM negatives from the world batch (or the local one), same image id excluded.
+        enc_ids = self.with_first_token(input_ids, self.config.text.enc_token_id)
+        gather = self.negative_all_rank
+        with torch.no_grad():
+            idx_pool = idx_world if gather else idx  # (N,)
+            text_pool_feat = concat_all_gather(text_feat) if gather else text_feat  # (N, E)
+            image_pool_feat = concat_all_gather(image_feat) if gather else image_feat
+            temp = self.temp.reshape(())
+            if negatives is None:  # one batched draw per direction, no host sync
+                neg_img, neg_txt = ref.sample_retrieval_negatives(
+                    image_feat @ text_pool_feat.T / temp, text_feat @ image_pool_feat.T / temp, idx, idx_pool)
+            else:
+                neg_img, neg_txt = self._check_negatives(negatives, B, idx_pool.shape[0])
+        image_pool = all_gather_with_grad(image_embeds) if gather else image_embeds  # (N, 1 + N_img, Cv)
+        ids_pool = concat_all_gather(enc_ids) if gather else enc_ids
+        att_pool = concat_all_gather(attention_mask) if gather else attention_mask
+
+        ids_all = torch.cat([enc_ids, enc_ids, ids_pool[neg_txt]], dim=0)  # (3B, L)
+        att_all = torch.cat([attention_mask, attention_mask, att_pool[neg_txt]], dim=0)
+        img_all = torch.cat([image_embeds, image_pool[neg_img], image_embeds], dim=0)  # (3B, 1 + N_img, Cv)
+        vl = self.text_encoder(ids_all, att_all, image_embeds=img_all)[:, 0, :]  # (3B, C)
+        itm_logits = self.itm_head(vl)
+        itm_labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(images.device)
+        loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
+        return BlipRetrievalOutput(
+            loss=loss_itc + loss_itm, loss_itc=loss_itc, loss_itm=loss_itm, image_feat=image_feat,
+            text_feat=text_feat, itm_logits=itm_logits, negatives=(neg_img, neg_txt),
+        )
+
+    @staticmethod
+    def _check_negatives(negatives, B: int, pool: int):
+        if len(negatives) != 2 or any(n.shape != (B,) for n in negatives):
+            raise ValueError("negatives must be a pair of (B,) index tensors (neg image per text, neg text per image)")
+        out = []
+        for n in negatives:
+            if n.dtype not in (torch.int64, torch.int32) or bool(((n < 0) | (n >= pool)).any()):
+                raise ValueError(f"negative indices must be integers in [0, {pool}) (the gathered batch)")
+            out.append(n.long())
+        return tuple(out)
