@@ -7,9 +7,8 @@ reshapes `temp` and checks keys.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -20,6 +19,7 @@ from blipfast.config import BlipConfig
 from blipfast.ops import resolve_losses
 
 from .med import TextDecoder, TextTransformer
+from .momentum import MomentumModel
 from .vit import VisionTransformer
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
@@ -49,7 +49,7 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-class BlipForPretraining(nn.Module):
+class BlipForPretraining(MomentumModel):
     """model(images, input_ids, attention_mask, alpha, negatives=None) -> BlipPretrainOutput.
 
     images: (B, 3, S, S) normalised; input_ids / attention_mask: (B, L) as a BERT tokenizer
@@ -58,6 +58,8 @@ class BlipForPretraining(nn.Module):
     In training mode a forward also updates the momentum encoders (before computing momentum
     features) and the feature queues (after the ITC loss), exactly as the original does.
     """
+
+    MOMENTUM_STATE = MOMENTUM_STATE
 
     def __init__(self, config: BlipConfig):
         super().__init__()
@@ -88,88 +90,6 @@ class BlipForPretraining(nn.Module):
         self.register_buffer("text_queue", F.normalize(torch.randn(E, Q), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.losses = resolve_losses(config.loss_backend)
-        # Trainers under ZeRO-3 replace this with a context that gathers partitioned parameters.
-        self.momentum_context: Callable[[List[nn.Parameter]], contextlib.AbstractContextManager] = (
-            lambda params: contextlib.nullcontext()
-        )
-        # A trainer that runs `momentum_update()` itself before each forward (outside DeepSpeed's
-        # ZeRO-3 hooks) sets this to False; the online weights do not change in between, so the
-        # result is the same.
-        self.update_momentum_in_forward = True
-
-    # -- momentum state kept outside the module tree -----------------------------------------
-
-    def detach_momentum(self) -> nn.Module:
-        """Move the momentum encoders and queues (MOMENTUM_STATE) into a separate module and return it.
-
-        This model keeps using them (attribute access falls through to the container), but they
-        are no longer registered: `parameters()`, `state_dict()`, `.to()` and DeepSpeed's casting
-        and ZeRO-3 partitioning no longer see them, so a trainer can keep this EMA state in fp32
-        and replicated. The container's state_dict uses the same names, so
-        `{**model.state_dict(), **container.state_dict()}` is the full official layout.
-        """
-        if "_momentum_state" in self.__dict__:
-            raise RuntimeError("the momentum state is already detached")
-        holder = nn.Module()
-        for name in MOMENTUM_STATE:
-            value = getattr(self, name)
-            delattr(self, name)
-            if isinstance(value, nn.Module):
-                holder.add_module(name, value)
-            else:
-                holder.register_buffer(name, value)
-        holder.train(self.training)
-        object.__setattr__(self, "_momentum_state", holder)  # deliberately not a registered child
-        return holder
-
-    def __getattr__(self, name: str):
-        holder = self.__dict__.get("_momentum_state")
-        if holder is not None and name in MOMENTUM_STATE:
-            return getattr(holder, name)
-        return super().__getattr__(name)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        holder = self.__dict__.get("_momentum_state")
-        if holder is not None:
-            holder.train(mode)  # the original runs the momentum encoders in train mode too
-        return self
-
-    # -- momentum encoders -------------------------------------------------------------------
-
-    def momentum_pairs(self) -> Iterator[Tuple[str, nn.Module, nn.Module]]:
-        yield "visual_encoder", self.visual_encoder, self.visual_encoder_m
-        yield "vision_proj", self.vision_proj, self.vision_proj_m
-        yield "text_encoder", self.text_encoder, self.text_encoder_m
-        yield "text_proj", self.text_proj, self.text_proj_m
-
-    def _param_lists(self):
-        online, momentum = [], []
-        for name, m, m_m in self.momentum_pairs():
-            a, b = dict(m.named_parameters()), dict(m_m.named_parameters())
-            if a.keys() != b.keys():
-                raise RuntimeError(f"momentum copy of {name} does not mirror its parameters")
-            online += [a[k] for k in a]
-            momentum += [b[k] for k in a]
-        return online, momentum
-
-    @torch.no_grad()
-    def copy_params(self) -> None:
-        online, momentum = self._param_lists()
-        for p, p_m in zip(online, momentum):
-            p_m.data.copy_(p.data)
-            p_m.requires_grad_(False)
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        """theta_m <- m * theta_m + (1 - m) * theta, in the momentum weights' own dtype (fp32)."""
-        online, momentum = self._param_lists()
-        m = self.config.momentum
-        with self.momentum_context(online):
-            src = [p.data.to(p_m.dtype) for p, p_m in zip(online, momentum)]
-            dst = [p_m.data for p_m in momentum]
-            torch._foreach_mul_(dst, m)
-            torch._foreach_add_(dst, src, alpha=1.0 - m)
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
@@ -187,22 +107,6 @@ class BlipForPretraining(nn.Module):
         self.image_queue.index_copy_(1, cols, image_feats.T.to(self.image_queue.dtype))
         self.text_queue.index_copy_(1, cols, text_feats.T.to(self.text_queue.dtype))
         self.queue_ptr.copy_((self.queue_ptr + n) % Q)
-
-    # -- features ------------------------------------------------------------------------------
-
-    def with_first_token(self, input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
-        ids = input_ids.clone()
-        ids[:, 0] = token_id
-        return ids
-
-    def image_features(self, image_embeds: torch.Tensor, momentum: bool = False) -> torch.Tensor:
-        proj = self.vision_proj_m if momentum else self.vision_proj
-        return F.normalize(proj(image_embeds[:, 0, :]), dim=-1)
-
-    def text_features(self, input_ids, attention_mask, momentum: bool = False) -> torch.Tensor:
-        enc, proj = (self.text_encoder_m, self.text_proj_m) if momentum else (self.text_encoder, self.text_proj)
-        ids = self.with_first_token(input_ids, self.config.text.cls_token_id)
-        return F.normalize(proj(enc(ids, attention_mask)[:, 0, :]), dim=-1)
 
     # -- forward -------------------------------------------------------------------------------
 

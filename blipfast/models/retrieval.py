@@ -13,9 +13,8 @@ The original `blip_retrieval.py`, with its checkpoint names (`visual_encoder`, `
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,8 +25,9 @@ from blipfast.config import BlipConfig
 from blipfast.kernels import reference as ref
 from blipfast.ops import resolve_losses
 
-from .blip import TEMP_MAX, TEMP_MIN, BlipForPretraining, concat_all_gather
+from .blip import TEMP_MAX, TEMP_MIN, concat_all_gather
 from .med import TextTransformer
+from .momentum import MomentumModel
 from .vit import VisionTransformer
 
 # EMA state of this model (see `detach_momentum`); the queue pointer has the retrieval name.
@@ -77,7 +77,7 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
-class BlipForRetrieval(nn.Module):
+class BlipForRetrieval(MomentumModel):
     """model(images, input_ids, attention_mask, alpha, idx, negatives=None) -> BlipRetrievalOutput.
 
     images: (B, 3, S, S); input_ids / attention_mask: (B, L) BERT-tokenised ([CLS] first; the
@@ -86,6 +86,8 @@ class BlipForRetrieval(nn.Module):
     gathered world batch (this rank's rows are [rank * B, (rank + 1) * B)) replacing sampling.
     In training mode a forward updates the momentum encoders first and the queues after ITC.
     """
+
+    MOMENTUM_STATE = RETRIEVAL_MOMENTUM_STATE
 
     def __init__(self, config: BlipConfig, negative_all_rank: bool = True):
         super().__init__()
@@ -115,58 +117,6 @@ class BlipForRetrieval(nn.Module):
         self.register_buffer("idx_queue", torch.full((1, Q), -100, dtype=torch.long))
         self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
         self.losses = resolve_losses(config.loss_backend)
-        self.momentum_context: Callable[[List[nn.Parameter]], contextlib.AbstractContextManager] = (
-            lambda params: contextlib.nullcontext()
-        )
-        self.update_momentum_in_forward = True  # a trainer may run momentum_update() itself
-
-    # The momentum machinery and feature helpers are the pre-training model's, which only rely on
-    # `momentum_pairs`, `config`, `momentum_context` and the projection / encoder attributes.
-    _param_lists = BlipForPretraining._param_lists
-    copy_params = BlipForPretraining.copy_params
-    momentum_update = BlipForPretraining.momentum_update
-    with_first_token = BlipForPretraining.with_first_token
-    image_features = BlipForPretraining.image_features
-    text_features = BlipForPretraining.text_features
-
-    def momentum_pairs(self) -> Iterator[Tuple[str, nn.Module, nn.Module]]:
-        yield "visual_encoder", self.visual_encoder, self.visual_encoder_m
-        yield "vision_proj", self.vision_proj, self.vision_proj_m
-        yield "text_encoder", self.text_encoder, self.text_encoder_m
-        yield "text_proj", self.text_proj, self.text_proj_m
-
-    # -- momentum state kept outside the module tree (same contract as BlipForPretraining) -------
-
-    def detach_momentum(self) -> nn.Module:
-        """Unregister the momentum encoders and queues (RETRIEVAL_MOMENTUM_STATE) into a returned
-        container; this model keeps using them. `{**model.state_dict(), **holder.state_dict()}` is
-        the official layout."""
-        if "_momentum_state" in self.__dict__:
-            raise RuntimeError("the momentum state is already detached")
-        holder = nn.Module()
-        for name in RETRIEVAL_MOMENTUM_STATE:
-            value = getattr(self, name)
-            delattr(self, name)
-            if isinstance(value, nn.Module):
-                holder.add_module(name, value)
-            else:
-                holder.register_buffer(name, value)
-        holder.train(self.training)
-        object.__setattr__(self, "_momentum_state", holder)  # deliberately not a registered child
-        return holder
-
-    def __getattr__(self, name: str):
-        holder = self.__dict__.get("_momentum_state")
-        if holder is not None and name in RETRIEVAL_MOMENTUM_STATE:
-            return getattr(holder, name)
-        return super().__getattr__(name)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        holder = self.__dict__.get("_momentum_state")
-        if holder is not None:
-            holder.train(mode)
-        return self
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
