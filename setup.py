@@ -40,6 +40,9 @@ setup(
     entry_points={
         "console_scripts": [
             "blipfast-capfilt=blipfast.capfilt:main",
+            "blipfast-train=blipfast.train.cli:main",
+            "blipfast-export=blipfast.train.export:main",
+            "blipfast-eval-retrieval=blipfast.eval.retrieval:main",
         ]
     },
 )
