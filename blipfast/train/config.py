@@ -1,6 +1,7 @@
 """The run configuration of `train.py`: one YAML with `model`, `data`, `train` and `deepspeed`.
 
 ```yaml
+task: pretrain                     # pretrain | retrieval | caption (blipfast/train/tasks.py)
 model: configs/blip_tiny.yaml      # a model YAML (path) or an inline BlipConfig mapping
 data: {format: synthetic, ...}     # blipfast.data.DataConfig
 train: {epochs: 2, batch_size: 24, ...}   # TrainConfig below
@@ -27,6 +28,7 @@ from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict,
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 NAN_POLICIES = ("stop", "skip")
+SCHEDULES = ("step", "cosine")
 
 
 @dataclass
@@ -35,11 +37,13 @@ class EvalConfig:
     batch_size: int = 64  # images / texts per forward when computing features
     k_test: int = 0  # re-rank each query's top-k by the ITM head (the original: 256 COCO); 0 = ITC only
     num_captions: int = 5  # captions generated (greedy) for the first held-out images and printed
-    max_caption_len: int = 20  # generated tokens at most
+    max_caption_len: int = 20  # generated tokens at most (task caption: the prompt included, as the original)
+    min_caption_len: int = 5  # task caption: generated tokens at least, the prompt included
+    num_beams: int = 3  # task caption: beam search width (the original: 3)
     max_images: int = 0  # evaluate on at most this many held-out images (0 = all)
 
     def validate(self, where: str) -> None:
-        for name in ("batch_size",):
+        for name in ("batch_size", "num_beams", "max_caption_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}: eval.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("k_test", "num_captions", "max_images"):
@@ -57,6 +61,8 @@ class TrainConfig:
     lr: float = 3e-4  # peak learning rate (the original's init_lr; 2e-4 for ViT-L)
     warmup_steps: int = 3000  # linear warmup from warmup_lr to lr, per optimizer step, epoch 0 only
     warmup_lr: float = 1e-6  # learning rate at step 0
+    schedule: str = "step"  # after the warmup: step (pre-training: lr * lr_decay_rate ** epoch) or
+    #                         cosine (fine-tuning: min_lr + (lr - min_lr) * (1 + cos(pi * epoch / epochs)) / 2)
     lr_decay_rate: float = 0.9  # from epoch 1 on: lr * lr_decay_rate ** epoch ...
     min_lr: float = 1e-6  # ... but never below min_lr
     weight_decay: float = 0.05  # AdamW weight decay (the original applies it to every parameter)
@@ -75,6 +81,8 @@ class TrainConfig:
     keep_last: int = 3  # committed checkpoints to keep (older ones are deleted); 0 = keep all
     nan_policy: str = "stop"  # non-finite loss: stop with a message, or skip the micro-batch
     progress_bar: bool = True  # tqdm bar on rank 0 (off when stdout is not a terminal, too)
+    init_from: str = ""  # initial weights: a .pth (official / blipfast layout) or a pre-training output_dir
+    init_optional: bool = False  # a missing init_from logs a line and trains from scratch (demo configs)
     eval: EvalConfig = field(default_factory=EvalConfig)  # end-of-run evaluation
 
     def validate(self, where: str) -> None:
@@ -96,6 +104,8 @@ class TrainConfig:
             raise ConfigError(f"{where}: train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.nan_policy not in NAN_POLICIES:
             raise ConfigError(f"{where}: train.nan_policy must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"{where}: train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         self.eval.validate(where)
 
 
@@ -107,10 +117,12 @@ class RunConfig:
     deepspeed: Dict[str, Any]  # the DeepSpeed config as loaded (before the trainer fills it in)
     source: str = ""  # the YAML it came from (for messages)
     deepspeed_path: str = ""  # the JSON it came from
+    task: str = "pretrain"  # pretrain | retrieval | caption (blipfast/train/tasks.py)
 
     def to_dict(self) -> dict:
         """The resolved config as plain data (saved as output_dir/config.yaml); loads back as a run YAML."""
         return {
+            "task": self.task,
             "model": dataclasses.asdict(self.model),
             "data": dataclasses.asdict(self.data),
             "train": dataclasses.asdict(self.train),
@@ -119,6 +131,8 @@ class RunConfig:
 
     def check_world(self, world_size: int) -> None:
         """Start-up checks that need the world size (run before any other work)."""
+        if self.task == "caption":  # no queue, no in-batch negatives
+            return
         global_batch = self.train.batch_size * world_size
         if self.model.queue_size % global_batch:
             raise ConfigError(
@@ -131,7 +145,7 @@ class RunConfig:
             raise ConfigError(f"{self.source}: train.batch_size must be >= 2 (hard negatives come from the same batch)")
 
 
-TOP_KEYS = ("model", "data", "train", "deepspeed")
+TOP_KEYS = ("task", "model", "data", "train", "deepspeed")
 
 
 def _resolve_path(value: str, base_dir: str) -> str:
@@ -172,6 +186,10 @@ def load_run_config(path: str, overrides: Optional[Mapping[str, Any]] = None) ->
         raise ConfigError(f"{path}: missing section(s) {', '.join(missing)}")
     whole, by_top = _split_overrides(overrides or {})
     raw.update(whole)
+    from .tasks import get_task
+
+    task = str(raw.get("task", "pretrain"))
+    get_task(task, f"{path}: task")  # an unknown task fails here
 
     # model: a path to a model YAML or an inline mapping
     model_raw, model_where = raw["model"], f"{path}: model"
@@ -208,7 +226,8 @@ def load_run_config(path: str, overrides: Optional[Mapping[str, Any]] = None) ->
                 raise ConfigError(f"{ds_path}: not valid JSON: {e}") from None
     if train.activation_checkpointing:
         model.vision.grad_checkpointing = True
-    return RunConfig(model=model, data=data, train=train, deepspeed=ds, source=str(path), deepspeed_path=ds_path)
+    return RunConfig(model=model, data=data, train=train, deepspeed=ds, source=str(path), deepspeed_path=ds_path,
+                     task=task)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def _ds_state_dict(ckpt_dir: str, tag: str) -> Dict[str, torch.Tensor]:
 
     try:
         return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag))
-    except (ValueError, FileNotFoundError):
+    except (ValueError, FileNotFoundError, TypeError):  # deepspeed 0.19.8 raises TypeError on a stage-0 checkpoint
         # ZeRO stage 0 keeps the whole model in mp_rank_00_model_states.pt
         path = os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt")
         if not os.path.isfile(path):

@@ -46,20 +46,24 @@ class MomentumState:
 
     # -- undoing one micro-batch's enqueue (nan_policy=skip) -----------------------------------
 
-    def snapshot_queue(self, n: int) -> Tuple[int, torch.Tensor, torch.Tensor]:
-        """Copy the n queue columns the next enqueue will overwrite (cheap: E x n per queue)."""
+    def _ptr(self) -> torch.Tensor:  # pre-training names it queue_ptr, retrieval ptr_queue
         m = self.module
-        ptr = int(m.queue_ptr[0])
-        return ptr, m.image_queue[:, ptr:ptr + n].clone(), m.text_queue[:, ptr:ptr + n].clone()
+        return m.queue_ptr if hasattr(m, "queue_ptr") else m.ptr_queue
+
+    def _queues(self):
+        return [getattr(self.module, k) for k in ("image_queue", "text_queue", "idx_queue") if hasattr(self.module, k)]
+
+    def snapshot_queue(self, n: int) -> Tuple[int, list]:
+        """Copy the n queue columns the next enqueue will overwrite (cheap: E x n per queue)."""
+        ptr = int(self._ptr()[0])
+        return ptr, [q[:, ptr:ptr + n].clone() for q in self._queues()]
 
     @torch.no_grad()
-    def restore_queue(self, snap: Tuple[int, torch.Tensor, torch.Tensor]) -> None:
-        ptr, img, txt = snap
-        m = self.module
-        n = img.shape[1]
-        m.image_queue[:, ptr:ptr + n] = img
-        m.text_queue[:, ptr:ptr + n] = txt
-        m.queue_ptr[0] = ptr
+    def restore_queue(self, snap: Tuple[int, list]) -> None:
+        ptr, saved = snap
+        for q, s in zip(self._queues(), saved):
+            q[:, ptr:ptr + s.shape[1]] = s
+        self._ptr()[0] = ptr
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -77,6 +81,29 @@ class MomentumState:
             if sd[k].shape != v.shape:
                 raise RuntimeError(f"momentum state {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}")
             v.copy_(sd[k])  # keeps the container's dtypes (fp32, int64 queue_ptr)
+
+
+class NoMomentum:
+    """The momentum interface for a task without momentum encoders (captioning): does nothing."""
+
+    def broadcast_from_rank0(self) -> None:
+        pass
+
+    def update(self) -> None:
+        pass
+
+    def snapshot_queue(self, n: int) -> None:
+        return None
+
+    def restore_queue(self, snap) -> None:
+        pass
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
+        if sd:
+            raise RuntimeError(f"the checkpoint has momentum state ({sorted(sd)[:4]}...) but this task has none")
 
 
 def register_zero3_external_params(model: nn.Module) -> None:

@@ -3,12 +3,15 @@
 * learning rate, epoch 0: a linear warmup per optimizer step, capped at the peak,
       lr(i) = min(lr, warmup_lr + (lr - warmup_lr) * i / warmup_steps)
   applied at every step of epoch 0 (so an epoch shorter than the warmup ends below the peak);
-* learning rate, epoch e >= 1: a step decay, max(min_lr, lr * lr_decay_rate ** e);
+* learning rate, epoch e >= 1: a step decay, max(min_lr, lr * lr_decay_rate ** e); or, with
+  train.schedule=cosine (the original's fine-tuning, `cosine_lr_schedule`), per epoch
+      min_lr + (lr - min_lr) * (1 + cos(pi * e / epochs)) / 2   (epoch 0: the warmup, if any, else lr);
 * alpha (momentum distillation): alpha * min(1, (epoch * n + i) / (ramp_epochs * n)) with n the
   number of batches per epoch and i the batch index (the original ramps over 2 epochs).
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List
 
 import torch.nn as nn
@@ -22,6 +25,8 @@ def learning_rate(cfg: TrainConfig, epoch: int, step_in_epoch: int) -> float:
         if cfg.warmup_steps == 0:
             return cfg.lr
         return min(cfg.lr, cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step_in_epoch / cfg.warmup_steps)
+    if cfg.schedule == "cosine":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
     return max(cfg.min_lr, cfg.lr * cfg.lr_decay_rate ** epoch)
 
 

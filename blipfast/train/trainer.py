@@ -1,4 +1,5 @@
-"""The pre-training loop: BlipForPretraining under a DeepSpeed ZeRO engine.
+"""The training loop: a task model (tasks.py: BlipForPretraining, BlipForRetrieval,
+BlipForCaptioning) under a DeepSpeed ZeRO engine.
 
 One micro-batch (`forward_backward`): cast inputs to the engine's dtype, EMA-update the fp32
 momentum encoders (outside the engine, see momentum.py), forward (losses, enqueue), all-reduce
@@ -25,14 +26,16 @@ import torch
 import torch.distributed as dist
 
 from blipfast.config import ConfigError
-from blipfast.models.blip import TEMP_MAX, TEMP_MIN, BlipForPretraining
+from blipfast.models.blip import TEMP_MAX, TEMP_MIN
 
 from . import checkpoint, schedule
 from .config import RunConfig, build_deepspeed_config, save_resolved
 from .logging import RunLogger, peak_flops, pretrain_flops_per_sample
-from .momentum import MomentumState, autocast_context, register_zero3_external_params
+from .momentum import MomentumState, NoMomentum, autocast_context, register_zero3_external_params
+from .tasks import first_caption as _first_caption
+from .tasks import get_task
 
-LOSS_NAMES = ("loss_itc", "loss_itm", "loss_lm")
+LOSS_NAMES = ("loss_itc", "loss_itm", "loss_lm")  # pre-training's (each task has its own: tasks.py)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -138,6 +141,7 @@ class Trainer:
         self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
         self.negatives_fn = negatives_fn
         self.eval_set = eval_set
+        self.task = get_task(run.task, run.source)
 
         acc = get_accelerator()
         self.device = torch.device(acc.device_name(self.local_rank))
@@ -161,12 +165,16 @@ class Trainer:
         # Same seed on every rank for the weights (the momentum copy and the queues are not
         # broadcast by DeepSpeed), then seed + rank for everything random in training.
         seed_everything(cfg.seed)
-        model = BlipForPretraining(run.model)
-        model.losses = _NonRaisingNegatives(model.losses)
+        model = self.task.build_model(run.model, self.tokenizer)
+        if cfg.init_from:
+            self._init_from(model, cfg.init_from)
+        if self.task.has_momentum:
+            model.losses = _NonRaisingNegatives(model.losses)
         self.ds_config = build_deepspeed_config(run, self.world)
         self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
-        self.momentum = MomentumState(model, self.stage, self.device)
-        if self.stage == 3:
+        self.momentum = (MomentumState(model, self.stage, self.device) if self.task.has_momentum
+                         else NoMomentum())
+        if self.stage == 3 and hasattr(model, "text_decoder"):
             register_zero3_external_params(model)
         seed_everything(cfg.seed + self.rank)
 
@@ -201,6 +209,33 @@ class Trainer:
         return build_pretrain_loader(r.data, self.tokenizer, r.model.vision.image_size, cfg.batch_size,
                                      r.model.max_text_len, self.rank, self.world, cfg.seed, device_id=device_id)
 
+    def _init_from(self, model, path: str) -> None:
+        """Load initial weights (every rank, before the engine): a .pth file in the official /
+        blipfast layout, or a training output_dir (its newest committed checkpoint). Keys the
+        task model lacks (e.g. the pre-training decoder in a retrieval model) are skipped."""
+        from blipfast.convert import load_original_checkpoint, load_original_state_dict
+
+        log = self.rank == 0
+        if not os.path.exists(path):
+            if self.run.train.init_optional:
+                if log:
+                    print(f"train.init_from: {path} not found; training task {self.task.name} FROM SCRATCH "
+                          f"(train.init_optional=true)", flush=True)
+                return
+            raise ConfigError(f"{self.run.source}: train.init_from {path} does not exist")
+        kw = dict(ignore_unexpected=self.task.init_ignore, allow_missing=self.task.init_allow_missing)
+        if os.path.isdir(path):
+            from blipfast.models.blip import BlipForPretraining
+
+            from .export import consolidated_state_dict, load_run_model_config
+
+            sd = consolidated_state_dict(path, model=BlipForPretraining(load_run_model_config(path)))
+            load_original_state_dict(model, sd, **kw)
+        else:
+            load_original_checkpoint(model, path, **kw)
+        if log:
+            print(f"train.init_from: initialised {type(model).__name__} from {path}", flush=True)
+
     @property
     def global_step(self) -> int:
         return int(self.engine.global_steps)
@@ -226,20 +261,24 @@ class Trainer:
             negatives = tuple(n.to(self.device) for n in negatives)
         alpha = schedule.alpha(cfg, epoch, index, self.batches_per_epoch)
         snap = self.momentum.snapshot_queue(B * self.world) if cfg.nan_policy == "skip" else None
+        names = self.task.loss_names
+        n = len(names)
 
         self.momentum.update()
         with autocast_context(self.device, cfg.precision):
-            out = self.engine(images, ids, mask, alpha=alpha, negatives=negatives)
-        local = torch.stack([out.loss.detach().float()] + [getattr(out, n).detach().float() for n in LOSS_NAMES])
+            loss, parts = self.task.forward(
+                self.engine, {**batch, "images": images, "input_ids": ids, "attention_mask": mask}, alpha,
+                negatives, self)
+        local = torch.stack([loss.detach().float()] + [parts[k].detach().float() for k in names])
         flags = (~torch.isfinite(local[1:])).float()
-        vec = torch.cat([flags, local, mask.sum().float()[None]])  # (3 flags, 4 losses, tokens)
+        vec = torch.cat([flags, local, mask.sum().float()[None]])  # (n flags, 1 + n losses, tokens)
         vec = self._all_reduce(vec.clone()).cpu()  # one small collective per micro-batch
         local_cpu = local.cpu()
-        local_d = {"loss": float(local_cpu[0]), **{n: float(v) for n, v in zip(LOSS_NAMES, local_cpu[1:])}}
-        bad = tuple(n for n, f in zip(LOSS_NAMES, vec[:3]) if f > 0)
+        local_d = {"loss": float(local_cpu[0]), **{k: float(v) for k, v in zip(names, local_cpu[1:])}}
+        bad = tuple(k for k, f in zip(names, vec[:n]) if f > 0)
         if bad:
             where = (f"non-finite {', '.join(bad)} at optimizer step {self.global_step} (epoch {epoch}, batch "
-                     f"{index}) on {int(vec[:3].max())} of {self.world} rank(s)")
+                     f"{index}) on {int(vec[:n].max())} of {self.world} rank(s)")
             if cfg.nan_policy == "stop":
                 raise NonFiniteLoss(
                     where + ". Stopping (train.nan_policy=stop) before the update, so the last checkpoint "
@@ -248,11 +287,11 @@ class Trainer:
             self.position.skipped += 1
             if self.logger:
                 self.logger.print(f"WARNING: {where}: skipped (train.nan_policy=skip; {self.position.skipped} so far)")
-            return MicroResult({}, local_d, float(vec[7]), skipped=True, nonfinite=bad)
-        self.engine.backward(out.loss)
-        mean = vec[3:7] / self.world
-        losses = {"loss": float(mean[0]), **{n: float(v) for n, v in zip(LOSS_NAMES, mean[1:])}}
-        return MicroResult(losses, local_d, float(vec[7]))
+            return MicroResult({}, local_d, float(vec[-1]), skipped=True, nonfinite=bad)
+        self.engine.backward(loss)
+        mean = vec[n:2 * n + 1] / self.world
+        losses = {"loss": float(mean[0]), **{k: float(v) for k, v in zip(names, mean[1:])}}
+        return MicroResult(losses, local_d, float(vec[-1]))
 
     def optimizer_step(self, epoch: int, index: int) -> bool:
         """engine.step() for this micro-batch with the schedule's lr; True at an optimizer step."""
@@ -273,6 +312,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def temperature(self) -> float:
+        if not hasattr(self.model, "temp"):  # task caption: no contrastive temperature
+            return float("nan")
         t = self.model.temp
         with self._gathered([t]):
             return float(t.detach().float().reshape(-1)[0])
@@ -281,6 +322,8 @@ class Trainer:
         """The forward clamps the module's temp in place, as the original; under DeepSpeed that
         copy is overwritten from the optimizer's master weight after each step, so clamp the
         master too when it left [0.001, 0.5] (rare)."""
+        if not hasattr(self.model, "temp"):
+            return
         value = self.temperature()
         if TEMP_MIN <= value <= TEMP_MAX:
             return
@@ -336,11 +379,13 @@ class Trainer:
         cfg = self.run.train
         total = self.total_steps()
         flops = pretrain_flops_per_sample(self.run.model, self.run.model.max_text_len, cfg.batch_size)
+        # MFU is reported for pre-training only (the FLOP count is the pre-training model's).
+        peak = peak_flops(cfg.precision) if self.task.name == "pretrain" else None
         self.logger = RunLogger(self.output_dir, self.rank, total, self.global_step,
-                                cfg.progress_bar, flops, peak_flops(cfg.precision), self.world)
+                                cfg.progress_bar, flops, peak, self.world)
         log = self.logger
         if self.rank == 0:
-            log.print(f"training: {self.world} rank(s), ZeRO stage {self.stage}, {cfg.precision}, "
+            log.print(f"training (task {self.task.name}): {self.world} rank(s), ZeRO stage {self.stage}, {cfg.precision}, "
                       f"batch {cfg.batch_size}/rank x {cfg.grad_accum} accumulation, {self.steps_per_epoch} "
                       f"steps/epoch ({len(self.loader)} batches/rank; the last incomplete batch of each epoch "
                       f"is dropped), {total} steps in all, device {self.device}")
@@ -411,9 +456,8 @@ class Trainer:
         return sd
 
     def evaluate(self) -> Dict:
-        """Held-out retrieval recall and a few greedy captions, on rank 0 with a plain fp32 copy."""
-        from . import evaluate as ev_mod
-
+        """The task's end-of-run evaluation (pretrain: held-out recall and a few greedy captions;
+        retrieval: recall@1/5/10; caption: BLEU-4 / CIDEr), on rank 0 with a plain fp32 copy."""
         cfg = self.run.train.eval
         sd = self.full_state_dict()
         result: Dict = {}
@@ -421,18 +465,12 @@ class Trainer:
             ev = self.eval_set if self.eval_set is not None else self._build_eval_set()
             if cfg.max_images and ev is not None:
                 ev = _subset_eval(ev, cfg.max_images)
-            model = BlipForPretraining(self.run.model)
+            model = self.task.build_model(self.run.model, self.tokenizer)
             model.load_state_dict(sd, strict=True)
             model.to(self.device).eval()
             t0 = time.perf_counter()
-            recall = ev_mod.retrieval(model, ev, self.device, cfg.batch_size, cfg.k_test)
-            n_img = ev.images.shape[0]
-            result = {"recall": recall, "num_images": n_img, "num_texts": int(ev.input_ids.shape[0]),
-                      "chance_r1_percent": 100.0 / n_img}
-            if cfg.num_captions and self.tokenizer is not None:
-                n = min(cfg.num_captions, n_img)
-                caps = ev_mod.captions(model, ev.images[:n], self.tokenizer, self.device, cfg.max_caption_len)
-                result["captions"] = [{"generated": c, "reference": _first_caption(ev, j)} for j, c in enumerate(caps)]
+            result = self.task.evaluate(model, ev, self.tokenizer, cfg, self.device)
+            result["task"] = self.task.name
             result["eval_seconds"] = time.perf_counter() - t0
             with open(os.path.join(self.output_dir, "eval.json"), "w") as f:
                 json.dump(result, f, indent=2)
@@ -446,14 +484,6 @@ class Trainer:
 
         r = self.run
         return build_eval_set(r.data, self.tokenizer, r.model.vision.image_size, r.model.max_text_len)
-
-
-def _first_caption(ev, image_index: int) -> str:
-    caps = getattr(ev, "captions", None)
-    if caps is None:
-        return ""
-    texts = ev.img2txt[image_index]
-    return caps[texts[0]] if len(texts) else ""
 
 
 def _subset_eval(ev, n: int):
@@ -471,6 +501,13 @@ def _subset_eval(ev, n: int):
 
 
 def _print_eval(result: Dict) -> None:
+    if "scores" in result:  # task caption
+        s = result["scores"]
+        print(f"held-out captioning on {result['num_images']} images: BLEU-4 {s['BLEU-4']:.4f}  "
+              f"CIDEr {s['CIDEr']:.4f}", flush=True)
+        for c in result.get("captions", []):
+            print(f"  caption: {c['generated']!r}  (reference: {c['reference']!r})", flush=True)
+        return
     r = result["recall"]
     print(f"held-out retrieval on {result['num_images']} images / {result['num_texts']} texts "
           f"(chance R@1 = {result['chance_r1_percent']:.2f}%):\n"
