@@ -76,18 +76,7 @@ class BlipForPretraining(MomentumModel):
         # 1-dim, not 0-dim: DeepSpeed 0.19.8 cannot initialise a 0-dim parameter.
         self.temp = nn.Parameter(torch.full((1,), config.temp))
 
-        self.visual_encoder_m = VisionTransformer(vc, ab)
-        self.text_encoder_m = TextTransformer(tc, ab)
-        self.vision_proj_m = nn.Linear(vc.width, config.embed_dim)
-        self.text_proj_m = nn.Linear(tc.hidden_size, config.embed_dim)
-        for m in (self.vision_proj, self.text_proj, self.itm_head):
-            nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-        self.copy_params()
-
-        E, Q = config.embed_dim, config.queue_size
-        self.register_buffer("image_queue", F.normalize(torch.randn(E, Q), dim=0))
-        self.register_buffer("text_queue", F.normalize(torch.randn(E, Q), dim=0))
+        self._build_momentum(config, ab)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.losses = resolve_losses(config.loss_backend)
 

@@ -31,6 +31,26 @@ class MomentumModel(nn.Module):
         # result is the same.
         self.update_momentum_in_forward = True
 
+    def _build_momentum(self, config, attention_backend: str) -> None:
+        """Create the momentum towers as copies of the online ones, initialise the ITC/ITM heads
+        (BERT's N(0, 0.02)) and the feature queues (random unit columns, as the original).
+        Needs `visual_encoder`, `text_encoder`, `vision_proj`, `text_proj`, `itm_head` built."""
+        from .med import TextTransformer
+        from .vit import VisionTransformer
+
+        vc, tc = config.vision, config.text
+        self.visual_encoder_m = VisionTransformer(vc, attention_backend)
+        self.text_encoder_m = TextTransformer(tc, attention_backend)
+        self.vision_proj_m = nn.Linear(vc.width, config.embed_dim)
+        self.text_proj_m = nn.Linear(tc.hidden_size, config.embed_dim)
+        for m in (self.vision_proj, self.text_proj, self.itm_head):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        self.copy_params()
+        E, Q = config.embed_dim, config.queue_size
+        self.register_buffer("image_queue", F.normalize(torch.randn(E, Q), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(E, Q), dim=0))
+
     def momentum_pairs(self) -> Iterator[Tuple[str, nn.Module, nn.Module]]:
         yield "visual_encoder", self.visual_encoder, self.visual_encoder_m
         yield "vision_proj", self.vision_proj, self.vision_proj_m

@@ -102,18 +102,8 @@ class BlipForRetrieval(MomentumModel):
         self.itm_head = nn.Linear(tc.hidden_size, 2)
         self.temp = nn.Parameter(torch.full((1,), config.temp))  # 1-dim: DeepSpeed rejects 0-dim params
 
-        self.visual_encoder_m = VisionTransformer(vc, ab)
-        self.vision_proj_m = nn.Linear(vc.width, config.embed_dim)
-        self.text_encoder_m = TextTransformer(tc, ab)
-        self.text_proj_m = nn.Linear(tc.hidden_size, config.embed_dim)
-        for m in (self.vision_proj, self.text_proj, self.itm_head):
-            nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-        self.copy_params()
-
-        E, Q = config.embed_dim, config.queue_size
-        self.register_buffer("image_queue", F.normalize(torch.randn(E, Q), dim=0))
-        self.register_buffer("text_queue", F.normalize(torch.randn(E, Q), dim=0))
+        self._build_momentum(config, ab)
+        Q = config.queue_size
         self.register_buffer("idx_queue", torch.full((1, Q), -100, dtype=torch.long))
         self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
         self.losses = resolve_losses(config.loss_backend)
