@@ -252,77 +252,43 @@ def main(argv=None) -> int:
     the slices are merged by one all_gather after the local work. Each rank extracts (or loads)
     the features itself, so no rank waits in a collective while another computes.
     """
-    import argparse
     import json as _json
     import sys
 
-    from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict, load_yaml, parse_override
+    from blipfast.config import ConfigError
 
-    p = argparse.ArgumentParser(prog="python -m blipfast.eval.retrieval", description=main.__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML with model, data and eval sections")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. eval.k_test=128")
-    args = p.parse_args(argv)
+    from . import cli
+
+    args = cli.parser("python -m blipfast.eval.retrieval", main.__doc__.split("\n\n")[0]).parse_args(argv)
     try:
-        from blipfast.data import DataConfig, build_eval_set, tokenizer_from_config
+        run = cli.load_eval_run(args.config, args.overrides, RetrievalEvalConfig)
+        from blipfast.capfilt import load_model
+        from blipfast.data import build_eval_set, tokenizer_from_config
+        from blipfast.models.retrieval import BlipForRetrieval
 
-        raw = load_yaml(args.config)
-        base = os.path.dirname(os.path.abspath(args.config))
-        over: Dict[str, Dict] = {"model": {}, "data": {}, "eval": {}}
-        for o in args.overrides:
-            key, value = parse_override(o)
-            head, _, rest = key.partition(".")
-            if head not in over or not rest:
-                raise ConfigError(f"override {key!r}: expected model.X, data.X or eval.X")
-            over[head][rest] = value
-        unknown = set(raw) - set(over)
-        if unknown:
-            raise ConfigError(f"{args.config}: unknown top-level key(s) {sorted(unknown)}; valid: model, data, eval")
-        model_raw = raw.get("model")
-        if isinstance(model_raw, str):
-            path = model_raw if os.path.exists(model_raw) else os.path.join(base, model_raw)
-            model_raw = load_yaml(path)
-        cfg = from_dict(BlipConfig, apply_overrides(dict(model_raw or {}), over["model"], args.config), "model")
-        cfg.validate("model")
-        data = from_dict(DataConfig, apply_overrides(dict(raw.get("data") or {}), over["data"], args.config), "data")
-        data.validate("data")
-        ev = from_dict(RetrievalEvalConfig, apply_overrides(dict(raw.get("eval") or {}), over["eval"], args.config),
-                       "eval")
-        if not ev.checkpoint:
-            raise ConfigError(f"{args.config}: eval.checkpoint is not set")
-    except (ConfigError, FileNotFoundError) as e:
+        cfg, ev = run.model, run.eval
+        model = load_model(BlipForRetrieval(cfg), ev.checkpoint, ev.init_from_pretrain)
+        tok = tokenizer_from_config(run.data)
+        es = build_eval_set(run.data, tok, cfg.vision.image_size, ev.max_text_len, batch_size=ev.batch_size)
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # DataError is a ConfigError; bad weights: ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    from blipfast.capfilt import load_model
-    from blipfast.models.retrieval import BlipForRetrieval
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if ev.device == "auto":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        device = torch.device(ev.device)
-    model = load_model(BlipForRetrieval(cfg), ev.checkpoint, ev.init_from_pretrain).to(device).eval()
-    tok = tokenizer_from_config(data)
-    es = build_eval_set(data, tok, cfg.vision.image_size, ev.max_text_len, batch_size=ev.batch_size)
-    if ev.features and os.path.isfile(ev.features):
-        feats = load_features(ev.features)
-    else:
-        feats = extract_features(model, es.images, (es.input_ids, es.attention_mask), ev.batch_size, device)
-        if ev.features and rank == 0:
-            save_features(feats, ev.features)
-    out = evaluate(model, feats, es.txt2img.tolist(), es.img2txt, k_test=ev.k_test, pair_batch=ev.pair_batch)
-    if rank == 0:
-        text = _json.dumps(out, indent=1)
-        print(text)
-        if ev.output:
-            with open(ev.output, "w") as f:
-                f.write(text)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    device = cli.resolve_device(ev.device)
+    rank, world, own = cli.init_distributed(device)
+    try:
+        model = model.to(device).eval()
+        if ev.features and os.path.isfile(ev.features):
+            feats = load_features(ev.features)
+        else:
+            feats = extract_features(model, es.images, (es.input_ids, es.attention_mask), ev.batch_size, device)
+            if ev.features and rank == 0:
+                save_features(feats, ev.features)
+        out = evaluate(model, feats, es.txt2img.tolist(), es.img2txt, k_test=ev.k_test, pair_batch=ev.pair_batch)
+        if rank == 0:
+            print(_json.dumps(out, indent=1))
+            cli.write_json(out, ev.output)
+    finally:
+        cli.finish(own)
     return 0
 
 
