@@ -43,6 +43,8 @@ setup(
             "blipfast-train=blipfast.train.cli:main",
             "blipfast-export=blipfast.train.export:main",
             "blipfast-eval-retrieval=blipfast.eval.retrieval:main",
+            "blipfast-eval-caption=blipfast.eval.caption:main",
+            "blipfast-eval-vqa=blipfast.eval.vqa:main",
         ]
     },
 )

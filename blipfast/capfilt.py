@@ -152,7 +152,12 @@ def load_capfilt_config(path: str, overrides: Optional[Mapping[str, Any]] = None
 
 
 def load_model(model: torch.nn.Module, path: str, init_from_pretrain: bool = False) -> torch.nn.Module:
-    """Load a checkpoint file (weights under 'model', or a bare state dict) with `load_state`."""
+    """Load a checkpoint file (weights under 'model', or a bare state dict), or a training run's
+    output directory (its newest committed checkpoint), with `load_state`."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.yaml")):
+        from blipfast.train.export import consolidated_state_dict
+
+        return load_state(model, consolidated_state_dict(path), init_from_pretrain)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     obj = torch.load(path, map_location="cpu", weights_only=True)

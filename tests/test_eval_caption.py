@@ -3,9 +3,6 @@
 end-of-run evaluation), 2 ranks equal to 1 rank, config errors exit with status 2."""
 import json
 import os
-import socket
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +15,7 @@ from blipfast.eval.caption import main
 from blipfast.eval.cli import shard_batches
 from blipfast.eval.caption_metrics import caption_scores
 from blipfast.models.caption import BlipForCaptioning
+from cli_ranks import run_cli_ranks
 from parity.sharp_init import sharpen_
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,31 +118,9 @@ def test_shard_batches_covers_whole_batches():
         assert all(lo % bs == 0 for lo, hi in ranges if hi > lo)  # single-process batch boundaries
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(path, world, extra):
     """The CLI as `python -m` in `world` processes (gloo); returns rank 0's stdout."""
-    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    procs = [subprocess.Popen([sys.executable, "-m", "blipfast.eval.caption", "--config", path, "--no-progress",
-                               *extra], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    outs = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        assert p.returncode == 0, err
-        outs.append(out)
-    assert outs[1] == ""  # only rank 0 reports
-    return outs[0]
+    return run_cli_ranks("blipfast.eval.caption", ["--config", path, "--no-progress", *extra], world)
 
 
 @pytest.mark.distributed

@@ -145,6 +145,100 @@ def test_init_from_pretraining_export(tmp_path, tokenizer, task, shared):
         assert (tr.momentum.module.idx_queue == -100).all()
 
 
+class VqaBatchLoader:
+    """The same 4 questions every step; question i has i % 2 + 1 answers (weights sum to 1)."""
+
+    def __init__(self, tokenizer):
+        b = make_batch(0, 0, 0)
+        q = tokenizer(["what color is it?", "is there a circle?", "how many shapes are there?", "where is it?"],
+                      padding="longest", return_tensors="pt")
+        answers = ["red", "yes", "no", "2", "left", "right"]
+        a = tokenizer(answers, padding="longest", return_tensors="pt")
+        self.batch = {"images": b["images"], "input_ids": q.input_ids, "attention_mask": q.attention_mask,
+                      "answer_ids": a.input_ids, "answer_mask": a.attention_mask,
+                      "n_answers": torch.tensor([1, 2, 1, 2]), "weights": torch.tensor([1.0, 0.7, 0.3, 1.0, 0.5, 0.5]),
+                      "index": torch.arange(4)}
+
+    def __len__(self):
+        return N_BATCHES
+
+    def epoch(self, epoch, start_step=0):
+        for _ in range(start_step, N_BATCHES):
+            yield dict(self.batch)
+
+
+def vqa_eval_set(tokenizer, loader):
+    from blipfast.data.vqa import VqaEvalSet
+
+    b = loader.batch
+    answer_list = ["red", "yes", "no", "2", "left", "blue"]
+    a = tokenizer(answer_list, padding="longest", return_tensors="pt")
+    return VqaEvalSet(b["images"], torch.arange(4), b["input_ids"], b["attention_mask"], [10, 11, 12, 13],
+                      ["q0", "q1", "q2", "q3"], [["red"] * 10, ["yes"] * 10, ["2"] * 10, ["left"] * 10],
+                      answer_list, a.input_ids, a.attention_mask, ["i0", "i1", "i2", "i3"], {})
+
+
+def test_vqa_loss_falls_and_evaluates(tmp_path, tokenizer):
+    from blipfast.eval.vqa import accuracy, predict
+    from blipfast.train.trainer import Trainer
+
+    run = run_config(tmp_path, "vqa", lr=3e-3)
+    run.train.eval.enabled = True
+    run.train.eval.k_test = 3
+    run.train.eval.num_captions = 2
+    loader = VqaBatchLoader(tokenizer)
+    ev = vqa_eval_set(tokenizer, loader)
+    tr = Trainer(run, loader=loader, tokenizer=tokenizer, eval_set=ev)
+    assert tr.momentum.state_dict() == {}
+    # The task's loss is the model's weighted answer loss on the batch.
+    b = loader.batch
+    want = tr.model(b["images"], b["input_ids"], b["attention_mask"], b["answer_ids"], b["answer_mask"],
+                    b["n_answers"], b["weights"])
+    got, parts = tr.task.forward(tr.engine, dict(b), 0.0, None, tr)
+    assert torch.equal(got.detach(), want.detach()) and parts["loss_vqa"] is got
+    result = tr.fit()
+    recs = [r["loss_vqa"] for r in losses(tr)]
+    assert len(recs) == N_BATCHES and all(math.isfinite(v) for v in recs) and recs[-1] < recs[0]
+    out = result["eval"]
+    assert out["task"] == "vqa" and out["num_questions"] == 4 and out["inference"] == "rank"
+    model = tr.task.build_model(run.model, tokenizer)
+    model.load_state_dict(tr.full_state_dict())
+    answers = predict(model, ev, range(4), torch.device("cpu"), "rank", k_test=3)
+    assert out["accuracy"] == accuracy(ev, answers)
+    assert [e["answer"] for e in out["examples"]] == answers[:2]
+    assert all(a in ev.answer_list for a in answers)
+
+
+def test_vqa_init_from_pretraining_export(tmp_path, tokenizer):
+    """As the original: the VQA encoder and decoder start from the pre-training text encoder and
+    decoder (the decoder's cross-attention then reads the question instead of the image)."""
+    from blipfast.models.blip import BlipForPretraining
+    from blipfast.train.trainer import Trainer
+
+    torch.manual_seed(7)
+    pre = BlipForPretraining(tiny_model_config())
+    with torch.no_grad():
+        for p in pre.parameters():
+            p.add_(0.01)
+    path = tmp_path / "pretrain.pth"
+    torch.save({"model": pre.state_dict()}, path)
+    run = run_config(tmp_path, "vqa", init_from=str(path))
+    tr = Trainer(run, loader=VqaBatchLoader(tokenizer), tokenizer=tokenizer)
+    sd, want = tr.model.state_dict(), pre.state_dict()
+    for k in ("visual_encoder.cls_token", "text_encoder.encoder.layer.0.crossattention.self.query.weight",
+              "text_decoder.bert.encoder.layer.1.crossattention.self.key.weight",
+              "text_decoder.bert.encoder.layer.0.attention.self.query.weight", "text_decoder.cls.predictions.bias"):
+        assert torch.equal(sd[k], want[k]), k
+
+
+def test_retrieval_negative_all_rank_option(tmp_path, tokenizer):
+    for flag in (True, False):
+        tr = trainer_for(run_config(tmp_path, "retrieval", negative_all_rank=flag), tokenizer)
+        assert tr.model.negative_all_rank is flag
+    assert load_run_config(os.path.join(REPO, "configs", "tasks", "retrieval_flickr.yaml"),
+                           {"data.ann_files": ["/x.json"]}).train.negative_all_rank is False
+
+
 def test_init_from_missing(tmp_path, tokenizer, capsys):
     with pytest.raises(ConfigError, match="does not exist"):
         trainer_for(run_config(tmp_path, "caption", init_from=str(tmp_path / "nope.pth")), tokenizer)
@@ -164,9 +258,11 @@ def test_cosine_schedule_values():
 
 
 def test_task_configs_load_and_unknown_task_fails(tmp_path):
-    for name in ("retrieval_demo", "caption_demo", "retrieval_coco", "caption_coco"):
-        run = load_run_config(os.path.join(REPO, "configs", "tasks", f"{name}.yaml"),
-                              {"data.ann_files": ["/x.json"]} if "coco" in name else None)
+    for name in ("retrieval_demo", "caption_demo", "vqa_demo", "retrieval_coco", "retrieval_flickr", "caption_coco",
+                 "vqa_vqav2"):
+        real = "demo" not in name
+        over = {"data.vqa.train_files" if "vqa" in name else "data.ann_files": ["/x.json"]}
+        run = load_run_config(os.path.join(REPO, "configs", "tasks", f"{name}.yaml"), over if real else None)
         assert run.task == name.split("_")[0]
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: segmentation\nmodel: %s\ndata: {format: synthetic}\n"
@@ -193,3 +289,30 @@ def test_init_from_pretraining_output_dir_then_resume_caption(tmp_path, tokenize
     assert again.resume() is not None and again.global_step == 2  # no momentum state to restore
     for k, v in tr.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("task", ["vqa", "caption", "retrieval"])
+def test_task_run_exports_and_feeds_the_eval_clis(tmp_path, tokenizer, task):
+    """A fine-tuning run's output directory exports as its task model (not the pre-training one),
+    loads into the evaluation CLIs' models directly, and names the model for `model=PATH`."""
+    from blipfast.capfilt import load_model
+    from blipfast.eval.cli import load_eval_run
+    from blipfast.eval.vqa import VqaEvalConfig
+    from blipfast.train.export import export
+    from blipfast.train.trainer import Trainer
+
+    run = run_config(tmp_path, task, max_steps=1)
+    loader = VqaBatchLoader(tokenizer) if task == "vqa" else SameBatchLoader()
+    tr = Trainer(run, loader=loader, tokenizer=tokenizer)
+    tr.fit()
+    want = tr.full_state_dict()
+    out = export(run.train.output_dir, str(tmp_path / "model.pth"))
+    sd = torch.load(out, weights_only=True)["model"]
+    assert sd.keys() == want.keys() and all(torch.equal(sd[k], want[k]) for k in want)
+    fresh = tr.task.build_model(run.model, tokenizer)
+    load_model(fresh, run.train.output_dir)  # the directory itself
+    assert all(torch.equal(v, want[k]) for k, v in fresh.state_dict().items())
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("model: ../nowhere.yaml\ndata: {format: synthetic}\neval: {checkpoint: x}\n")
+    ev = load_eval_run(str(cfg), [f"model={run.train.output_dir}"], VqaEvalConfig)
+    assert ev.model == run.model

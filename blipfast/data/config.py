@@ -22,6 +22,22 @@ class SyntheticConfig:
 
 
 @dataclass
+class VqaDataConfig:
+    """Task vqa's data (blipfast/data/vqa.py); with format synthetic, empty paths mean the
+    synthetic dataset's questions (vqa_train.json, vqa_val.json, answer_list.json)."""
+
+    train_files: List[str] = field(default_factory=list)  # the original's vqa_train/vqa_val/vg_qa JSONs
+    image_root: str = ""  # root of the "image" paths of dataset "vqa" entries (the original's vqa_root)
+    vg_image_root: str = ""  # root of dataset "vg" entries' images (the original's vg_root)
+    eval_file: str = ""  # held-out questions (vqa_test.json layout; "answer" lists give accuracy)
+    eval_image_root: str = ""  # root of the held-out images ("" = image_root)
+    answer_list: str = ""  # JSON list of candidate answers (the original's answer_list.json)
+    max_question_words: int = 50  # pre_question truncation (the original's default)
+    max_question_len: int = 35  # question tokens at most, [ENC] and [SEP] included (the original: 35)
+    max_answer_len: int = 12  # answer tokens at most when tokenised ([DEC] ... [SEP])
+
+
+@dataclass
 class DataConfig:
     format: str = "synthetic"  # json | webdataset | synthetic
     ann_files: List[str] = field(default_factory=list)  # BLIP annotation JSONs: lists of {image, caption}
@@ -41,6 +57,7 @@ class DataConfig:
     tokenizer: str = "demo"  # 'demo' (the synthetic vocabulary) or a BERT vocab.txt / tokenizer directory
     check_images: str = "decode"  # how images are vetted before DALI sees them: decode (full) | header (fast)
     cache_dir: str = "auto"  # where image checks are cached: auto (~/.cache/blipfast/data) | none | a path
+    vqa: VqaDataConfig = field(default_factory=VqaDataConfig)  # task vqa's questions and answers
 
     def validate(self, where: str = "data") -> None:
         def bad(msg):
@@ -48,8 +65,8 @@ class DataConfig:
 
         if self.format not in ("json", "webdataset", "synthetic"):
             bad(f"format must be json, webdataset or synthetic, got {self.format!r}")
-        if self.format == "json" and not self.ann_files:
-            bad("format 'json' needs ann_files (a list of BLIP annotation JSON files)")
+        if self.format == "json" and not self.ann_files and not self.vqa.train_files:
+            bad("format 'json' needs ann_files (a list of BLIP annotation JSON files), or vqa.train_files for task vqa")
         if self.format == "webdataset" and not self.shards:
             bad("format 'webdataset' needs shards (tar paths or globs)")
         if self.synthetic.reader not in ("json", "webdataset"):
@@ -66,6 +83,9 @@ class DataConfig:
             bad(f"num_threads must be at least 1, got {self.num_threads}")
         if self.max_words < 1:
             bad(f"max_words must be at least 1, got {self.max_words}")
+        for name in ("max_question_words", "max_question_len", "max_answer_len"):
+            if getattr(self.vqa, name) < (1 if name == "max_question_words" else 3):
+                bad(f"vqa.{name} is too small: {getattr(self.vqa, name)}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "data") -> "DataConfig":

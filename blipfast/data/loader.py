@@ -217,6 +217,18 @@ def build_eval_set(cfg: DataConfig, tokenizer, image_size: int, max_length: int,
     """Decode the whole held-out split with the eval transform (CPU tensors) and tokenize its captions."""
     index = build_eval_index(cfg)
     stats = dict(index.stats, read_errors=0)
+    images = decode_eval_images(cfg, index, image_size, batch_size, stats, device_id)
+    ids, mask = tokenize(tokenizer, index.captions, max_length)
+    txt2img = torch.as_tensor(index.sample_image, dtype=torch.int64)
+    img2txt: List[List[int]] = [[] for _ in range(index.num_images)]
+    for t, i in enumerate(index.sample_image.tolist()):
+        img2txt[i].append(t)
+    return EvalSet(images, ids, mask, txt2img, img2txt, list(index.captions), list(index.names), stats)
+
+
+def decode_eval_images(cfg: DataConfig, index: SampleIndex, image_size: int, batch_size: int,
+                       stats: Dict[str, int], device_id: Optional[int] = None) -> torch.Tensor:
+    """(N_img, 3, S, S) float32 CPU: every image of `index`, resized and normalised (eval transform)."""
     read = _ByteReader(index, stats)
     n = index.num_images
     chunks = [np.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
@@ -244,9 +256,4 @@ def build_eval_set(cfg: DataConfig, tokenizer, image_size: int, max_length: int,
     images = torch.cat(parts)  # (N_img, 3, S, S)
     if images.shape[0] != n:
         raise RuntimeError(f"eval decoding returned {images.shape[0]} images, expected {n}")
-    ids, mask = tokenize(tokenizer, index.captions, max_length)
-    txt2img = torch.as_tensor(index.sample_image, dtype=torch.int64)
-    img2txt: List[List[int]] = [[] for _ in range(n)]
-    for t, i in enumerate(index.sample_image.tolist()):
-        img2txt[i].append(t)
-    return EvalSet(images, ids, mask, txt2img, img2txt, list(index.captions), list(index.names), stats)
+    return images

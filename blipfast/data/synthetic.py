@@ -17,6 +17,9 @@ two-object scenes in it never occur in the train split (the manifest records how
 Outputs, under `out_dir`:
     images/{train,val}/NNNNNN.jpg
     train.json, val.json        BLIP annotation lists: {"image", "caption", "image_id"}
+    vqa_train.json, vqa_val.json, answer_list.json
+                                questions about the same images, in the original's VQA format
+                                (synthetic_vqa.py)
     shards/{train,val}-NNNNN.tar  webdataset shards as img2dataset writes them:
                                  {key}.jpg, {key}.txt (caption), {key}.json ({"caption", ...})
     manifest.json               the parameters; generation is skipped when they match.
@@ -38,7 +41,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: VQA annotations (vqa_train.json, vqa_val.json, answer_list.json)
 
 COLOURS: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -77,7 +80,7 @@ _EXTRA_WORDS = [
     "picture", "of", "an", "image", "photo", "this", "it", "are", "what", "which", "where", "how",
     "many", "color", "colour", "shape", "size", "object", "objects", "shapes", "circles", "squares",
     "triangles", "one", "two", "three", "yes", "no", "big", "middle", "side", "with", "next", "to",
-    "?", ".", ",",
+    "?", ".", ",", "1", "2",
 ]
 DEMO_WORDS: Tuple[str, ...] = tuple(dict.fromkeys(_CAPTION_WORDS + _EXTRA_WORDS))
 
@@ -170,6 +173,9 @@ class SyntheticData:
     train_shards: Tuple[str, ...]
     val_shards: Tuple[str, ...]
     manifest: str
+    vqa_train_json: str = ""  # questions about the train images (synthetic_vqa.py)
+    vqa_val_json: str = ""  # questions about the held-out images, answers included
+    answer_list: str = ""  # every possible answer (VQA answer ranking's candidates)
 
 
 def _paths(out_dir: str, num_train: int, num_val: int) -> SyntheticData:
@@ -184,6 +190,9 @@ def _paths(out_dir: str, num_train: int, num_val: int) -> SyntheticData:
         train_shards=shards("train", num_train),
         val_shards=shards("val", num_val),
         manifest=os.path.join(out_dir, "manifest.json"),
+        vqa_train_json=os.path.join(out_dir, "vqa_train.json"),
+        vqa_val_json=os.path.join(out_dir, "vqa_val.json"),
+        answer_list=os.path.join(out_dir, "answer_list.json"),
     )
 
 
@@ -216,6 +225,18 @@ def _write_split(paths: SyntheticData, split: str, records: List[dict], jpegs: L
                 _tar_add(tar, f"{key}.jpg", jpegs[i])
                 _tar_add(tar, f"{key}.txt", caps[0].encode())
                 _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+
+
+def _write_vqa(paths: SyntheticData, seed: int, train_scenes, train_records, val_scenes, val_records) -> None:
+    """Questions about every image (their own random stream: images and captions do not change)."""
+    from .synthetic_vqa import answer_list, make_questions
+
+    rng = np.random.default_rng([seed, 0, 3])
+    train = make_questions(train_scenes, [r["image"] for r in train_records], rng, per_image=3, first_id=0)
+    val = make_questions(val_scenes, [r["image"] for r in val_records], rng, per_image=3, first_id=len(train))
+    for path, data in ((paths.vqa_train_json, train), (paths.vqa_val_json, val), (paths.answer_list, answer_list())):
+        with open(path, "w") as f:
+            json.dump(data, f, indent=0)
 
 
 @contextlib.contextmanager
@@ -258,7 +279,7 @@ def generate_synthetic(
         pixel_rng = {s: np.random.default_rng([seed, k, 1]) for k, s in enumerate(("train", "val"))}
         pick_rng = np.random.default_rng([seed, 0, 2])
 
-        val_records, val_jpegs, seen = [], [], set()
+        val_records, val_jpegs, seen, val_scenes, train_scenes = [], [], set(), [], []
         for i in range(num_val):
             for _ in range(1000):
                 objs = _sample_scene(scene_rng["val"])
@@ -268,6 +289,7 @@ def generate_synthetic(
             else:
                 raise ValueError(f"cannot draw {num_val} distinct held-out scenes; use a smaller num_val")
             seen.add(canonical)
+            val_scenes.append(objs)
             val_jpegs.append(_jpeg_bytes(render_scene(objs, pixel_rng["val"], image_size)))
             val_records.append({"image": f"val/{i:06d}.jpg", "caption": [canonical, variant], "image_id": f"val_{i:06d}"})
 
@@ -276,12 +298,14 @@ def generate_synthetic(
             objs = _sample_scene(scene_rng["train"])
             canonical, variant = captions_for(objs)
             train_canonical.add(canonical)
+            train_scenes.append(objs)
             caption = canonical if pick_rng.random() < 0.5 else variant
             train_jpegs.append(_jpeg_bytes(render_scene(objs, pixel_rng["train"], image_size)))
             train_records.append({"image": f"train/{i:06d}.jpg", "caption": caption, "image_id": f"train_{i:06d}"})
 
         _write_split(paths, "val", val_records, val_jpegs)
         _write_split(paths, "train", train_records, train_jpegs)
+        _write_vqa(paths, seed, train_scenes, train_records, val_scenes, val_records)
         unseen = sum(r["caption"][0] not in train_canonical for r in val_records)
         manifest = {
             "params": params,

@@ -28,7 +28,8 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML with model, data and eval sections")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides of the YAML, e.g. eval.batch_size=32 data.backend=torch")
+                   help="dotted overrides of the YAML, e.g. eval.batch_size=32 data.backend=torch; model=PATH "
+                        "takes the model from a model YAML, a run YAML or a training output directory")
     return p
 
 
@@ -42,16 +43,18 @@ def load_eval_run(path: str, overrides: Sequence[str], eval_cls: Type) -> EvalRu
     for o in overrides:
         key, value = parse_override(o)
         head, _, rest = key.partition(".")
+        if key == "model" and isinstance(value, str):  # model=PATH: another model file / run
+            raw["model"], base = value, os.getcwd()
+            continue
         if head not in over or not rest:
-            raise ConfigError(f"override {key!r}: expected model.X, data.X or eval.X")
+            raise ConfigError(f"override {key!r}: expected model=PATH, model.X, data.X or eval.X")
         over[head][rest] = value
     unknown = set(raw) - set(over)
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; valid: model, data, eval")
     model_raw = raw.get("model")
     if isinstance(model_raw, str):
-        model_path = model_raw if os.path.exists(model_raw) else os.path.join(base, model_raw)
-        model_raw = load_yaml(model_path)
+        model_raw = _model_section(model_raw if os.path.exists(model_raw) else os.path.join(base, model_raw))
     model = from_dict(BlipConfig, apply_overrides(dict(model_raw or {}), over["model"], path), "model")
     model.validate("model")
     data = from_dict(DataConfig, apply_overrides(dict(raw.get("data") or {}), over["data"], path), "data")
@@ -70,6 +73,18 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     return torch.device(name)
+
+
+def _model_section(path: str) -> Dict:
+    """A model YAML, or the `model` section of a run YAML / a training output_dir's config.yaml."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.yaml")
+    data = load_yaml(path)
+    if isinstance(data.get("model"), dict):
+        return data["model"]
+    if isinstance(data.get("model"), str):  # a run YAML naming its model file
+        return _model_section(os.path.join(os.path.dirname(os.path.abspath(path)), data["model"]))
+    return data
 
 
 def init_distributed(device: torch.device) -> Tuple[int, int, bool]:

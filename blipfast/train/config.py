@@ -1,7 +1,7 @@
 """The run configuration of `train.py`: one YAML with `model`, `data`, `train` and `deepspeed`.
 
 ```yaml
-task: pretrain                     # pretrain | retrieval | caption (blipfast/train/tasks.py)
+task: pretrain                     # pretrain | retrieval | caption | vqa (blipfast/train/tasks.py)
 model: configs/blip_tiny.yaml      # a model YAML (path) or an inline BlipConfig mapping
 data: {format: synthetic, ...}     # blipfast.data.DataConfig
 train: {epochs: 2, batch_size: 24, ...}   # TrainConfig below
@@ -41,9 +41,13 @@ class EvalConfig:
     min_caption_len: int = 5  # task caption: generated tokens at least, the prompt included
     num_beams: int = 3  # task caption: beam search width (the original: 3)
     max_images: int = 0  # evaluate on at most this many held-out images (0 = all)
+    vqa_inference: str = "rank"  # task vqa: rank (answer list, top k_test by first token; 0 = all) | generate
+    max_answer_len: int = 10  # task vqa, generate: answer tokens at most, [DEC] included (the original: 10)
 
     def validate(self, where: str) -> None:
-        for name in ("batch_size", "num_beams", "max_caption_len"):
+        if self.vqa_inference not in ("rank", "generate"):
+            raise ConfigError(f"{where}: eval.vqa_inference must be rank or generate, got {self.vqa_inference!r}")
+        for name in ("batch_size", "num_beams", "max_caption_len", "max_answer_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}: eval.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("k_test", "num_captions", "max_images"):
@@ -71,6 +75,7 @@ class TrainConfig:
     adam_eps: float = 1e-8  # AdamW eps (torch default)
     alpha: float = 0.4  # momentum-distillation weight reached after the ramp
     alpha_ramp_epochs: float = 2.0  # alpha rises linearly from 0 over this many epochs (original: 2)
+    negative_all_rank: bool = True  # task retrieval: ITM negatives from the world batch (COCO) or the rank's own (Flickr)
     grad_clip: float = 0.0  # global gradient-norm clipping; 0 = off (the original does not clip)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses DeepSpeed's dynamic loss scaling)
     activation_checkpointing: bool = False  # recompute ViT blocks in backward (memory for compute)
@@ -117,7 +122,7 @@ class RunConfig:
     deepspeed: Dict[str, Any]  # the DeepSpeed config as loaded (before the trainer fills it in)
     source: str = ""  # the YAML it came from (for messages)
     deepspeed_path: str = ""  # the JSON it came from
-    task: str = "pretrain"  # pretrain | retrieval | caption (blipfast/train/tasks.py)
+    task: str = "pretrain"  # pretrain | retrieval | caption | vqa (blipfast/train/tasks.py)
 
     def to_dict(self) -> dict:
         """The resolved config as plain data (saved as output_dir/config.yaml); loads back as a run YAML."""

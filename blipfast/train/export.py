@@ -3,8 +3,10 @@
     python -m blipfast.train.export OUTPUT_DIR --out model.pth [--format blipfast|original|hf]
                                     [--tag step00001200] [--task captioning]
 
-OUTPUT_DIR is a run's train.output_dir (config.yaml + checkpoints/); the newest committed
-checkpoint is used unless --tag says otherwise. The online weights come from DeepSpeed's
+OUTPUT_DIR is a run's train.output_dir (config.yaml + checkpoints/) of any task (pretrain,
+retrieval, caption, vqa: config.yaml's `task` picks the model); the newest committed checkpoint is
+used unless --tag says otherwise. A task run's export is what the evaluation CLIs read
+(`python -m blipfast.eval.{retrieval,caption,vqa} ... eval.checkpoint=OUT`). The online weights come from DeepSpeed's
 zero_to_fp32 utilities (fp32 master weights, gathered from every rank's partition), the momentum
 encoders and queues from the checkpoint's own fp32 momentum.pt (zero_to_fp32 would return
 frozen weights in the training dtype and the int64 queue_ptr as float32). The result is checked
@@ -12,8 +14,9 @@ key by key and shape by shape against a freshly built model before it is written
 
 Formats: blipfast (`torch.save({'model': state_dict})`, this package's names), original (the
 official BLIP .pth layout via blipfast.convert.export_original_state_dict: loads into Salesforce's
-code with strict=True), hf (a transformers BLIP directory via blipfast.convert.export_hf; needs
---task, and keeps only that task's modules).
+code with strict=True), hf (a transformers BLIP directory via blipfast.convert.export_hf; a
+pre-training run needs --task, a task run's model says which class it is; only that class's
+modules are kept).
 """
 from __future__ import annotations
 
@@ -53,11 +56,23 @@ def load_run_model_config(output_dir: str) -> BlipConfig:
     return cfg
 
 
-def consolidated_state_dict(output_dir: str, tag: Optional[str] = None, model=None) -> Dict[str, torch.Tensor]:
-    """The full BlipForPretraining state dict (blipfast layout, fp32 weights, int64 queue_ptr) of
-    a committed checkpoint; loaded strictly into `model` (built from config.yaml if None) to check it."""
-    from blipfast.models.blip import BlipForPretraining
+def build_run_model(output_dir: str):
+    """The model a run trained (its config.yaml's task and model; pre-training when no task)."""
+    from blipfast.data import DataConfig, tokenizer_from_config
 
+    from .tasks import get_task
+
+    data = load_yaml(os.path.join(output_dir, "config.yaml"))
+    task = get_task(data.get("task", "pretrain"), os.path.join(output_dir, "config.yaml"))
+    tok = None
+    if task.name in ("caption", "vqa"):  # their models keep the tokenizer (prompt, decoding)
+        tok = tokenizer_from_config(from_dict(DataConfig, data.get("data") or {}, "data"))
+    return task.build_model(load_run_model_config(output_dir), tok)
+
+
+def consolidated_state_dict(output_dir: str, tag: Optional[str] = None, model=None) -> Dict[str, torch.Tensor]:
+    """The full state dict (blipfast layout, fp32 weights, int64 queue_ptr) of a committed
+    checkpoint; loaded strictly into `model` (the run's model from config.yaml if None) to check it."""
     ckpt_dir = os.path.join(output_dir, "checkpoints")
     tag = tag or checkpoint.find_latest(ckpt_dir)
     if tag is None:
@@ -68,7 +83,7 @@ def consolidated_state_dict(output_dir: str, tag: Optional[str] = None, model=No
     momentum = torch.load(os.path.join(ckpt_dir, tag, checkpoint.MOMENTUM_FILE), map_location="cpu", weights_only=True)
     sd.update(momentum)  # fp32 EMA weights and queues, int64 queue_ptr
     if model is None:
-        model = BlipForPretraining(load_run_model_config(output_dir))
+        model = build_run_model(output_dir)
     want = model.state_dict()
     missing, unexpected = want.keys() - sd.keys(), sd.keys() - want.keys()
     if missing or unexpected:
@@ -87,7 +102,7 @@ def export(output_dir: str, out: str, fmt: str = "blipfast", tag: Optional[str] 
            task: Optional[str] = None) -> str:
     from blipfast.models.blip import BlipForPretraining
 
-    model = BlipForPretraining(load_run_model_config(output_dir))
+    model = build_run_model(output_dir)
     sd = consolidated_state_dict(output_dir, tag, model)
     if fmt == "blipfast":
         torch.save({"model": sd}, out)
@@ -98,7 +113,7 @@ def export(output_dir: str, out: str, fmt: str = "blipfast", tag: Optional[str] 
     elif fmt == "hf":
         from blipfast.convert import export_hf
 
-        if task is None:
+        if task is None and isinstance(model, BlipForPretraining):
             raise ValueError("--format hf needs --task (captioning, retrieval or vqa): a pre-training model has "
                              "the modules of several transformers BLIP classes")
         export_hf(model, out, task=task)

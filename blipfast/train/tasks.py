@@ -1,13 +1,16 @@
-"""What the trainer trains: the run YAML's `task:` (pretrain | retrieval | caption).
+"""What the trainer trains: the run YAML's `task:` (pretrain | retrieval | caption | vqa).
 
-A task builds the model, turns a batch into (loss, {name: loss}), says whether the model has
-momentum encoders / queues (kept fp32 outside the engine, see momentum.py), which checkpoint
-keys to skip when initialising from another model (`train.init_from`), and what to evaluate at
-the end of the run (on rank 0, with a plain fp32 copy of the weights).
+A task builds the model and its data (training loader, held-out set), turns a batch into
+(loss, {name: loss}), says whether the model has momentum encoders / queues (kept fp32 outside
+the engine, see momentum.py), which checkpoint keys to skip when initialising from another
+model (`train.init_from`), and what to evaluate at the end of the run (on rank 0, with a plain
+fp32 copy of the weights).
 
 * pretrain: BlipForPretraining (ITC + ITM + LM); eval: held-out recall + a few captions.
 * retrieval: BlipForRetrieval (ITC with image-id positives + ITM), the original's
   train_retrieval.py; eval: recall@1/5/10 with ITM re-ranking (blipfast.eval.retrieval).
+  `train.negative_all_rank`: ITM hard negatives from the whole world batch (true, the
+  original's COCO setting) or from each rank's own batch (false, its Flickr30k setting).
   Image ids (`idx`): the loader's dataset sample index mapped to its image row
   (`loader.index.sample_image`), so all captions of one image (the synthetic set has two per
   image, COCO five) are positives of each other; a loader without an index (tests) passes
@@ -16,6 +19,10 @@ the end of the run (on rank 0, with a plain fp32 copy of the weights).
   eval: beam-search captions scored by BLEU-4 / CIDEr against the held-out references.
   The loader's caption tokens get the prompt's tokens inserted after [CLS] (token-level, so any
   loader works; the result equals tokenising prompt + caption when the caption is not truncated).
+* vqa: BlipForVQA (question encoder + answer decoder, answer-weighted LM loss), the original's
+  train_vqa.py, on `data.vqa` (blipfast/data/vqa.py: VQA / VG question files, or the synthetic
+  set's questions); eval: VQA accuracy of answer-list ranking (`train.eval.vqa_inference: rank`,
+  top `k_test` by first token, 0 = all) or of generated answers (`generate`).
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ import torch
 
 from blipfast.config import ConfigError
 
-TASKS = ("pretrain", "retrieval", "caption")
+TASKS = ("pretrain", "retrieval", "caption", "vqa")
 
 # Pre-training checkpoint keys a task model does not have (official names, prefixes).
 _PRETRAIN_MOMENTUM = ("visual_encoder_m", "vision_proj_m", "text_encoder_m", "text_proj_m")
@@ -40,8 +47,46 @@ class Task:
     init_ignore: Tuple[str, ...] = ()  # checkpoint keys skipped by train.init_from
     init_allow_missing: Tuple[str, ...] = ()  # model keys train.init_from may leave as built
 
+    def __init__(self, run=None):
+        self.run = run  # the RunConfig (task options live in run.train); None: the defaults
+
     def build_model(self, model_config, tokenizer):
         raise NotImplementedError
+
+    def build_loader(self, trainer):
+        """This rank's training loader (default: image-caption pairs, blipfast.data)."""
+        from blipfast.data import build_pretrain_loader
+
+        r, cfg = trainer.run, trainer.run.train
+        return build_pretrain_loader(r.data, trainer.tokenizer, r.model.vision.image_size, cfg.batch_size,
+                                     r.model.max_text_len, trainer.rank, trainer.world, cfg.seed,
+                                     device_id=_dali_device(trainer))
+
+    def check_eval_data(self, run) -> None:
+        """Fail at start-up, not after training, when the held-out data is unusable."""
+        from blipfast.data.index import build_eval_index
+
+        build_eval_index(run.data)
+
+    def build_eval_set(self, trainer):
+        from blipfast.data import build_eval_set
+
+        r = trainer.run
+        return build_eval_set(r.data, trainer.tokenizer, r.model.vision.image_size, r.model.max_text_len)
+
+    def subset_eval(self, ev, n: int):
+        """The first n images and their texts (text ids renumbered): train.eval.max_images."""
+        from types import SimpleNamespace
+
+        n = min(n, ev.images.shape[0])
+        texts = [t for i in range(n) for t in ev.img2txt[i]]
+        remap = {t: j for j, t in enumerate(texts)}
+        caps = getattr(ev, "captions", None)
+        return SimpleNamespace(
+            images=ev.images[:n], input_ids=ev.input_ids[texts], attention_mask=ev.attention_mask[texts],
+            txt2img=[int(ev.txt2img[t]) for t in texts],
+            img2txt=[[remap[t] for t in ev.img2txt[i]] for i in range(n)],
+            captions=None if caps is None else [caps[t] for t in texts])
 
     def forward(self, engine, batch: Dict, alpha: float, negatives, trainer) -> Tuple[torch.Tensor, Dict]:
         raise NotImplementedError
@@ -87,7 +132,8 @@ class RetrievalTask(Task):
     def build_model(self, model_config, tokenizer):
         from blipfast.models.retrieval import BlipForRetrieval
 
-        return BlipForRetrieval(model_config)
+        all_rank = self.run.train.negative_all_rank if self.run is not None else True
+        return BlipForRetrieval(model_config, negative_all_rank=all_rank)
 
     def forward(self, engine, batch, alpha, negatives, trainer):
         idx = batch["index"]
@@ -158,13 +204,75 @@ class CaptionTask(Task):
                              for j in range(n)]}
 
 
-_BY_NAME = {t.name: t for t in (PretrainTask, RetrievalTask, CaptionTask)}
+class VqaTask(Task):
+    name = "vqa"
+    loss_names = ("loss_vqa",)
+    has_momentum = False
+    # The original initialises text_encoder and text_decoder from the pre-training ones.
+    init_ignore = ("vision_proj", "text_proj", "itm_head", "temp") + _PRETRAIN_MOMENTUM + _QUEUES
+
+    def build_model(self, model_config, tokenizer):
+        from blipfast.models.vqa import BlipForVQA
+
+        return BlipForVQA(model_config, tokenizer=tokenizer)
+
+    def build_loader(self, trainer):
+        from blipfast.data.vqa import build_vqa_loader
+
+        r, cfg = trainer.run, trainer.run.train
+        return build_vqa_loader(r.data, trainer.tokenizer, r.model.vision.image_size, cfg.batch_size, trainer.rank,
+                                trainer.world, cfg.seed, device_id=_dali_device(trainer))
+
+    def check_eval_data(self, run) -> None:
+        from blipfast.data.vqa import build_vqa_eval_index, load_answer_list
+
+        build_vqa_eval_index(run.data)
+        if run.train.eval.vqa_inference == "rank":
+            load_answer_list(run.data)
+
+    def build_eval_set(self, trainer):
+        from blipfast.data.vqa import build_vqa_eval_set
+
+        return build_vqa_eval_set(trainer.run.data, trainer.tokenizer, trainer.run.model.vision.image_size)
+
+    def subset_eval(self, ev, n: int):
+        """train.eval.max_images: the questions about the first n images."""
+        keep = int((ev.image_of < n).sum()) if bool((ev.image_of[1:] >= ev.image_of[:-1]).all()) else None
+        return ev.subset(keep if keep is not None else n)
+
+    def forward(self, engine, batch, alpha, negatives, trainer):
+        dev = batch["images"].device
+        loss = engine(batch["images"], batch["input_ids"], batch["attention_mask"], batch["answer_ids"].to(dev),
+                      batch["answer_mask"].to(dev), batch["n_answers"].to(dev), batch["weights"].to(dev))
+        return loss, {"loss_vqa": loss}
+
+    def evaluate(self, model, ev, tokenizer, cfg, device):
+        from blipfast.eval.vqa import accuracy, predict
+
+        model.eval()
+        t0 = time.perf_counter()
+        answers = predict(model, ev, range(len(ev.questions)), device, cfg.vqa_inference, cfg.k_test,
+                          cfg.num_beams, cfg.max_answer_len, 1, cfg.batch_size, tokenizer=tokenizer)
+        n = min(max(cfg.num_captions, 0), len(answers))
+        results = [{"question_id": q, "answer": a} for q, a in zip(ev.question_ids, answers)]
+        return {"accuracy": accuracy(ev, answers), "inference": cfg.vqa_inference, "num_questions": len(answers),
+                "answer_seconds": time.perf_counter() - t0, "files": {"vqa_result.json": results},
+                "examples": [{"question": ev.questions[j], "answer": answers[j],
+                              "reference": ev.answers[j][0] if ev.answers else ""} for j in range(n)]}
 
 
-def get_task(name: str, where: str = "") -> Task:
+_BY_NAME = {t.name: t for t in (PretrainTask, RetrievalTask, CaptionTask, VqaTask)}
+
+
+def get_task(name: str, where: str = "", run=None) -> Task:
     if name not in _BY_NAME:
         raise ConfigError(f"{where}: unknown task {name!r}; valid: {', '.join(TASKS)}")
-    return _BY_NAME[name]()
+    return _BY_NAME[name](run)
+
+
+def _dali_device(trainer):
+    """DALI's GPU decoding device (None on the CPU)."""
+    return trainer.device.index if trainer.device.type == "cuda" else None
 
 
 def first_caption(ev, image_index: int) -> str:

@@ -141,7 +141,6 @@ class Trainer:
         self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
         self.negatives_fn = negatives_fn
         self.eval_set = eval_set
-        self.task = get_task(run.task, run.source)
 
         acc = get_accelerator()
         self.device = torch.device(acc.device_name(self.local_rank))
@@ -149,11 +148,10 @@ class Trainer:
             torch.cuda.set_device(self.device)
 
         self.tokenizer = tokenizer if tokenizer is not None or loader is not None else self._build_tokenizer()
-        self.loader = loader if loader is not None else self._build_loader()
+        self.task = get_task(run.task, run.source, run)
+        self.loader = loader if loader is not None else self.task.build_loader(self)
         if cfg.eval.enabled and eval_set is None and loader is None:
-            from blipfast.data.index import build_eval_index
-
-            build_eval_index(run.data)  # a missing held-out set fails now, not after training
+            self.task.check_eval_data(run)  # a missing held-out set fails now, not after training
         self.batches_per_epoch = (len(self.loader) // cfg.grad_accum) * cfg.grad_accum
         if self.batches_per_epoch == 0:
             raise ConfigError(
@@ -201,17 +199,9 @@ class Trainer:
         t = self.run.data.tokenizer
         return build_demo_tokenizer() if t == "demo" else load_tokenizer(t)
 
-    def _build_loader(self):
-        from blipfast.data import build_pretrain_loader
-
-        r, cfg = self.run, self.run.train
-        device_id = self.device.index if self.device.type == "cuda" else None  # DALI's GPU decoding
-        return build_pretrain_loader(r.data, self.tokenizer, r.model.vision.image_size, cfg.batch_size,
-                                     r.model.max_text_len, self.rank, self.world, cfg.seed, device_id=device_id)
-
     def _init_from(self, model, path: str) -> None:
         """Load initial weights (every rank, before the engine): a .pth file in the official /
-        blipfast layout, or a training output_dir (its newest committed checkpoint). Keys the
+        blipfast layout, or a training output_dir of any task (its newest committed checkpoint). Keys the
         task model lacks (e.g. the pre-training decoder in a retrieval model) are skipped."""
         from blipfast.convert import load_original_checkpoint, load_original_state_dict
 
@@ -225,11 +215,9 @@ class Trainer:
             raise ConfigError(f"{self.run.source}: train.init_from {path} does not exist")
         kw = dict(ignore_unexpected=self.task.init_ignore, allow_missing=self.task.init_allow_missing)
         if os.path.isdir(path):
-            from blipfast.models.blip import BlipForPretraining
+            from .export import consolidated_state_dict
 
-            from .export import consolidated_state_dict, load_run_model_config
-
-            sd = consolidated_state_dict(path, model=BlipForPretraining(load_run_model_config(path)))
+            sd = consolidated_state_dict(path)  # the model that run trained (any task), checked strictly
             load_original_state_dict(model, sd, **kw)
         else:
             load_original_checkpoint(model, path, **kw)
@@ -423,8 +411,9 @@ class Trainer:
                 log.step(record, samples=cfg.batch_size * cfg.grad_accum * self.world, tokens=tokens, wait_s=wait)
                 acc, n_acc, tokens, wait = {}, 0, 0.0, 0.0
                 if gs % cfg.log_every == 0:
-                    log.flush_window(gs, {"lr": record["lr"], "alpha": record["alpha"], "temp": self.temperature(),
-                                          "epoch": epoch, "skipped": self.position.skipped})
+                    extra = {"alpha": record["alpha"], "temp": self.temperature()} if self.task.has_momentum else {}
+                    log.flush_window(gs, {"lr": record["lr"], **extra, "epoch": epoch,
+                                          "skipped": self.position.skipped})
                 if gs >= total:
                     done = True
                     break
@@ -462,9 +451,9 @@ class Trainer:
         sd = self.full_state_dict()
         result: Dict = {}
         if self.rank == 0:
-            ev = self.eval_set if self.eval_set is not None else self._build_eval_set()
+            ev = self.eval_set if self.eval_set is not None else self.task.build_eval_set(self)
             if cfg.max_images and ev is not None:
-                ev = _subset_eval(ev, cfg.max_images)
+                ev = self.task.subset_eval(ev, cfg.max_images)
             model = self.task.build_model(self.run.model, self.tokenizer)
             model.load_state_dict(sd, strict=True)
             model.to(self.device).eval()
@@ -472,6 +461,10 @@ class Trainer:
             result = self.task.evaluate(model, ev, self.tokenizer, cfg, self.device)
             result["task"] = self.task.name
             result["eval_seconds"] = time.perf_counter() - t0
+            for name, obj in result.pop("files", {}).items():  # e.g. VQA's result file for the server
+                with open(os.path.join(self.output_dir, name), "w") as f:
+                    json.dump(obj, f)
+                result.setdefault("written", []).append(name)
             with open(os.path.join(self.output_dir, "eval.json"), "w") as f:
                 json.dump(result, f, indent=2)
             _print_eval(result)
@@ -479,28 +472,16 @@ class Trainer:
             dist.barrier()
         return result
 
-    def _build_eval_set(self):
-        from blipfast.data import build_eval_set
-
-        r = self.run
-        return build_eval_set(r.data, self.tokenizer, r.model.vision.image_size, r.model.max_text_len)
-
-
-def _subset_eval(ev, n: int):
-    """The first n images and their texts (text ids renumbered)."""
-    from types import SimpleNamespace
-
-    n = min(n, ev.images.shape[0])
-    texts = [t for i in range(n) for t in ev.img2txt[i]]
-    remap = {t: j for j, t in enumerate(texts)}
-    caps = getattr(ev, "captions", None)
-    return SimpleNamespace(
-        images=ev.images[:n], input_ids=ev.input_ids[texts], attention_mask=ev.attention_mask[texts],
-        txt2img=[int(ev.txt2img[t]) for t in texts], img2txt=[[remap[t] for t in ev.img2txt[i]] for i in range(n)],
-        captions=None if caps is None else [caps[t] for t in texts])
-
 
 def _print_eval(result: Dict) -> None:
+    if "inference" in result:  # task vqa
+        acc = result["accuracy"]
+        print(f"held-out VQA ({result['inference']}) on {result['num_questions']} questions: "
+              + (f"accuracy {acc['overall']:.2f}%" if acc else "no reference answers")
+              + "".join(f", {k[5:]} {v:.2f}%" for k, v in (acc or {}).items() if k.startswith("type:")), flush=True)
+        for e in result.get("examples", []):
+            print(f"  {e['question']!r} -> {e['answer']!r}  (reference: {e['reference']!r})", flush=True)
+        return
     if "scores" in result:  # task caption
         s = result["scores"]
         print(f"held-out captioning on {result['num_images']} images: BLEU-4 {s['BLEU-4']:.4f}  "
