@@ -4,7 +4,8 @@ steps (momentum update, queue overwrite right after the ITC loss) with fixed neg
 triton backend's own sampling draws valid negatives. Also: backend resolution, and the
 retrieval helpers (`LossBackend.itc_loss` with ids, `retrieval_negatives`, the gathers)."""
 import copy
-import socket
+import os
+import tempfile
 
 import pytest
 import torch
@@ -141,13 +142,13 @@ def test_backend_retrieval_negatives_single_process(name):
     assert L.all_gather_with_grad(x) is x and L.concat_all_gather(x) is x
 
 
-def _gloo_worker(rank, world, port, name, result_q):
+def _gloo_worker(rank, world, store, name, result_q):
     import os
 
     os.environ["TRITON_INTERPRET"] = "1"
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         from blipfast.ops import losses as L_
 
@@ -172,12 +173,11 @@ def test_retrieval_negatives_and_gather_two_processes_gloo():
     and all_gather_with_grad's backward sums both ranks' gradients."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # a file store, not a TCP port: a port picked here could be taken before the workers bind it
+    store = os.path.join(tempfile.mkdtemp(), "store")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_gloo_worker, args=(r, 2, port, "triton", q)) for r in range(2)]
+    procs = [ctx.Process(target=_gloo_worker, args=(r, 2, store, "triton", q)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict((r[0], r[1:]) for r in (q.get(timeout=120) for _ in procs))

@@ -3,8 +3,8 @@ original's Flickr30k setting) on 2 gloo ranks: each rank's negatives index its o
 losses and gradients equal a one-process run on that rank's batch with the same negatives (no
 image embeddings cross ranks), while the queues still receive the whole world batch."""
 import os
-import socket
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -31,11 +31,11 @@ def _model(all_rank: bool):
     return BlipForRetrieval(tiny_model_config(queue_size=12), negative_all_rank=all_rank)
 
 
-def _worker(rank, port, q):
+def _worker(rank, store, q):
     import torch.distributed as dist
 
     sys.path.insert(0, os.path.join(REPO, "tests", "dist"))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         model = _model(False)
         images, ids, mask, idx = _inputs(rank)
@@ -53,12 +53,11 @@ def _worker(rank, port, q):
 def test_local_negatives_two_ranks_equal_one_process_per_rank():
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # a file store, not a TCP port: a port picked here could be taken before the workers bind it
+    store = os.path.join(tempfile.mkdtemp(), "store")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, q)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, store, q)) for r in range(2)]
     for p in procs:
         p.start()
     results = {r[0]: r[1:] for r in (q.get(timeout=180) for _ in procs)}
