@@ -206,6 +206,11 @@ def test_vqa_loss_falls_and_evaluates(tmp_path, tokenizer):
     answers = predict(model, ev, range(4), torch.device("cpu"), "rank", k_test=3)
     assert out["accuracy"] == accuracy(ev, answers)
     assert [e["answer"] for e in out["examples"]] == answers[:2]
+    import json
+
+    with open(os.path.join(run.train.output_dir, "vqa_result.json")) as f:  # the server's result file
+        assert json.load(f) == [{"question_id": q, "answer": a} for q, a in zip(ev.question_ids, answers)]
+    assert out["written"] == ["vqa_result.json"] and "files" not in out
     assert all(a in ev.answer_list for a in answers)
 
 
