@@ -155,9 +155,14 @@ def load_model(model: torch.nn.Module, path: str, init_from_pretrain: bool = Fal
     """Load a checkpoint file (weights under 'model', or a bare state dict), or a training run's
     output directory (its newest committed checkpoint), with `load_state`."""
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.yaml")):
+        import contextlib
+        import sys
+
         from blipfast.train.export import consolidated_state_dict
 
-        return load_state(model, consolidated_state_dict(path), init_from_pretrain)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's zero_to_fp32 prints; stdout carries results
+            sd = consolidated_state_dict(path)
+        return load_state(model, sd, init_from_pretrain)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -297,7 +297,7 @@ def test_init_from_pretraining_output_dir_then_resume_caption(tmp_path, tokenize
 
 
 @pytest.mark.parametrize("task", ["vqa", "caption", "retrieval"])
-def test_task_run_exports_and_feeds_the_eval_clis(tmp_path, tokenizer, task):
+def test_task_run_exports_and_feeds_the_eval_clis(tmp_path, tokenizer, task, capsys):
     """A fine-tuning run's output directory exports as its task model (not the pre-training one),
     loads into the evaluation CLIs' models directly, and names the model for `model=PATH`."""
     from blipfast.capfilt import load_model
@@ -315,7 +315,9 @@ def test_task_run_exports_and_feeds_the_eval_clis(tmp_path, tokenizer, task):
     sd = torch.load(out, weights_only=True)["model"]
     assert sd.keys() == want.keys() and all(torch.equal(sd[k], want[k]) for k in want)
     fresh = tr.task.build_model(run.model, tokenizer)
+    capsys.readouterr()
     load_model(fresh, run.train.output_dir)  # the directory itself
+    assert capsys.readouterr().out == ""  # the eval CLIs print their JSON results on stdout
     assert all(torch.equal(v, want[k]) for k, v in fresh.state_dict().items())
     cfg = tmp_path / "eval.yaml"
     cfg.write_text("model: ../nowhere.yaml\ndata: {format: synthetic}\neval: {checkpoint: x}\n")
