@@ -1,12 +1,7 @@
-"""blipfast: BLIP with fused Triton kernels, DeepSpeed training and a DALI pipeline.
-
-`kernels/` lives at the top of the repository but is installed as `blipfast.kernels`:
-HF's `kernels` package owns the top-level name `kernels` and transformers probes for it.
-"""
+"""blipfast: BLIP with fused Triton kernels, DeepSpeed training and a DALI pipeline."""
 from setuptools import find_packages, setup
 
-# Every blipfast subpackage, plus kernels/ mapped to blipfast.kernels.
-PACKAGES = find_packages(include=["blipfast", "blipfast.*"]) + ["blipfast.kernels"]
+PACKAGES = find_packages(include=["blipfast", "blipfast.*"])
 
 setup(
     name="blipfast",
@@ -14,7 +9,6 @@ setup(
     description="The fastest trustworthy BLIP: fused Triton kernels, DeepSpeed ZeRO, DALI",
     python_requires=">=3.10",
     packages=PACKAGES,
-    package_dir={"blipfast.kernels": "kernels"},
     package_data={"blipfast": ["assets/*"]},
     include_package_data=True,
     install_requires=[

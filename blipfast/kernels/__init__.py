@@ -1,7 +1,7 @@
 """blipfast.kernels: Triton kernels with host launchers and autograd Functions.
 
 Knows nothing of the model. `reference` holds the plain-PyTorch definition of every op.
-`attention` is the fused attention function (its module, `kernels/attention.py`, is reachable
+`attention` is the fused attention function (its module, `blipfast/kernels/attention.py`, is reachable
 through `importlib.import_module("blipfast.kernels.attention")`).
 """
 from . import reference  # noqa: F401
