@@ -145,3 +145,19 @@ def test_lm_cross_entropy_gpu_realistic_size(dtype):
     baseline = grads_of(ref.lm_cross_entropy, rounded, dtype, "cuda")
     got = grads_of(ce.lm_cross_entropy, rounded, dtype, "cuda", chunk_rows=128)
     check(got, exact, baseline, dtype, slack=2.0)
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    """Under autocast the matmuls run in the autocast dtype (decided by `lm_cross_entropy`, not
+    inside the custom op): fp32 inputs under fp16 autocast give the all-fp16 call's loss and
+    gradients, returned in the inputs' own dtype (fp32)."""
+    x = [t.float() if t.is_floating_point() else t for t in make_inputs(9, 16, 70, 2, seed=5)]
+    with torch.autocast(DEV, dtype=torch.float16):
+        mixed = grads_of(ce.lm_cross_entropy, x, torch.float32, DEV, chunk_rows=4)
+    half = grads_of(ce.lm_cross_entropy, x, torch.float16, DEV, chunk_rows=4)
+    assert all(t.dtype == torch.float32 for t in mixed)
+    for name, a, b in zip(("loss", "hidden", "weight", "bias"), mixed, half):
+        # the same fp16 matmuls and fp32 gradient accumulators; only the final cast differs
+        assert torch.equal(a.to(b.dtype), b), name
+    # and the test can fail: the fp32 computation differs
+    assert not torch.equal(mixed[1], grads_of(ce.lm_cross_entropy, x, torch.float32, DEV, chunk_rows=4)[1])

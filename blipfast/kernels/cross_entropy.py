@@ -19,14 +19,19 @@ peak, while the part worth fusing is the memory-bound softmax/CE over the logits
 Triton kernel reads twice and writes once per chunk (the unfused path makes about six full
 passes over an fp32 (N, V) tensor and keeps several alive). Peak extra memory is
 O(chunk x V) for the logits plus the fp32 weight-gradient accumulator (V x C), not O(N x V).
+
+`lm_cross_entropy` runs as the PyTorch custom op "blipfast::lm_cross_entropy" (a fake
+implementation for tracing, an autograd formula that scales the forward's gradients), so
+torch.compile keeps it in one graph (fullgraph=True) as an opaque call.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .itc import interpreting
 
@@ -133,57 +138,88 @@ def _check_labels(labels: torch.Tensor, V: int, ignore_index: int) -> None:
         torch._assert_async(valid.all(), msg)  # no host sync; fails like PyTorch's own CE on CUDA
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, eps, ignore_index, chunk_rows, block_v):
-        N, C = hidden.shape
-        V = weight.shape[0]
-        dev = hidden.device
-        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else hidden.dtype
-        need = ctx.needs_input_grad
-        want_grad = need[0] or need[1] or (bias is not None and need[2])
-        with torch.autocast(dev.type, enabled=False):  # explicit casts below, one dtype throughout
-            h = hidden.to(dtype).contiguous()
-            w = weight.to(dtype).contiguous()
-            b = bias.to(dtype) if bias is not None else None
-            labels = labels.contiguous()
-            n_valid = (labels != ignore_index).sum()
-            scale = (1.0 / n_valid.clamp(min=1).float()).reshape(1)  # device scalar: no sync
-            loss_rows = torch.empty(N, dtype=torch.float32, device=dev)
-            grad_h = torch.empty_like(h) if need[0] else None
-            grad_w = torch.zeros(V, C, dtype=torch.float32, device=dev) if need[1] else None
-            grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if (b is not None and need[2]) else None
-            rows_per_program = 16 if interpreting() else 1
-            for r0 in range(0, N, chunk_rows):
-                r1 = min(r0 + chunk_rows, N)
-                h_c = h[r0:r1]  # (n, C)
-                logits = torch.addmm(b, h_c, w.t()) if b is not None else h_c @ w.t()  # (n, V)
-                _ce_kernel[(triton.cdiv(r1 - r0, rows_per_program),)](
-                    logits, logits.stride(0), labels[r0:r1], loss_rows[r0:r1], scale, r1 - r0, float(eps),
-                    int(ignore_index), V=V, WRITE_GRAD=want_grad, ROWS=rows_per_program, BLOCK_V=block_v,
-                    num_warps=8,
-                )
-                if not want_grad:
-                    continue
-                dlogits = logits  # overwritten in place by the kernel: (n, V)
-                if grad_h is not None:
-                    torch.mm(dlogits, w, out=grad_h[r0:r1])
-                if grad_w is not None:
-                    _acc_mm_(grad_w, dlogits.t(), h_c)
-                if grad_b is not None:
-                    grad_b += dlogits.sum(0, dtype=torch.float32)
-            loss = loss_rows.sum() / n_valid  # NaN when every row is ignored, like PyTorch
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return loss
+# A PyTorch custom op (not an autograd.Function) so that torch.compile traces it as one opaque
+# node (fullgraph=True works) and never looks inside the Triton launch. Everything that depends
+# on thread-local state is decided by the caller (`lm_cross_entropy`) and passed in: the compute
+# dtype (the autocast dtype, if autocast is on there) and which gradients are needed. The op
+# returns the gradients the forward computes (grad_h in the compute dtype, grad_w and grad_b in
+# fp32; (0,)-shaped when not needed) and the backward (`_ce_backward`) only scales them.
+@torch.library.custom_op("blipfast::lm_cross_entropy", mutates_args=())
+def _ce_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, eps: float,
+           ignore_index: int, chunk_rows: int, block_v: int, compute_dtype: torch.dtype, need_h: bool,
+           need_w: bool, need_b: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss (), d loss / d hidden (N, C), d loss / d weight (V, C), d loss / d bias (V,))."""
+    N, C = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    # here, not in lm_cross_entropy: on CPU the check reads the labels' values, which a traced
+    # (torch.compile) caller cannot do without a graph break; inside the op they are real tensors
+    _check_labels(labels, V, ignore_index)
+    dtype = compute_dtype
+    want_grad = need_h or need_w or (bias is not None and need_b)
+    with torch.autocast(dev.type, enabled=False):  # explicit casts below, one dtype throughout
+        h = hidden.to(dtype).contiguous()
+        w = weight.to(dtype).contiguous()
+        b = bias.to(dtype) if bias is not None else None
+        labels = labels.contiguous()
+        n_valid = (labels != ignore_index).sum()
+        scale = (1.0 / n_valid.clamp(min=1).float()).reshape(1)  # device scalar: no sync
+        loss_rows = torch.empty(N, dtype=torch.float32, device=dev)
+        none = lambda: hidden.new_empty(0, dtype=torch.float32)  # noqa: E731  (a gradient not asked for)
+        grad_h = torch.empty_like(h) if need_h else none()
+        grad_w = torch.zeros(V, C, dtype=torch.float32, device=dev) if need_w else none()
+        grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if (b is not None and need_b) else none()
+        rows_per_program = 16 if interpreting() else 1
+        for r0 in range(0, N, chunk_rows):
+            r1 = min(r0 + chunk_rows, N)
+            h_c = h[r0:r1]  # (n, C)
+            logits = torch.addmm(b, h_c, w.t()) if b is not None else h_c @ w.t()  # (n, V)
+            _ce_kernel[(triton.cdiv(r1 - r0, rows_per_program),)](
+                logits, logits.stride(0), labels[r0:r1], loss_rows[r0:r1], scale, r1 - r0, float(eps),
+                int(ignore_index), V=V, WRITE_GRAD=want_grad, ROWS=rows_per_program, BLOCK_V=block_v,
+                num_warps=8,
+            )
+            if not want_grad:
+                continue
+            dlogits = logits  # overwritten in place by the kernel: (n, V)
+            if need_h:
+                torch.mm(dlogits, w, out=grad_h[r0:r1])
+            if need_w:
+                _acc_mm_(grad_w, dlogits.t(), h_c)
+            if b is not None and need_b:
+                grad_b += dlogits.sum(0, dtype=torch.float32)
+        loss = loss_rows.sum() / n_valid  # NaN when every row is ignored, like PyTorch
+    return loss, grad_h, grad_w, grad_b
 
-    @staticmethod
-    def backward(ctx, g):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        out = []
-        for grad, dt in zip((grad_h, grad_w, grad_b), ctx.dtypes):
-            out.append(None if grad is None else (grad.float() * g).to(dt))
-        return out[0], out[1], out[2], None, None, None, None, None
+
+@_ce_op.register_fake
+def _ce_fake(hidden, weight, bias, labels, eps, ignore_index, chunk_rows, block_v, compute_dtype, need_h,
+             need_w, need_b):
+    N, C = hidden.shape
+    V = weight.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return (hidden.new_empty((), **f32),
+            hidden.new_empty(N, C, dtype=compute_dtype) if need_h else hidden.new_empty(0, **f32),
+            hidden.new_empty(V, C, **f32) if need_w else hidden.new_empty(0, **f32),
+            hidden.new_empty(V, **f32) if (bias is not None and need_b) else hidden.new_empty(0, **f32))
+
+
+def _ce_setup_context(ctx, inputs, output):
+    hidden, weight, bias = inputs[:3]
+    _loss, grad_h, grad_w, grad_b = output
+    ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
+    ctx.save_for_backward(grad_h, grad_w, grad_b)
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+
+def _ce_backward(ctx, g, _g_h, _g_w, _g_b):
+    out = []
+    for i, (grad, dt) in enumerate(zip(ctx.saved_tensors, ctx.dtypes)):
+        out.append((grad.float() * g).to(dt) if ctx.needs_input_grad[i] else None)
+    return out[0], out[1], out[2], *([None] * 9)
+
+
+_ce_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
 
 def lm_cross_entropy(
@@ -207,7 +243,6 @@ def lm_cross_entropy(
     """
     _check_inputs(hidden, weight, bias, labels, label_smoothing)
     V, C = weight.shape
-    _check_labels(labels, V, ignore_index)
     N = hidden.shape[0]
     if chunk_rows is None:
         chunk_rows = max(64, triton.next_power_of_2(max(1, 4 * N * C // V)))
@@ -215,5 +250,10 @@ def lm_cross_entropy(
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if block_v is None:
         block_v = min(triton.next_power_of_2(V), 128 if interpreting() else 4096)
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, float(label_smoothing), int(ignore_index),
-                                     int(chunk_rows), int(block_v))
+    dev = hidden.device.type
+    # decided here, not inside the op: a custom op must not depend on the caller's autocast state
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    grad_on = torch.is_grad_enabled()
+    return _ce_op(hidden, weight, bias, labels, float(label_smoothing), int(ignore_index), int(chunk_rows),
+                  int(block_v), dtype, grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+                  grad_on and bias is not None and bias.requires_grad)[0]

@@ -41,6 +41,10 @@ fp32 accumulation, momentum features and queue cast to it on load, as PyTorch au
 fp32: `precision`, default "tf32x3", about fp32-accurate; the 1/temp = 1000 scale makes plain
 TF32 too coarse). All softmax statistics are fp32. Under TRITON_INTERPRET=1, bf16 tiles are
 upcast to fp32 (the interpreter's bf16 arithmetic is broken, triton#11584).
+
+`itc_loss` runs as the PyTorch custom op "blipfast::itc_loss" (a fake implementation for
+tracing, an autograd formula that scales the forward's gradients), so torch.compile keeps it in
+one graph (fullgraph=True) as an opaque call.
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 __all__ = ["itc_loss", "sample_hard_negatives", "sample_negatives_by_idx", "ItcKernelConfig"]
 
@@ -511,40 +516,75 @@ def _itc_direction(q, qm, k, queue, temp, alpha, idx, idx_queue, need_grad, writ
     return loss_rows, g, dtemp_rows, (sims if write_sims else None)
 
 
-class _ItcLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
-                temp, alpha, idx, idx_queue, cfg):
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[6]
-        feats = [t.contiguous() for t in (image_feat, text_feat, image_feat_m, text_feat_m)]
-        image_feat, text_feat, image_feat_m, text_feat_m = feats
-        temp_c = temp.reshape(1).contiguous()
-        # image -> text: image queries, text momentum features + text queue as columns
-        l_i2t, g_i2t, dt_i2t, s_i2t = _itc_direction(image_feat, image_feat_m, text_feat_m, text_queue,
-                                                     temp_c, alpha, idx, idx_queue, need_grad, True, cfg)
-        l_t2i, g_t2i, dt_t2i, s_t2i = _itc_direction(text_feat, text_feat_m, image_feat_m, image_queue,
-                                                     temp_c, alpha, idx, idx_queue, need_grad, True, cfg)
-        B = image_feat.shape[0]
-        loss = (l_i2t.sum() + l_t2i.sum()) / (2 * B)  # mean over rows, then over the two directions
-        ctx.save_for_backward(g_i2t, g_t2i, (dt_i2t.sum() + dt_t2i.sum()) if need_grad else None)
-        ctx.B = B
-        ctx.dtypes = (image_feat.dtype, text_feat.dtype, temp.dtype)
-        ctx.temp_shape = temp.shape
-        ctx.mark_non_differentiable(s_i2t, s_t2i)
-        return loss, s_i2t, s_t2i
+# The loss is a PyTorch custom op (not an autograd.Function) so that torch.compile traces it as
+# one opaque node (fullgraph=True works) and never looks inside the Triton launches. Custom-op
+# schemas take only primitive arguments, so ItcKernelConfig travels as its fields and is rebuilt
+# inside, and `need_grad` is decided by the caller (`itc_loss`), not from autograd state here.
+# The op also returns the fp32 input gradients computed by the forward, (0,)-shaped when not
+# needed: the backward (`_itc_backward`) only scales them, and never re-reads the queues.
+@torch.library.custom_op("blipfast::itc_loss", mutates_args=())
+def _itc_op(image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_feat_m: Tensor,
+            image_queue: Tensor, text_queue: Tensor, temp: Tensor, alpha: float, idx: Optional[Tensor],
+            idx_queue: Optional[Tensor], need_grad: bool, block_m: Optional[int], block_m_grad: Optional[int],
+            block_n: Optional[int], num_splits: Optional[int], num_warps: Optional[int],
+            num_stages: Optional[int], precision: str
+            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, sim_i2t (B, B), sim_t2i (B, B), d loss / d image_feat (B, E), d loss / d text_feat
+    (B, E), d loss / d temp ()), all fp32; the three gradients are empty (0,) without need_grad."""
+    cfg = ItcKernelConfig(block_m=block_m, block_m_grad=block_m_grad, block_n=block_n, num_splits=num_splits,
+                          num_warps=num_warps, num_stages=num_stages, precision=precision)
+    feats = [t.contiguous() for t in (image_feat, text_feat, image_feat_m, text_feat_m)]
+    image_feat, text_feat, image_feat_m, text_feat_m = feats
+    temp_c = temp.reshape(1).contiguous()
+    # image -> text: image queries, text momentum features + text queue as columns
+    l_i2t, g_i2t, dt_i2t, s_i2t = _itc_direction(image_feat, image_feat_m, text_feat_m, text_queue,
+                                                 temp_c, alpha, idx, idx_queue, need_grad, True, cfg)
+    l_t2i, g_t2i, dt_t2i, s_t2i = _itc_direction(text_feat, text_feat_m, image_feat_m, image_queue,
+                                                 temp_c, alpha, idx, idx_queue, need_grad, True, cfg)
+    B = image_feat.shape[0]
+    loss = (l_i2t.sum() + l_t2i.sum()) / (2 * B)  # mean over rows, then over the two directions
+    if not need_grad:
+        # three distinct tensors: a custom op's outputs may not alias one another
+        g_i2t, g_t2i, dtemp = (loss.new_empty(0) for _ in range(3))
+    else:
+        dtemp = dt_i2t.sum() + dt_t2i.sum()
+    return loss, s_i2t, s_t2i, g_i2t, g_t2i, dtemp
 
-    @staticmethod
-    def backward(ctx, g_loss, _g_s1, _g_s2):
-        g_i2t, g_t2i, dtemp = ctx.saved_tensors
-        c = g_loss.float() / (2 * ctx.B)
-        d_img = d_txt = d_temp = None
-        if ctx.needs_input_grad[0]:
-            d_img = (c * g_i2t).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            d_txt = (c * g_t2i).to(ctx.dtypes[1])
-        if ctx.needs_input_grad[6]:
-            d_temp = (c * dtemp).reshape(ctx.temp_shape).to(ctx.dtypes[2])
-        return d_img, d_txt, None, None, None, None, d_temp, None, None, None, None
+
+@_itc_op.register_fake
+def _itc_fake(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha, idx,
+              idx_queue, need_grad, block_m, block_m_grad, block_n, num_splits, num_warps, num_stages, precision):
+    B, E = image_feat.shape
+    f32 = dict(dtype=torch.float32)
+    grads = ((B, E), (B, E), ()) if need_grad else ((0,), (0,), (0,))
+    return (image_feat.new_empty((), **f32), image_feat.new_empty(B, B, **f32), image_feat.new_empty(B, B, **f32),
+            *(image_feat.new_empty(s, **f32) for s in grads))
+
+
+def _itc_setup_context(ctx, inputs, output):
+    image_feat, text_feat, temp = inputs[0], inputs[1], inputs[6]
+    _loss, s_i2t, s_t2i, g_i2t, g_t2i, dtemp = output
+    ctx.mark_non_differentiable(s_i2t, s_t2i, g_i2t, g_t2i, dtemp)
+    ctx.save_for_backward(g_i2t, g_t2i, dtemp)
+    ctx.B = image_feat.shape[0]
+    ctx.dtypes = (image_feat.dtype, text_feat.dtype, temp.dtype)
+    ctx.temp_shape = temp.shape
+
+
+def _itc_backward(ctx, g_loss, _g_s1, _g_s2, _g_img, _g_txt, _g_temp):
+    g_i2t, g_t2i, dtemp = ctx.saved_tensors
+    c = g_loss.float() / (2 * ctx.B)
+    d_img = d_txt = d_temp = None
+    if ctx.needs_input_grad[0]:
+        d_img = (c * g_i2t).to(ctx.dtypes[0])
+    if ctx.needs_input_grad[1]:
+        d_txt = (c * g_t2i).to(ctx.dtypes[1])
+    if ctx.needs_input_grad[6]:
+        d_temp = (c * dtemp).reshape(ctx.temp_shape).to(ctx.dtypes[2])
+    return d_img, d_txt, None, None, None, None, d_temp, *([None] * 11)
+
+
+_itc_op.register_autograd(_itc_backward, setup_context=_itc_setup_context)
 
 
 def itc_loss(
@@ -576,8 +616,14 @@ def itc_loss(
     """
     _check_itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
                       temp, idx, idx_queue)
-    return _ItcLoss.apply(image_feat, text_feat, image_feat_m.detach(), text_feat_m.detach(),
-                          image_queue.detach(), text_queue.detach(), temp, float(alpha), idx, idx_queue, config)
+    need_grad = torch.is_grad_enabled() and (image_feat.requires_grad or text_feat.requires_grad
+                                             or temp.requires_grad)
+    c = config
+    loss, s_i2t, s_t2i, _, _, _ = _itc_op(
+        image_feat, text_feat, image_feat_m.detach(), text_feat_m.detach(), image_queue.detach(),
+        text_queue.detach(), temp, float(alpha), idx, idx_queue, need_grad, c.block_m, c.block_m_grad,
+        c.block_n, c.num_splits, c.num_warps, c.num_stages, c.precision)
+    return loss, s_i2t, s_t2i
 
 
 # ---------------------------------------------------------------------------------------------
