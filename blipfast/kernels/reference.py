@@ -15,6 +15,7 @@ import torch.nn.functional as F
 __all__ = [
     "attention",
     "attention_dropout_mask",
+    "varlen_attention",
     "itc_logits",
     "itc_loss",
     "hard_negative_weights",
@@ -86,6 +87,48 @@ def attention(
     elif dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs, v)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    dropout_masks: Optional[list] = None,
+) -> torch.Tensor:
+    """Attention over packed sequences: the semantics of the variable-length kernel.
+
+    Args:
+        q: (total_q, H, D) queries of B sequences laid end to end, no padding.
+        k, v: (total_k, H, D) keys and values, packed the same way.
+        cu_seqlens_q, cu_seqlens_k: int (B + 1,) cumulative lengths, starting at 0; sequence b
+            is rows cu[b]:cu[b + 1]. Query sequence b attends only to key sequence b.
+        causal: top-left aligned within each sequence pair (query i sees keys j <= i).
+        dropout_p, softmax_scale: as in `attention`.
+        dropout_masks: optional list of B bool keep-masks, mask b of shape (H, Lq_b, Lk_b).
+
+    Returns:
+        (total_q, H, D). A sequence with no keys (Lk_b = 0) returns zeros.
+    """
+    if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.dim() != 1:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must both be (B + 1,)")
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        if cq[b + 1] == cq[b] or ck[b + 1] == ck[b]:
+            continue
+        qb = q[cq[b]:cq[b + 1]].transpose(0, 1)[None]  # (1, H, Lq_b, D)
+        kb = k[ck[b]:ck[b + 1]].transpose(0, 1)[None]  # (1, H, Lk_b, D)
+        vb = v[ck[b]:ck[b + 1]].transpose(0, 1)[None]
+        mask = None if dropout_masks is None else dropout_masks[b][None]
+        ob = attention(qb, kb, vb, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale,
+                       dropout_mask=mask)
+        out[cq[b]:cq[b + 1]] = ob[0].transpose(0, 1)  # (Lq_b, H, D)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
