@@ -630,16 +630,17 @@ def itc_loss(
 # sampling
 
 
-def _seed_from(generator: Optional[torch.Generator], seed: Optional[int]) -> int:
-    """A philox seed drawn on the host (no device sync): explicit, from a CPU generator, or
-    from PyTorch's default CPU generator (so torch.manual_seed makes runs repeatable)."""
+def _seed_from(generator: Optional[torch.Generator], seed: Optional[int]) -> Tensor:
+    """A philox seed drawn on the host (no device sync), as a 0-dim CPU int64 tensor so that
+    drawing it stays inside a torch.compile graph: explicit, from a CPU generator, or from
+    PyTorch's default CPU generator (so torch.manual_seed makes runs repeatable)."""
     if seed is not None:
-        return int(seed)
+        return torch.tensor(int(seed), dtype=torch.int64)
     if generator is not None and generator.device.type != "cpu":
         raise ValueError("pass a CPU torch.Generator (or seed=): drawing the seed from a CUDA "
                          "generator would need a host-device sync")
     # >= 2^31: Triton then always passes it as int64 (one compiled variant)
-    return int(torch.randint(2**31, 2**62, (1,), generator=generator).item())
+    return torch.randint(2**31, 2**62, (), generator=generator, dtype=torch.int64)
 
 
 def _launch_sampler(sims, num_samples, seed, idx_row=None, idx_col=None):
@@ -664,20 +665,36 @@ def _launch_sampler(sims, num_samples, seed, idx_row=None, idx_col=None):
     return out.view(R, num_samples), bad.view(R, num_samples)
 
 
+# A custom op, so that torch.compile treats the draw as one opaque call (no graph break, no
+# tracing into the launcher). The non-finite check runs inside it: on the CPU it costs nothing,
+# and on CUDA it is asked for explicitly (check=True), since it is a host-device sync.
+@torch.library.custom_op("blipfast::sample_negatives", mutates_args=())
+def _sample_op(sims: Tensor, seed: Tensor, num_samples: int, idx_row: Optional[Tensor],
+               idx_col: Optional[Tensor], check: bool, message: str) -> Tensor:
+    out, bad = _launch_sampler(sims, num_samples, int(seed.item()), idx_row, idx_col)
+    if check and bool(bad.any()):
+        raise ValueError(message)
+    return out
+
+
+@_sample_op.register_fake
+def _sample_fake(sims, seed, num_samples, idx_row, idx_col, check, message):
+    return sims.new_empty((sims.shape[0], num_samples), dtype=torch.int64)
+
+
+def _sample(sims, num_samples, seed, check, message, idx_row=None, idx_col=None) -> Tensor:
+    """Non-finite rows: raised on CPU (no sync to avoid); on CUDA only when check=True."""
+    if check is None:
+        check = sims.device.type == "cpu"
+    return _sample_op(sims, seed, num_samples, idx_row, idx_col, bool(check), message)
+
+
 def _check_sims(sims: torch.Tensor, name: str) -> None:
     if not isinstance(sims, torch.Tensor) or sims.ndim != 2:
         raise ValueError(f"{name} must be a 2-D tensor of logits")
     if sims.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {sims.dtype}")
     _check_device(sims, name)
-
-
-def _raise_if_bad(bad: torch.Tensor, check: Optional[bool], message: str) -> None:
-    """Non-finite rows: raised here on CPU (no sync to avoid); on CUDA only when check=True."""
-    if check is None:
-        check = bad.device.type == "cpu"
-    if check and bool(bad.any()):
-        raise ValueError(message)
 
 
 def sample_hard_negatives(
@@ -710,9 +727,9 @@ def sample_hard_negatives(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     # rows 0..B-1: t2i (a negative image per text), rows B..2B-1: i2t (a negative text per image)
     sims = torch.cat([sim_t2i_inbatch, sim_i2t_inbatch], dim=0)  # (2B, B); row r excludes r % B
-    out, bad = _launch_sampler(sims, num_samples, _seed_from(generator, seed))
-    _raise_if_bad(bad, check, "non-finite ITC similarity while sampling hard negatives (the model "
-                              "has diverged: NaN/inf in the image or text features)")
+    out = _sample(sims, num_samples, _seed_from(generator, seed), check,
+                  "non-finite ITC similarity while sampling hard negatives (the model "
+                  "has diverged: NaN/inf in the image or text features)")
     neg_img, neg_txt = out[:B], out[B:]
     if num_samples == 1:
         return neg_img.squeeze(1), neg_txt.squeeze(1)
@@ -746,8 +763,7 @@ def sample_negatives_by_idx(
             raise ValueError(f"{name} must be an int64/int32 tensor on {sims.device}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    out, bad = _launch_sampler(sims, num_samples, _seed_from(generator, seed),
-                               idx_row.contiguous(), idx_col.contiguous())
-    _raise_if_bad(bad, check, "cannot sample a retrieval negative: a row has non-finite similarities "
-                              "or every candidate shares its image id")
+    out = _sample(sims, num_samples, _seed_from(generator, seed), check,
+                  "cannot sample a retrieval negative: a row has non-finite similarities "
+                  "or every candidate shares its image id", idx_row.contiguous(), idx_col.contiguous())
     return out.squeeze(1) if num_samples == 1 else out
