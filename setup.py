@@ -29,7 +29,7 @@ setup(
         "dali": ["nvidia-dali-cuda130==2.4.0"],
         "eval": ["pycocoevalcap"],
         "bench": ["pytest-benchmark"],
-        "test": ["pytest", "pytest-benchmark", "scipy"],
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "scipy", "import-linter"],
     },
     entry_points={
         "console_scripts": [

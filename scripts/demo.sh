@@ -6,23 +6,21 @@
 #   bash scripts/demo.sh train.epochs=4  # extra key=value overrides go to train.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
+VENV=.venv
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  # CPU: exactly the locked environment the tests use (requirements/lock.txt).
+  bash scripts/setup_venvs.sh main
+elif ! "$VENV/bin/python" -c "import blipfast, deepspeed, nvidia.dali" 2>/dev/null; then
+  # GPU: the lock's CPU torch (and the triton beside it) do not apply; everything else is held
+  # to the lock's versions by a constraints file.
   python3 -m venv "$VENV"
-fi
-if ! "$VENV/bin/python" -c "import blipfast, deepspeed, nvidia.dali" 2>/dev/null; then
   "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
-  if ! command -v nvidia-smi >/dev/null 2>&1; then
-    # No GPU: pin the release whose CPU build blipfast is tested with (a bare `torch`
-    # requirement can resolve to a multi-GB CUDA build).
-    "$VENV/bin/pip" install -q torch==2.13.0
-  else
-    "$VENV/bin/pip" install -q torch
-  fi
+  "$VENV/bin/pip" install -q torch
+  grep -v -E '^(#|torch==|triton==|nvidia-)' requirements/lock.txt > "$VENV/constraints.txt"
   # deepspeed ships as an sdist that requires torch: build it against the torch just installed
   # (build isolation would download another, multi-GB torch).
-  "$VENV/bin/pip" install -q --no-build-isolation "deepspeed==0.19.8"
-  "$VENV/bin/pip" install -q -e ".[train,dali]"
+  "$VENV/bin/pip" install -q -c "$VENV/constraints.txt" --no-build-isolation "deepspeed==0.19.8"
+  "$VENV/bin/pip" install -q -c "$VENV/constraints.txt" -e ".[train,dali]"
 fi
 if command -v nvidia-smi >/dev/null 2>&1; then
   LAUNCH=("$VENV/bin/deepspeed")                 # all GPUs

@@ -17,6 +17,13 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_report_header(config):
+    import triton
+
+    return (f"blipfast test versions: torch {torch.__version__}, triton {triton.__version__} "
+            f"({os.path.dirname(triton.__file__)}), TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}")
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

@@ -18,6 +18,8 @@ import torch
 import blipfast.kernels as K
 from blipfast.kernels import reference as ref
 
+pytestmark = pytest.mark.kernels  # also run under triton 3.6, the GPU machine's (scripts/test.sh)
+
 fa = importlib.import_module("blipfast.kernels.flash_attention")
 attn_mod = importlib.import_module("blipfast.kernels.attention")
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from blipfast.kernels import itc
 from blipfast.kernels import reference as ref
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf arithmetic in the interpreter
+pytestmark = [pytest.mark.kernels, pytest.mark.filterwarnings("ignore::RuntimeWarning")]  # numpy inf arithmetic in the interpreter
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # exact fp32 dots for the fp32 cases when these tests run on a GPU (the default "tf32x3" is

@@ -10,7 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from blipfast.kernels import cross_entropy as ce
 from blipfast.kernels import itc
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf arithmetic in the interpreter
+pytestmark = [pytest.mark.kernels, pytest.mark.filterwarnings("ignore::RuntimeWarning")]  # numpy inf arithmetic in the interpreter
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ITC_OP = torch.ops.blipfast.itc_loss.default
