@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.kernels, pytest.mark.filterwarnings("ignore::RuntimeWa
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ITC_OP = torch.ops.blipfast.itc_loss.default
 CE_OP = torch.ops.blipfast.lm_cross_entropy.default
+SAMPLE_OP = torch.ops.blipfast.sample_negatives.default
 # op arguments after the tensors: alpha, need_grad, ItcKernelConfig's fields (block_m, block_m_grad,
 # block_n, num_splits, num_warps, num_stages, precision)
 ITC_CFG_ARGS = (None, None, 16, 2, None, None, "ieee")
@@ -125,7 +126,16 @@ def _ce_op_args(need_grad, bias=True):
             need_grad and bias)
 
 
+def _sampler_op_args(by_idx=False):
+    g = torch.Generator().manual_seed(3)
+    sims = torch.randn(6, 5, generator=g) * 3
+    ids = (torch.tensor([0, 1, 2, 0, 1, 3]), torch.tensor([0, 1, 2, 3, 4])) if by_idx else (None, None)
+    return (sims, torch.tensor(2**40), 2, *ids, True, "bad row")
+
+
 OPCHECK_CASES = {
+    "sampler": (SAMPLE_OP, lambda: _sampler_op_args()),
+    "sampler_ids": (SAMPLE_OP, lambda: _sampler_op_args(by_idx=True)),
     "itc": (ITC_OP, lambda: _itc_op_args(True)),
     "itc_ids": (ITC_OP, lambda: _itc_op_args(True, idx=True)),
     "itc_no_grad": (ITC_OP, lambda: _itc_op_args(False)),
@@ -157,6 +167,8 @@ def test_fake_outputs_match_real_shapes_and_dtypes(case):
     real = op(*args)
     with FakeTensorMode() as mode:
         fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    if isinstance(real, torch.Tensor):
+        real, fake = (real,), (fake,)
     assert len(fake) == len(real)
     for i, (f, r) in enumerate(zip(fake, real)):
         assert (f.shape, f.dtype, f.device) == (r.shape, r.dtype, r.device), f"output {i}"
