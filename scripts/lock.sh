@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+# pip install . leaves build/ in the tree; it is not ours to keep
+trap 'rm -rf "$tmp" build' EXIT
 
 "$PY" -m venv "$tmp/main"
 "$tmp/main/bin/pip" install -q --upgrade pip

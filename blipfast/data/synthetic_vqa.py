@@ -26,6 +26,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from .scenes import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, SIZES
+
 ANNOTATORS = 10
 KINDS = ("colour", "shape", "size", "where", "exists", "count")
 # VQA v2's answer types, reported separately by its evaluation.
@@ -33,15 +35,11 @@ ANSWER_TYPE = {"exists": "yes/no", "count": "number"}
 
 
 def answer_list() -> List[str]:
-    from .synthetic import COLOURS, POSITIONS, SHAPES, SIZES
-
     return list(COLOURS) + list(SHAPES) + list(SIZES) + list(POSITIONS) + ["yes", "no", "1", "2"]
 
 
 def _candidates(objs: Sequence, rng: np.random.Generator) -> Dict[str, Tuple[str, str]]:
     """kind -> (question, answer) for every kind that has one right answer in this scene."""
-    from .synthetic import COLOURS, POSITION_PHRASES, SHAPES
-
     out: Dict[str, Tuple[str, str]] = {}
     by_shape = {s: [o for o in objs if o.shape == s] for s in SHAPES}
     shapes_once = [s for s, os_ in by_shape.items() if len(os_) == 1]

@@ -18,7 +18,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from .synthetic import DEMO_WORDS
+from .scenes import DEMO_WORDS
 
 DEMO_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]")
 DEMO_VOCAB_SIZE = 128
