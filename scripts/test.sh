@@ -9,7 +9,7 @@ bash scripts/setup_venvs.sh
 
 # The tested environment is the lock, exactly.
 if ! diff <(grep -v '^#' requirements/lock.txt | LC_ALL=C sort -f) \
-          <(.venv/bin/pip freeze --exclude blipfast 2>/dev/null | LC_ALL=C sort -f); then
+          <(.venv/bin/pip freeze --all --exclude blipfast 2>/dev/null | LC_ALL=C sort -f); then
   echo "[test] .venv differs from requirements/lock.txt (lines above); rebuild it: rm -rf .venv && bash scripts/setup_venvs.sh"
   exit 1
 fi
