@@ -406,21 +406,28 @@ def _compile_sm90(unit: str) -> Tuple[str, bool, float, Optional[str]]:
         return unit, False, time.time() - t0, f"{type(e).__name__}: {str(e)[:300]}"
 
 
-def _pool(workers: int, fn, items, deadline: float, log) -> List[tuple]:
+def _pool(workers: int, fn, items, deadline: float, log) -> Tuple[List[tuple], bool]:
+    """Run fn over items in `workers` processes until `deadline`; returns (results, timed out)."""
     results = []
     ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
-        futs = [ex.submit(fn, it) for it in items]
-        try:
-            for f in cf.as_completed(futs, timeout=max(deadline - time.time(), 1.0)):
-                r = f.result()
-                results.append(r)
-                log(f"[warmup] {'ok ' if r[1] else 'ERR'} {r[2]:5.1f} s  {r[0]}" + (f"\n{r[3]}" if r[3] else ""))
-        except cf.TimeoutError:
-            log(f"[warmup] budget reached: {len(futs) - len(results)} jobs left to compile on first use")
-            for f in futs:
-                f.cancel()
-    return results
+    ex = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    futs = [ex.submit(fn, it) for it in items]
+    try:
+        for f in cf.as_completed(futs, timeout=max(deadline - time.time(), 1.0)):
+            r = f.result()
+            results.append(r)
+            log(f"[warmup] {'ok ' if r[1] else 'ERR'} {r[2]:5.1f} s  {r[0]}" + (f"\n{r[3]}" if r[3] else ""))
+    except cf.TimeoutError:
+        log(f"[warmup] budget reached: {len(futs) - len(results)} jobs left to compile on first use")
+        # stop the workers now (a compile in flight would otherwise outlive this process and hold
+        # its output open); the executor has no public call for that
+        workers_now = list(getattr(ex, "_processes", {}).values())
+        ex.shutdown(wait=False, cancel_futures=True)
+        for p in workers_now:
+            p.kill()
+        return results, True
+    ex.shutdown(wait=True)
+    return results, False
 
 
 def main(argv=None) -> int:
@@ -460,18 +467,19 @@ def main(argv=None) -> int:
                         "units": [json.loads(u) for u in j.units]} for j in jobs], f, indent=1)
     workers = args.workers or min(16, os.cpu_count() or 1)
     results: List[tuple] = []
+    timed_out = False
     mode = "enumerate"
     if cuda:
         mode = "compile"
         order = sorted(jobs, key=lambda j: (j.family != "attention", -j.workload.D if j.family == "attention" else 0))
-        results = _pool(workers, run_job, order, deadline, lambda m: print(m, flush=True))
+        results, timed_out = _pool(workers, run_job, order, deadline, lambda m: print(m, flush=True))
     elif args.compile_sm90:
         mode = "compile-sm90"
         attn_units = [u for j in jobs if j.family == "attention" for u in j.units][:args.compile_sm90]
         env_interp = os.environ.pop("TRITON_INTERPRET", None)
         try:
-            results = _pool(min(workers, len(attn_units)) or 1, _compile_sm90, attn_units, deadline,
-                            lambda m: print(m, flush=True))
+            results, timed_out = _pool(min(workers, len(attn_units)) or 1, _compile_sm90, attn_units, deadline,
+                                       lambda m: print(m, flush=True))
         finally:
             if env_interp is not None:
                 os.environ["TRITON_INTERPRET"] = env_interp
@@ -486,12 +494,16 @@ def main(argv=None) -> int:
         status, reason = "ok", None
         if failed:
             status, reason = "fail", f"{len(failed)} of {len(results)} jobs failed: {failed[0][0]}: {(failed[0][3] or '')[:200]}"
-        elif cuda and len(results) < len(jobs):
+        elif timed_out:
             status, reason = "error", f"budget reached after {len(results)} of {len(jobs)} jobs"
         harness.append_rows([harness.make_row(args.run_id or harness.new_run_id(), "compile", "kernel warmup",
                                               "triton kernels", "warmup", "run", cfg, status=status,
                                               reason=reason)], args.results)
-    return 1 if failed else 0
+    rc = 1 if failed else 0
+    if timed_out:  # workers still compiling: do not wait for them (they die with this process group)
+        sys.stdout.flush()
+        os._exit(rc)
+    return rc
 
 
 if __name__ == "__main__":
