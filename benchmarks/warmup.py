@@ -243,8 +243,6 @@ def attention_units(w: Attn) -> List[List[str]]:
 
     Computed from meta tensors through the launchers' own helpers (_common, the EVEN_* rules,
     the autotuner's prune function), so it follows the kernels' code, not a copy of it."""
-    import torch
-
     from blipfast.kernels import flash_attention as fa
 
     q, k, v, mask, dout = make_qkv(w, 2, "meta")
@@ -277,7 +275,6 @@ def attention_units(w: Attn) -> List[List[str]]:
                                      "BLOCK_N": bn, "num_warps": warps, "num_stages": stages,
                                      "ints": ints_key}, sort_keys=True))
         jobs.append(units)
-    del torch
     return jobs
 
 
@@ -329,12 +326,13 @@ def build_plan(dry: bool, sources=("e2e", "tests", "micro")) -> List[Job]:
 # running a job (on the GPU, in a pool worker)
 
 
-def run_job(job: Job) -> Tuple[str, bool, float, Optional[str]]:
+def run_job(job: Job, dev: str = "cuda") -> Tuple[str, bool, float, Optional[str]]:
+    """Launch the job's kernels once (compiling them). `dev` is "cpu" only in tests, under
+    TRITON_INTERPRET=1, where nothing is compiled but every launch's arguments are checked."""
     t0 = time.time()
     try:
         import torch
 
-        dev = "cuda"
         w = job.workload
         if job.family == "attention":
             from blipfast.kernels import flash_attention as fa
@@ -372,7 +370,8 @@ def run_job(job: Job) -> Tuple[str, bool, float, Optional[str]]:
             lm_cross_entropy(h, wt, b, y, label_smoothing=0.1).backward()
             with torch.no_grad():  # the no-grad variant (WRITE_GRAD=False): momentum / eval paths
                 lm_cross_entropy(h, wt, b, y, label_smoothing=0.1)
-        torch.cuda.synchronize()
+        if dev == "cuda":
+            torch.cuda.synchronize()
         return job.describe(), True, time.time() - t0, None
     except Exception as e:  # noqa: BLE001 - a job that fails compiles when first used instead
         return job.describe(), False, time.time() - t0, f"{type(e).__name__}: {str(e)[:300]}\n{traceback.format_exc()[-800:]}"

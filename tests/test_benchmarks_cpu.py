@@ -363,6 +363,22 @@ def test_warmup_plan_covers_the_run_and_dedups():
     assert any(j.workload.dtype == "fp16" for j in attn) and any(j.workload.dtype == "fp32" for j in attn)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf arithmetic in the interpreter
+def test_warmup_jobs_launch_through_the_real_launchers():
+    """Each job family's launch code, run under the interpreter on tiny shapes (the conftest sets
+    TRITON_INTERPRET=1): the arguments the compile stage passes are the launchers' real ones."""
+    import warmup
+
+    jobs = [warmup.Job("attention", warmup.Attn(2, 35, 35, 32, True, True, True, "heads_view", "fp16"), 1),
+            warmup.Job("attention", warmup.Attn(2, 20, 20, 16, False, False, False, "fused_qkv", "fp32"), 0),
+            warmup.Job("itc", warmup.Itc(4, 64, 32, "fp32")),
+            warmup.Job("ce", warmup.Ce(6, 128, 32, "fp32"))]
+    for job in jobs:
+        name, ok, _, err = warmup.run_job(job, dev="cpu")
+        assert ok, f"{name}: {err}"
+    assert warmup.attention_configs(jobs[0].workload, 1)["fwd"] != warmup.attention_configs(jobs[0].workload, 0)["fwd"]
+
+
 # ---------------------------------------------------------------------------------------------
 # on a GPU (run by gpu_check.sh): the CUDA-event timing and memory path of a real step
 
