@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -421,7 +422,9 @@ def trainer_command(dry: bool, out_dir: str, data_dir: str) -> Tuple[List[str], 
     """(launcher command, what it runs): 2 CPU ranks with the tiny demo model in the dry run, else
     one GPU with benchmarks/train_gpu_check.yaml."""
     ds = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    port = ["--master_port", str(29500 + os.getpid() % 1000)]
+    with socket.socket() as sock:  # a free port: other launches may share this machine
+        sock.bind(("127.0.0.1", 0))
+        port = ["--master_port", str(sock.getsockname()[1])]
     if dry:
         over = ["train.max_steps=6", "train.epochs=1", "train.batch_size=4", "train.log_every=2",
                 "train.warmup_steps=2", "train.lr=1e-3", "train.progress_bar=false", "train.eval.enabled=false",
