@@ -288,14 +288,16 @@ def test_gpu_check_dry_run_every_stage_and_a_stage_killed_at_its_deadline(tmp_pa
 
 def test_hard_deadline_kills_a_hanging_stage_and_still_reports(tmp_path):
     """A stage whose cap is far beyond the hard deadline is killed at the deadline (less the
-    summary's reserve); the earlier stage's rows and the killed stage's error row reach $OUT."""
+    summary's reserve); the earlier stage's rows and the killed stage's error row reach $OUT.
+    (The deadline leaves ~30 s for start-up and the env stage: a loaded CI machine may import
+    torch slowly, and a stage with under 5 s left would be skipped instead of killed.)"""
     import run_all
 
     results, out = tmp_path / "results.jsonl", tmp_path / "out"
     env = dict(os.environ, OUT=str(out), TMPDIR=str(tmp_path), BLIPFAST_INJECT_HANG="trainer",
                BLIPFAST_CAP_TRAINER="10000", BLIPFAST_T0="")
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "run_all.py"), "--dry-run", "--stages", "env,trainer",
-                           "--deadline-s", str(run_all.FINAL_RESERVE_S + 12), "--results", str(results)],
+                           "--deadline-s", str(run_all.FINAL_RESERVE_S + 32), "--results", str(results)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert "[inject] stage trainer hangs" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = harness.read_rows(str(out / "rows.jsonl"))
