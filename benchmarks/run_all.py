@@ -16,8 +16,10 @@ Stages (default order; `--stages` picks a subset, in this order):
 then the summary table, printed last.
 
 Time: the deadline (`--deadline-s`, BLIPFAST_DEADLINE_S; counted from gpu_check.sh's start,
-BLIPFAST_T0, so the wheel install counts) is hard. Each stage runs as subprocesses and gets
-min(its cap, what is left of the deadline less a reserve for the summary); at its own deadline a
+BLIPFAST_T0, so the wheel install counts) is hard. Each stage runs as subprocesses and gets its
+cap, or more when the later stages' caps leave time over (what an earlier stage saved goes to the
+next most valuable stage), never more than what is left of the deadline less a reserve for the
+summary (`stage_budget`); at its own deadline a
 stage's processes get SIGINT (pytest then writes what finished), then SIGKILL. After every stage
 rows.jsonl, summary.txt and logs.tar.gz are rewritten in $OUT (atomically), so a call killed from
 outside still returns every finished stage. Caps: BLIPFAST_CAP_<STAGE> seconds.
@@ -61,7 +63,7 @@ EXPECTED_MICRO = ("bench_attention.py", "bench_losses.py")  # written by the ker
 MICRO_ORDER = ("bench_losses.py", "bench_attention.py")  # the rest follow, alphabetically
 # Seconds per stage at most (each also stops at the hard deadline). On the GPU: 450 s in all
 # (gpu_check.sh's start to the summary), inside a device call of 480 s.
-CAPS = {"env": 20.0, "compile": 60.0, "tests": 100.0, "e2e": 160.0, "micro": 70.0, "trainer": 110.0}
+CAPS = {"env": 20.0, "compile": 60.0, "tests": 90.0, "e2e": 150.0, "micro": 60.0, "trainer": 100.0}
 DRY_CAPS = {"env": 20.0, "compile": 60.0, "tests": 150.0, "e2e": 200.0, "micro": 150.0, "trainer": 240.0}
 DEADLINE_S = 450.0
 DRY_DEADLINE_S = 900.0
@@ -72,6 +74,14 @@ INJECT_ENV = "BLIPFAST_INJECT_HANG"
 TRAINER_CONFIG = os.path.join(HERE, "train_gpu_check.yaml")
 LOSS_WORDS = ("cross_entropy", "itc", "loss", "sampl")  # tests run first: never cut off
 ATTENTION_WORDS = ("attention", "varlen", "flash")
+
+
+def stage_budget(caps: Dict[str, float], todo: List[str], left: float) -> float:
+    """Seconds for todo[0]: its cap, or more when the stages after it cannot use the rest (their
+    caps summed): time an earlier stage saved goes to the most valuable stage still to run; never
+    more than is left of the hard deadline."""
+    later = sum(caps[s] for s in todo[1:])
+    return max(min(max(caps[todo[0]], left - later), left), 0.0)
 
 
 def run_stage(stage: str, cmd: List[str], deadline: float, log_path: str, env: Optional[dict] = None,
@@ -586,9 +596,9 @@ def main(argv=None) -> int:
                 f"rows: {results}")
         return run_rows, harness.summary_table(run_rows) + tail, tail
 
-    for stage in stages:
+    for i, stage in enumerate(stages):
         t0 = time.time()
-        stage_deadline = min(t0 + caps[stage], hard_deadline - FINAL_RESERVE_S)
+        stage_deadline = t0 + stage_budget(caps, stages[i:], hard_deadline - FINAL_RESERVE_S - t0)
         print(f"\n[gpu_check] === stage {stage}: {stage_deadline - t0:.0f} s (cap {caps[stage]:.0f}, "
               f"{hard_deadline - t0:.0f} s left of the deadline) ===", flush=True)
         try:

@@ -225,7 +225,8 @@ def test_gpu_check_dry_run_every_stage_and_a_stage_killed_at_its_deadline(tmp_pa
         BLIPFAST_MICRO_BENCHES=str(_toy_bench(tmp_path)),
         BLIPFAST_E2E_CASES="tiny:2:original-fp32,tiny:2:reference-fp32,tiny:2:sdpa-bf16-compile,"
                            "tiny:2:blipfast,tiny:2:triton-bf16",
-        BLIPFAST_INJECT_HANG="micro", BLIPFAST_CAP_MICRO="6",
+        # micro hangs and is killed at its 6 s cap: the trainer's huge cap leaves it no slack
+        BLIPFAST_INJECT_HANG="micro", BLIPFAST_CAP_MICRO="6", BLIPFAST_CAP_TRAINER="100000",
     )
     env.pop("TRITON_INTERPRET", None)  # as on a user's machine: the dry run must not need it
     env["TMPDIR"] = str(tmp_path)  # the run's logs, the trainer's output and data
@@ -306,6 +307,17 @@ def test_hard_deadline_kills_a_hanging_stage_and_still_reports(tmp_path):
     (tr,) = by["trainer"]
     assert tr["status"] == "error" and "no training step logged" in tr["reason"] and tr["config"]["returncode"] == "timeout"
     assert proc.returncode == 1
+
+
+def test_stage_budgets_pass_saved_time_forward_but_never_past_the_deadline():
+    import run_all
+
+    caps = {"a": 10.0, "b": 50.0, "c": 20.0}
+    assert run_all.stage_budget(caps, ["a", "b", "c"], 200.0) == 130.0  # slack: nothing after can use it
+    assert run_all.stage_budget(caps, ["a", "b", "c"], 60.0) == 10.0  # its cap
+    assert run_all.stage_budget(caps, ["b", "c"], 30.0) == 30.0  # the deadline wins over the cap
+    assert run_all.stage_budget(caps, ["c"], -5.0) == 0.0
+    assert sum(run_all.CAPS.values()) > run_all.DEADLINE_S - run_all.FINAL_RESERVE_S  # every stage has work
 
 
 def test_gpu_test_files_run_losses_first_and_pick_up_new_gpu_files(tmp_path):
