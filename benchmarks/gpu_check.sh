@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of blipfast in one command (see benchmarks/README.md):
-#   1. installs the wheels carried in .whl/ (no network) into /tmp/site and APPENDS it to
-#      PYTHONPATH: the image's own packages (torch, triton, numpy...) always come first;
+#   1. installs the wheels carried in .whl/ (no network) into /tmp/site and APPENDS it to sys.path
+#      (a .pth file, after the image's site-packages): the image's own packages always come first;
 #   2. makes blipfast importable from the source tree (the repository root first on PYTHONPATH);
 #   3. runs benchmarks/run_all.py: compile every kernel up front, then GPU parity tests, the
 #      end-to-end benchmark, the microbenchmarks and the real trainer, under one hard deadline
