@@ -5,14 +5,18 @@ backward, AdamW step: `blipfast.BlipForPretraining` through its public API, on r
 images and padded random captions already on the device (data loading is not timed).
 
 Providers (what is compared, per model and batch; ratios are against reference-fp32 of the
-same run, and against the fastest 'switches' row):
-  original-fp32        the original code (PyPI blip-vit), where importable; else a skip row
-  reference-fp32       blipfast, reference attention and losses, fp32 (same math as the original)
-  sdpa-bf16            bf16 autocast + SDPA + fused AdamW: the best a user gets by flipping switches
-  sdpa-bf16-compile    the same + torch.compile of every tower
-  xformers-bf16        bf16 autocast + xformers attention, if that backend is registered
-  triton-bf16          blipfast's fused Triton kernels (attention + losses) in bf16
-  triton-bf16-compile  the same + torch.compile
+same run, and against the fastest 'switches' row). Each is a dict of BlipConfig overrides plus
+precision / compile / optimiser switches (PROVIDER_LIST): a new row is one line there.
+  original-fp32          the original code (PyPI blip-vit), where importable; else a skip row
+  reference-fp32         blipfast, reference attention and losses, fp32 (same math as the original)
+  sdpa-bf16              bf16 autocast + SDPA + fused AdamW: what a user gets by flipping switches
+  sdpa-bf16-compile      the same + torch.compile of every tower ("switches-only", the headline peer)
+  xformers-bf16          bf16 autocast + xformers attention, if that backend is registered
+  blipfast               blipfast's defaults (auto backends = the Triton kernels on a GPU, and the
+                         config's exact-work savings) in bf16
+  blipfast-compile       the same + torch.compile
+  blipfast-no-exact-work blipfast with `exact_work: False` (skip row while the config lacks the key)
+  triton-bf16(-compile)  the Triton kernels forced for attention and losses
 
 Cases run in a worker subprocess; if a case kills it (a CUDA error poisons the process), the
 case gets an error row and a fresh worker carries on with the rest. Before each case the worker
@@ -53,41 +57,82 @@ MODELS = {
 
 @dataclass(frozen=True)
 class Provider:
+    """One way of running the step. `overrides` are BlipConfig overrides (dotted keys) applied on
+    top of the model YAML and the command line's --set: a provider is a config-override dict, so a
+    new row (say blipfast without a feature) is one line in PROVIDER_LIST."""
     name: str
-    tier: str  # original | reference | switches | fused
-    attention: str
-    losses: str
+    tier: str  # original | reference | switches | fused (blipfast)
     precision: str  # fp32 | bf16 (autocast)
+    overrides: Tuple[Tuple[str, object], ...] = ()
     compile: bool = False
     fused_adamw: bool = False
     baseline: bool = False
 
+    @property
+    def config_overrides(self) -> Dict[str, object]:
+        return dict(self.overrides)
 
-PROVIDERS: Dict[str, Provider] = {p.name: p for p in (
-    Provider("original-fp32", "original", "-", "-", "fp32"),
-    Provider("reference-fp32", "reference", "reference", "reference", "fp32", baseline=True),
-    Provider("sdpa-bf16", "switches", "sdpa", "reference", "bf16", fused_adamw=True),
-    Provider("sdpa-bf16-compile", "switches", "sdpa", "reference", "bf16", compile=True, fused_adamw=True),
-    Provider("xformers-bf16", "switches", "xformers", "reference", "bf16", fused_adamw=True),
-    Provider("triton-bf16", "fused", "triton", "triton", "bf16", fused_adamw=True),
-    Provider("triton-bf16-compile", "fused", "triton", "triton", "bf16", compile=True, fused_adamw=True),
-)}
+    @property
+    def attention(self) -> str:
+        return str(self.config_overrides.get("attention_backend", "auto"))
 
-# Ordered by what matters most if the budget runs out: base 224 at batch 64 with every provider
-# first (the targets are stated there), then the large batch, BLIP large (checkpointed), base 384.
+    @property
+    def losses(self) -> str:
+        return str(self.config_overrides.get("loss_backend", "auto"))
+
+
+def _p(name, tier, precision, overrides=None, **kw) -> Provider:
+    return Provider(name, tier, precision, tuple(sorted((overrides or {}).items())), **kw)
+
+
+REFERENCE = {"attention_backend": "reference", "loss_backend": "reference"}
+SWITCHES = {"attention_backend": "sdpa", "loss_backend": "reference"}
+TRITON = {"attention_backend": "triton", "loss_backend": "triton"}
+PROVIDER_LIST = [
+    _p("original-fp32", "original", "fp32", {"attention_backend": "-", "loss_backend": "-"}),
+    # the original's math in fp32: the baseline of every ratio (parity tests hold it to the original)
+    _p("reference-fp32", "reference", "fp32", REFERENCE, baseline=True),
+    # switches only: what a user gets from bf16 autocast + SDPA (+ torch.compile) + fused AdamW
+    _p("sdpa-bf16", "switches", "bf16", SWITCHES, fused_adamw=True),
+    _p("sdpa-bf16-compile", "switches", "bf16", SWITCHES, compile=True, fused_adamw=True),
+    _p("xformers-bf16", "switches", "bf16", {"attention_backend": "xformers", "loss_backend": "reference"},
+       fused_adamw=True),
+    # blipfast as shipped: the config's defaults (auto backends: the Triton kernels on a GPU;
+    # exact-work savings where the config has them)
+    _p("blipfast", "fused", "bf16", {}, fused_adamw=True),
+    _p("blipfast-compile", "fused", "bf16", {}, compile=True, fused_adamw=True),
+    _p("blipfast-no-exact-work", "fused", "bf16", {"exact_work": False}, fused_adamw=True),
+    # the Triton kernels forced (no auto fallback)
+    _p("triton-bf16", "fused", "bf16", TRITON, fused_adamw=True),
+    _p("triton-bf16-compile", "fused", "bf16", TRITON, compile=True, fused_adamw=True),
+]
+PROVIDERS: Dict[str, Provider] = {p.name: p for p in PROVIDER_LIST}
+
+# Ordered by what matters most if the budget runs out: the headline at base 224, batch 64
+# (the original baseline, blipfast's default, switches-only: eager SDPA first, a few seconds, so a
+# switches row exists even if torch.compile's minutes do not fit), then the rest of that group,
+# the large batch, BLIP large (checkpointed), base 384. original-fp32 is first because it only
+# costs its skip row on the GPU image.
 DEFAULT_PLAN = [
-    ("base_224", 64, ["original-fp32", "reference-fp32", "sdpa-bf16", "triton-bf16", "xformers-bf16",
-                      "sdpa-bf16-compile", "triton-bf16-compile"]),
-    ("base_224", 256, ["reference-fp32", "sdpa-bf16", "triton-bf16"]),
-    ("large_384", 32, ["reference-fp32", "sdpa-bf16", "triton-bf16"]),
-    ("base_384", 32, ["reference-fp32", "sdpa-bf16", "triton-bf16"]),
+    ("base_224", 64, ["original-fp32", "reference-fp32", "blipfast", "sdpa-bf16", "sdpa-bf16-compile",
+                      "blipfast-no-exact-work", "triton-bf16", "xformers-bf16", "blipfast-compile"]),
+    ("base_224", 256, ["reference-fp32", "sdpa-bf16", "blipfast"]),
+    ("large_384", 32, ["reference-fp32", "sdpa-bf16", "blipfast"]),
+    ("base_384", 32, ["reference-fp32", "sdpa-bf16", "blipfast"]),
 ]
 DRY_RUN_PLAN = [("tiny", 2, list(PROVIDERS))]
 TOWERS = ("visual_encoder", "visual_encoder_m", "text_encoder", "text_encoder_m", "text_decoder")
-# Rough device rates for the time-budget check only (never reported): FLOP/s and compile seconds.
+# Rough device rates and set-up costs for the time-budget check only (never reported). Each row
+# records what its set-up really took (config.setup_s, config.first_steps_s) to recalibrate these.
 EST_RATE = {"fp32": 35e12, "bf16": 250e12}
-EST_COMPILE_S = 150.0
-EST_BUILD_S = 5.0
+EST_BUILD_S = 8.0  # model init on the device, optimiser, batch
+# Triton: autotuning every attention variant of the model (a few configs x ~30 ms each), plus
+# compiling whatever the compile stage (benchmarks/warmup.py) did not; cold = nothing warmed.
+EST_TRITON_WARM_S = float(os.environ.get("BLIPFAST_EST_TRITON_WARM_S", 15.0))
+EST_TRITON_COLD_S = float(os.environ.get("BLIPFAST_EST_TRITON_COLD_S", 90.0))
+# torch.compile (inductor) of the five towers, forward and backward, on 16 cores
+EST_COMPILE_S = float(os.environ.get("BLIPFAST_EST_COMPILE_S", 100.0))
+WARMED_ENV = "BLIPFAST_KERNELS_WARMED"  # set by run_all.py after a successful compile stage
 
 
 def parse_cases(text: str) -> List[Tuple[str, int, str]]:
@@ -112,7 +157,7 @@ def case_id(model: str, batch: int, provider: str) -> str:
 def load_config(model: str, provider: Provider, overrides: Optional[Dict[str, object]] = None):
     from blipfast import BlipConfig
 
-    over = {**(overrides or {}), "attention_backend": provider.attention, "loss_backend": provider.losses}
+    over = {**(overrides or {}), **provider.config_overrides}
     return BlipConfig.from_yaml(os.path.join(REPO, MODELS[model]), over)
 
 
@@ -195,9 +240,14 @@ def _skip_reason(provider: Provider, device: str) -> Optional[str]:
     """Why this provider cannot run here, or None."""
     if provider.tier == "original":
         return _original_reason()
+    from blipfast.config import ConfigError
     from blipfast.ops.attention import BackendUnavailable, resolve_attention
     from blipfast.ops.losses import resolve_losses
 
+    try:  # e.g. a config key that this checkout does not have yet (exact_work)
+        load_config("tiny", provider)
+    except ConfigError as e:
+        return f"this checkout's config does not take the provider's overrides {provider.config_overrides}: {e}"
     try:
         resolve_attention(provider.attention)
         resolve_losses(provider.losses)
@@ -235,7 +285,14 @@ def estimate_seconds(model: str, batch: int, provider: Provider, opts) -> float:
     step = flop_formulas.pretrain_step(cfg, batch).hardware_flops / EST_RATE[provider.precision]
     timed = min(opts.iters * step, opts.max_step_seconds)
     est = EST_BUILD_S + (warmup_steps(provider, opts) + opts.phase_iters) * step + timed
+    if uses_triton(provider):
+        est += EST_TRITON_WARM_S if os.environ.get(WARMED_ENV) == "1" else EST_TRITON_COLD_S
     return est + (EST_COMPILE_S if provider.compile else 0.0)
+
+
+def uses_triton(provider: Provider) -> bool:
+    """Whether the provider's model runs blipfast's Triton kernels on a GPU ('auto' picks them)."""
+    return any(b in ("triton", "auto") for b in (provider.attention, provider.losses))
 
 
 def warmup_steps(provider: Provider, opts) -> int:
@@ -268,6 +325,7 @@ def run_case(model: str, batch: int, provider: Provider, opts) -> dict:
     device = opts.device
     cfg = load_config(model, provider, opts.overrides)
     model_obj = opt = data = None
+    t_setup = time.time()
     try:
         from blipfast import BlipForPretraining
 
@@ -302,9 +360,14 @@ def run_case(model: str, batch: int, provider: Provider, opts) -> dict:
                 rec.mark("optimizer_end")
             last["loss"] = out.loss.detach()
 
+        harness.Clock(device).sync()
+        setup_s = time.time() - t_setup
+        t_steps = time.time()
         with harness.peak_memory(device) as mem:
             times = harness.time_iterations(step, device, warmup=warmup_steps(provider, opts), iters=opts.iters,
                                             max_seconds=opts.max_step_seconds, min_iters=min(3, opts.iters))
+        # the warm-up steps' wall time: kernel compilation, autotuning, torch.compile (calibrates EST_*)
+        first_steps_s = max(time.time() - t_steps - sum(times) * 1e-3, 0.0)
         phases = None
         if opts.phase_iters:
             rec = PhaseRecorder(model_obj, harness.Clock(device), hooks=not provider.compile)
@@ -330,6 +393,9 @@ def run_case(model: str, batch: int, provider: Provider, opts) -> dict:
             "grad_checkpointing": cfg.vision.grad_checkpointing, "ckpt_layer": cfg.vision.ckpt_layer,
             "hardware_flops": flops.hardware_flops, "flops_by_phase": flops.by_phase(),
             "loss_last": loss, "warmup": warmup_steps(provider, opts), "overrides": opts.overrides,
+            "provider_overrides": provider.config_overrides, "exact_work": getattr(cfg, "exact_work", None),
+            "setup_s": round(setup_s, 2), "first_steps_s": round(first_steps_s, 2),
+            "estimate_s": round(est, 1), "kernels_warmed": os.environ.get(WARMED_ENV) == "1",
         }
         if loss != loss or abs(loss) == float("inf"):
             return row("error", f"non-finite loss {loss}", times_ms=times, config=config)

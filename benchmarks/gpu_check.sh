@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check of blipfast in one command (see benchmarks/README.md):
-#   1. installs the wheels carried in .whl/ (no network) into /tmp/site and puts them on PYTHONPATH;
-#   2. makes blipfast importable (editable install without dependencies, else a staged copy);
-#   3. runs benchmarks/run_all.py: pytest -m gpu, the kernel microbenchmarks, the end-to-end
-#      benchmark, each on a time budget, then prints the summary table last and copies
-#      rows.jsonl, summary.txt and logs.tar.gz to $OUT when it is set.
+#   1. installs the wheels carried in .whl/ (no network) into /tmp/site and APPENDS it to sys.path
+#      (a .pth file, after the image's site-packages): the image's own packages always come first;
+#   2. makes blipfast importable from the source tree (the repository root first on PYTHONPATH);
+#   3. runs benchmarks/run_all.py: compile every kernel up front, then GPU parity tests, the
+#      end-to-end benchmark, the microbenchmarks and the real trainer, under one hard deadline
+#      (--deadline-s, default 450 s from this script's start), copying rows.jsonl, summary.txt and
+#      logs.tar.gz to $OUT after every stage; the summary table is printed last.
 #
-#   bash benchmarks/gpu_check.sh             # on the GPU machine (about 8 minutes on an H100)
+#   bash benchmarks/gpu_check.sh             # on the GPU machine (450 s; the device call: 480 s)
 #   bash benchmarks/gpu_check.sh --dry-run   # the same on the CPU at tiny sizes (BLIPFAST_BENCH_DRY_RUN=1)
 #
 # PYTHON picks the interpreter (default python3, the one with torch on the GPU machine).
@@ -19,7 +21,7 @@ ARGS=()
 for a in "$@"; do
     case "$a" in
         --dry-run) DRY=1 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) ARGS+=("$a") ;;
     esac
 done
@@ -42,15 +44,40 @@ elif [ "$DRY" = 1 ]; then
 else
     echo "[gpu_check] installing carried wheels into /tmp/site:" $WHEELS
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $WHEELS; then
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        # APPENDED to sys.path, after every site-packages folder of the image: a .pth file in the
+        # last writable site folder (site.py appends its lines after that folder). PYTHONPATH
+        # would put /tmp/site AHEAD of the image's packages, so it is only the fallback.
+        if PTH=$("$PY" - <<'PYEOF'
+import os, site, sys
+for d in reversed([d for d in site.getsitepackages() if os.path.isdir(d)]):
+    try:
+        with open(os.path.join(d, "zzz_blipfast_carried.pth"), "w") as f:
+            f.write("/tmp/site\n")
+        print(d)
+        break
+    except OSError:
+        continue
+else:
+    sys.exit(1)
+PYEOF
+        ); then
+            echo "[gpu_check] carried wheels appended to sys.path by $PTH/zzz_blipfast_carried.pth"
+        else
+            echo "[gpu_check] WARNING: no writable site folder; appending /tmp/site to PYTHONPATH (ahead of site-packages)"
+            export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/site
+        fi
+        export PATH=$PATH:/tmp/site/bin
         export BLIPFAST_WHEELS=$(for w in $WHEELS; do basename "$w"; done | tr '\n' ' ')
+        "$PY" -c "import sys, torch; print('[gpu_check] torch from', torch.__file__); print('[gpu_check] sys.path tail:', sys.path[-3:])"
     else
         echo "[gpu_check] WARNING: installing the carried wheels failed; going on without them"
     fi
 fi
 
-# 2. blipfast importable straight from the source tree (kernels live in blipfast/kernels)
+# 2. blipfast importable straight from the source tree (kernels live in blipfast/kernels); the
+#    deepspeed ranks of the trainer stage inherit PYTHONPATH
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+echo "[gpu_check] PYTHONPATH=$PYTHONPATH"
 "$PY" -c "import blipfast.kernels" || echo "[gpu_check] WARNING: blipfast is not importable"
 
 # 3. the stages and the summary (run_all.py keeps going past failing stages)

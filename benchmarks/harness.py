@@ -297,7 +297,7 @@ def validate_row(row: dict) -> None:
     if not isinstance(row["config"], dict):
         raise ValueError("row field 'config' must be a dict")
     if row["status"] == "ok":
-        if row["suite"] not in ("tests", "env"):
+        if row["suite"] not in ("tests", "env", "compile"):
             q = [row["p20_ms"], row["p50_ms"], row["p80_ms"]]
             if any(v is None or not v > 0 for v in q) or not q[0] <= q[1] <= q[2]:
                 raise ValueError(f"ok row needs positive ordered p20/p50/p80, got {q}")
@@ -473,7 +473,17 @@ def summary_table(rows: List[dict], max_kernel_lines: Optional[int] = None, reas
                     continue
                 ph = " ".join(f"{k}={v:.1f}" for k, v in r["phases_ms"].items())
                 out.append(f"  {r['provider']}: {ph}")
-    kern = [r for r in rows if r["suite"] not in ("e2e", "tests", "env") and r["status"] == "ok"]
+    trainer = [r for r in rows if r["suite"] == "trainer" and r["status"] == "ok"]
+    if trainer:
+        out.append("")
+        out.append("trainer (deepspeed train.py; steady-state log windows)")
+        for r in trainer:
+            c = r["config"]
+            mfu = f"{r['mfu'] * 100:.0f}%" if r["mfu"] is not None else "-"
+            out.append(f"  {c.get('what')}: {_fmt(r['throughput'], '.1f')} images/s, {_fmt(r['p50_ms'], '.1f')} ms/step, "
+                       f"MFU {mfu}, loss {_fmt(c.get('loss_first'), '.4g')} -> {_fmt(c.get('loss_last'), '.4g')} "
+                       f"over {c.get('steps_logged')} steps")
+    kern = [r for r in rows if r["suite"] not in ("e2e", "tests", "env", "compile", "trainer") and r["status"] == "ok"]
     if kern:
         groups: Dict[tuple, List[dict]] = {}
         for r in kern:
@@ -502,6 +512,12 @@ def summary_table(rows: List[dict], max_kernel_lines: Optional[int] = None, reas
             more = len(lines) - max_kernel_lines
             lines = lines[:max_kernel_lines] + [f"... {more} more shapes in summary.txt / rows.jsonl"]
         out += lines
+    for r in rows:
+        if r["suite"] == "compile" and r["status"] == "ok":
+            c = r["config"]
+            out.append("")
+            out.append(f"compile ({c.get('mode')}): {c.get('jobs')} jobs, {c.get('units')} kernel units, "
+                       f"{c.get('done')} done, {c.get('failed')} failed, {c.get('seconds')} s on {c.get('workers')} workers")
     tests = [r for r in rows if r["suite"] == "tests"]
     if tests:
         out.append("")

@@ -195,8 +195,7 @@ def test_e2e_parent_survives_a_dying_worker(tmp_path, monkeypatch):
 # the one-call script, dry-run
 
 
-def test_gpu_check_dry_run(tmp_path):
-    """gpu_check.sh --dry-run end to end: every stage, rows on disk, the table printed last, $OUT."""
+def _toy_bench(tmp_path):
     toy = tmp_path / "bench_toy.py"
     toy.write_text(textwrap.dedent("""
         import pytest
@@ -206,44 +205,192 @@ def test_gpu_check_dry_run(tmp_path):
             benchmark.extra_info.update(op="toy", bytes=1e3)
             benchmark(sum, range(1000 if provider == "torch" else 10))
     """))
+    return toy
+
+
+def _suites(rows):
+    by = {}
+    for r in rows:
+        by.setdefault(r["suite"], []).append(r)
+    return by
+
+
+def test_gpu_check_dry_run_every_stage_and_a_stage_killed_at_its_deadline(tmp_path):
+    """gpu_check.sh --dry-run end to end, every stage (the trainer on 2 CPU ranks), with the micro
+    stage made to hang: while it hangs, $OUT already holds the earlier stages' rows; it is killed
+    at its own deadline with an error row, and the trainer stage after it still runs."""
     results, out = tmp_path / "results.jsonl", tmp_path / "out"
     env = dict(
         os.environ, PYTHON=sys.executable, OUT=str(out), BLIPFAST_GPU_TESTS="tests/test_benchmarks_cpu.py",
-        BLIPFAST_MICRO_BENCHES=str(toy),
-        BLIPFAST_E2E_CASES="tiny:2:original-fp32,tiny:2:reference-fp32,tiny:2:sdpa-bf16,"
-                           "tiny:2:sdpa-bf16-compile,tiny:2:triton-bf16",
+        BLIPFAST_MICRO_BENCHES=str(_toy_bench(tmp_path)),
+        BLIPFAST_E2E_CASES="tiny:2:original-fp32,tiny:2:reference-fp32,tiny:2:sdpa-bf16-compile,"
+                           "tiny:2:blipfast,tiny:2:triton-bf16",
+        # micro hangs and is killed at its 6 s cap: the trainer's huge cap leaves it no slack
+        BLIPFAST_INJECT_HANG="micro", BLIPFAST_CAP_MICRO="6", BLIPFAST_CAP_TRAINER="100000",
     )
     env.pop("TRITON_INTERPRET", None)  # as on a user's machine: the dry run must not need it
-    env["TMPDIR"] = str(tmp_path)  # the run's logs
-    proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--dry-run", "--results", str(results)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert "stages: env" in log.splitlines()[-1], log[-3000:]
+    env["TMPDIR"] = str(tmp_path)  # the run's logs, the trainer's output and data
+    proc = subprocess.Popen(["bash", os.path.join(BENCH, "gpu_check.sh"), "--dry-run", "--results", str(results)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, during = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "[inject] stage micro hangs" in line:  # the micro stage is hanging right now
+                during = _suites(harness.read_rows(str(out / "rows.jsonl")))
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "".join(lines)
+    assert "stages: env" in lines[-1], log[-3000:]
+    assert during is not None, log[-3000:]
+    assert {"env", "compile", "tests", "e2e"} <= set(during) and "trainer" not in during, sorted(during)
 
     rows = harness.read_rows(str(results))
     assert rows and len({r["run_id"] for r in rows}) == 1, log[-3000:]
     for r in rows:
         harness.validate_row(r)
         assert r["git_rev"] and r["torch"] == torch.__version__ and r["python"]
-    by_suite = {}
-    for r in rows:
-        by_suite.setdefault(r["suite"], []).append(r)
-    assert {"env", "tests", "bench_toy", "e2e"} <= set(by_suite), sorted(by_suite)
-    assert by_suite["tests"][0]["status"] == "ok"  # the gpu-marked tests are skipped on the CPU
-    toy_rows = {r["provider"]: r for r in by_suite["bench_toy"]}
-    assert toy_rows["torch"]["baseline"] and toy_rows["triton"]["gbps"] > 0
+    by_suite = _suites(rows)
+    assert set(by_suite) == {"env", "compile", "tests", "e2e", "bench_toy", "trainer"}, sorted(by_suite)
+    # the copy in $OUT after the last stage holds every row
+    assert sorted(os.listdir(out)) == ["logs.tar.gz", "rows.jsonl", "summary.txt"]
+    assert [r["timestamp"] for r in harness.read_rows(str(out / "rows.jsonl"))] == [r["timestamp"] for r in rows]
+
+    comp = by_suite["compile"][0]
+    assert comp["status"] == "ok" and comp["config"]["mode"] == "enumerate" and comp["config"]["units"] > 0
+    assert by_suite["tests"][0]["status"] == "ok" and by_suite["tests"][0]["op"] == "tests/test_benchmarks_cpu.py"
+    (killed,) = by_suite["bench_toy"]
+    assert killed["status"] == "error" and "killed at its deadline" in killed["reason"]
+
     e2e = {r["provider"]: r for r in by_suite["e2e"]}
-    for name in ("reference-fp32", "sdpa-bf16", "sdpa-bf16-compile"):
+    for name in ("reference-fp32", "sdpa-bf16-compile", "blipfast"):
         r = e2e[name]
         assert r["status"] == "ok", r["reason"]
         assert r["throughput"] > 0 and r["flops"] == flops.pretrain_step(_tiny(), 2).model_flops
-        assert r["config"]["attention_backend"] == ("reference" if name == "reference-fp32" else "sdpa")
         assert r["phases_ms"] and all(v >= 0 for v in r["phases_ms"].values())
-    assert {"vit", "itm", "lm", "bwd", "opt"} <= set(e2e["sdpa-bf16"]["phases_ms"])
+        assert r["config"]["setup_s"] >= 0 and r["config"]["first_steps_s"] >= 0
+    assert e2e["reference-fp32"]["config"]["attention_backend"] == "reference"
+    assert e2e["sdpa-bf16-compile"]["config"]["attention_backend"] == "sdpa"
+    assert e2e["blipfast"]["config"]["provider_overrides"] == {}  # the config's defaults
+    assert {"vit", "itm", "lm", "bwd", "opt"} <= set(e2e["blipfast"]["phases_ms"])
     assert e2e["reference-fp32"]["baseline"]
     assert e2e["original-fp32"]["status"] == "skip" and e2e["triton-bf16"]["status"] == "skip"
-    assert "SKIP e2e tiny B=2 triton-bf16" in log
-    assert sorted(os.listdir(out)) == ["logs.tar.gz", "rows.jsonl", "summary.txt"]
+
+    (tr,) = by_suite["trainer"]
+    assert tr["status"] == "ok", (tr["reason"], log[-3000:])
+    c = tr["config"]
+    assert c["steps_logged"] == 6 and c["loss_finite"] and c["loss_last"] < c["loss_first"]
+    assert tr["throughput"] > 0 and tr["p50_ms"] > 0 and c["windows"] == 3
+    assert "2 CPU ranks" in c["what"]
+    assert "trainer (deepspeed train.py" in log and "SKIP e2e tiny B=2 triton-bf16" in log
+
+
+def test_hard_deadline_kills_a_hanging_stage_and_still_reports(tmp_path):
+    """A stage whose cap is far beyond the hard deadline is killed at the deadline (less the
+    summary's reserve); the earlier stage's rows and the killed stage's error row reach $OUT.
+    (The deadline leaves ~30 s for start-up and the env stage: a loaded CI machine may import
+    torch slowly, and a stage with under 5 s left would be skipped instead of killed.)"""
+    import run_all
+
+    results, out = tmp_path / "results.jsonl", tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), TMPDIR=str(tmp_path), BLIPFAST_INJECT_HANG="trainer",
+               BLIPFAST_CAP_TRAINER="10000", BLIPFAST_T0="")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "run_all.py"), "--dry-run", "--stages", "env,trainer",
+                           "--deadline-s", str(run_all.FINAL_RESERVE_S + 32), "--results", str(results)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert "[inject] stage trainer hangs" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = harness.read_rows(str(out / "rows.jsonl"))
+    by = _suites(rows)
+    assert len(by["env"]) == 4
+    (tr,) = by["trainer"]
+    assert tr["status"] == "error" and "no training step logged" in tr["reason"] and tr["config"]["returncode"] == "timeout"
+    assert proc.returncode == 1
+
+
+def test_stage_budgets_pass_saved_time_forward_but_never_past_the_deadline():
+    import run_all
+
+    caps = {"a": 10.0, "b": 50.0, "c": 20.0}
+    assert run_all.stage_budget(caps, ["a", "b", "c"], 200.0) == 130.0  # slack: nothing after can use it
+    assert run_all.stage_budget(caps, ["a", "b", "c"], 60.0) == 10.0  # its cap
+    assert run_all.stage_budget(caps, ["b", "c"], 30.0) == 30.0  # the deadline wins over the cap
+    assert run_all.stage_budget(caps, ["c"], -5.0) == 0.0
+    assert sum(run_all.CAPS.values()) > run_all.DEADLINE_S - run_all.FINAL_RESERVE_S  # every stage has work
+
+
+def test_gpu_test_files_run_losses_first_and_pick_up_new_gpu_files(tmp_path):
+    import run_all
+
+    names = ["test_attention.py", "test_varlen_attention.py", "test_itc.py", "test_cross_entropy.py",
+             "test_zeta.py", "test_benchmarks_cpu.py", "test_cpu_only.py", "test_sampler.py"]
+    for n in names:
+        marker = "" if n == "test_cpu_only.py" else "@pytest.mark.gpu\n"
+        (tmp_path / n).write_text(f"import pytest\n{marker}def test_x():\n    pass\n")
+    got = [os.path.basename(f) for f in run_all.gpu_test_files([str(tmp_path)])]
+    assert got == ["test_cross_entropy.py", "test_itc.py", "test_sampler.py",  # losses, never cut off
+                   "test_attention.py", "test_varlen_attention.py",  # attention (incl. variable length)
+                   "test_benchmarks_cpu.py", "test_zeta.py"]  # the rest; no file without GPU tests
+
+
+def test_trainer_log_lines_are_parsed():
+    import run_all
+
+    text = ("noise\nstep 20  loss 9.5  loss_itc 3.1  lr 1e-06  images_per_s 512.5  tokens_per_s 9e+03  "
+            "data_wait_frac 0.01  step_time_s 0.125  mfu 0.41\n[INFO] step 3 of nothing\n"
+            "step 40  loss 8.25  images_per_s 600  step_time_s 0.1067\n")
+    got = run_all.parse_trainer_log(text)
+    assert [g["step"] for g in got] == [20, 40]
+    assert got[0]["images_per_s"] == 512.5 and got[0]["mfu"] == 0.41 and got[1]["loss"] == 8.25
+
+
+def test_warmup_plan_covers_the_run_and_dedups():
+    """The compile stage's plan (CPU: enumeration only) covers the e2e model, the GPU tests and the
+    microbenchmarks, each compile unit once, every tiling the autotuner may try."""
+    import warmup
+    from blipfast.kernels import flash_attention as fa
+
+    jobs = warmup.build_plan(dry=False)
+    units = [u for j in jobs for u in j.units]
+    assert len(units) == len(set(units))
+    attn = [j for j in jobs if j.family == "attention"]
+    # BLIP base 224 (the e2e headline): ViT 197 tokens on a fused qkv, text with dropout, causal decoder
+    base = {(j.workload.Lq, j.workload.Lk, j.workload.causal, j.workload.dropout, j.workload.layout)
+            for j in attn if "e2e" in j.sources}
+    assert {(30, 30, False, True, "heads_view"), (30, 30, True, True, "heads_view"),
+            (30, 197, False, True, "heads_view")} <= base
+    vit = [j for j in attn if (j.workload.Lq, j.workload.layout, j.workload.dtype) == (197, "fused_qkv", "bf16")
+           and not j.workload.mask]
+    assert {"e2e", "tests", "micro"} <= {s for j in vit for s in j.sources}
+    # every pruned config of each kernel is compiled for the ViT workload
+    ws = vit[0].workload
+    q, k, v, mask, _ = warmup.make_qkv(ws, 2, "meta")
+    args = fa._common(q, k, mask, False, 0.0, 1)
+    for kind in fa._KERNELS:
+        want = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in fa._prune(fa._gpu_configs(kind), dict(args))}
+        have = {(u["BLOCK_M"], u["BLOCK_N"], u["num_warps"], u["num_stages"])
+                for j in vit for u in map(json.loads, j.units) if u["kernel"] == kind}
+        assert want == have, kind
+    assert {"itc", "ce"} <= {j.family for j in jobs}
+    assert any(j.workload.dtype == "fp16" for j in attn) and any(j.workload.dtype == "fp32" for j in attn)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf arithmetic in the interpreter
+def test_warmup_jobs_launch_through_the_real_launchers():
+    """Each job family's launch code, run under the interpreter on tiny shapes (the conftest sets
+    TRITON_INTERPRET=1): the arguments the compile stage passes are the launchers' real ones."""
+    import warmup
+
+    jobs = [warmup.Job("attention", warmup.Attn(2, 35, 35, 32, True, True, True, "heads_view", "fp16"), 1),
+            warmup.Job("attention", warmup.Attn(2, 20, 20, 16, False, False, False, "fused_qkv", "fp32"), 0),
+            warmup.Job("itc", warmup.Itc(4, 64, 32, "fp32")),
+            warmup.Job("ce", warmup.Ce(6, 128, 32, "fp32"))]
+    for job in jobs:
+        name, ok, _, err = warmup.run_job(job, dev="cpu")
+        assert ok, f"{name}: {err}"
+    assert warmup.attention_configs(jobs[0].workload, 1)["fwd"] != warmup.attention_configs(jobs[0].workload, 0)["fwd"]
 
 
 # ---------------------------------------------------------------------------------------------
