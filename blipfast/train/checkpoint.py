@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import safe_load
+
 COMMITTED = "COMMITTED"
 LATEST = "latest_good"
 MOMENTUM_FILE = "momentum.pt"
@@ -202,8 +204,10 @@ def load(engine, ckpt_dir: str, tag: str) -> Dict:
     tag_dir = os.path.join(ckpt_dir, tag)
     if not is_committed(tag_dir):
         raise RuntimeError(f"checkpoint {tag_dir} is not committed (incomplete save): refusing to load it")
-    path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    safe_load.check_files(safe_load.pickle_files(tag_dir))  # before DeepSpeed sees any of it
+    with safe_load.weights_only_loads():
+        path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     rank = _rank()
@@ -211,6 +215,6 @@ def load(engine, ckpt_dir: str, tag: str) -> Dict:
     if not os.path.isfile(own):
         raise RuntimeError(f"checkpoint {tag_dir} has no {os.path.basename(own)}: it was saved with fewer "
                            f"ranks than this run has; resume with the same world size")
-    rank_state = torch.load(own, map_location="cpu", weights_only=False)
-    momentum = torch.load(os.path.join(tag_dir, MOMENTUM_FILE), map_location="cpu", weights_only=True)
+    rank_state = safe_load.load(own)
+    momentum = safe_load.load(os.path.join(tag_dir, MOMENTUM_FILE))
     return {"meta": read_meta(ckpt_dir, tag), "momentum": momentum, "rng": rank_state["rng"]}

@@ -31,12 +31,12 @@ def main(argv=None) -> int:
     try:
         overrides = dict(parse_override(o) for o in args.overrides)
         run = load_run_config(args.config, overrides)
-        trainer = Trainer(run)
-    except ConfigError as e:  # DataError is a ConfigError too
+        trainer = Trainer(run, resume=args.resume)
+        if args.resume:
+            trainer.resume()
+    except ConfigError as e:  # DataError and an unsafe or mismatched checkpoint are ConfigErrors too
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    if args.resume:
-        trainer.resume()
     try:
         result = trainer.fit()
     except NonFiniteLoss as e:

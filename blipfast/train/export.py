@@ -29,21 +29,22 @@ import torch
 
 from blipfast.config import BlipConfig, from_dict, load_yaml
 
-from . import checkpoint
+from . import checkpoint, safe_load
 
 
 def _ds_state_dict(ckpt_dir: str, tag: str) -> Dict[str, torch.Tensor]:
+    """fp32 weights of a DeepSpeed tag. Every file is scanned first and read weights-only
+    (safe_load): a checkpoint directory is untrusted input and must not run code."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    try:
+    tag_dir = os.path.join(ckpt_dir, tag)
+    safe_load.check_files(safe_load.pickle_files(tag_dir))
+    stage0 = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    if os.path.isfile(stage0) and not any(n.endswith("optim_states.pt") for n in os.listdir(tag_dir)):
+        # ZeRO stage 0 keeps the whole model in mp_rank_00_model_states.pt (zero_to_fp32 cannot read it)
+        return {k: v.float() if v.is_floating_point() else v for k, v in safe_load.load(stage0)["module"].items()}
+    with safe_load.weights_only_loads():
         return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag))
-    except (ValueError, FileNotFoundError, TypeError):  # deepspeed 0.19.8 raises TypeError on a stage-0 checkpoint
-        # ZeRO stage 0 keeps the whole model in mp_rank_00_model_states.pt
-        path = os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt")
-        if not os.path.isfile(path):
-            raise
-        return {k: v.float() if v.is_floating_point() else v
-                for k, v in torch.load(path, map_location="cpu", weights_only=False)["module"].items()}
 
 
 def load_run_model_config(output_dir: str) -> BlipConfig:
@@ -80,7 +81,7 @@ def consolidated_state_dict(output_dir: str, tag: Optional[str] = None, model=No
     if not checkpoint.is_committed(os.path.join(ckpt_dir, tag)):
         raise ValueError(f"{os.path.join(ckpt_dir, tag)} is not a committed checkpoint (incomplete save)")
     sd = _ds_state_dict(ckpt_dir, tag)
-    momentum = torch.load(os.path.join(ckpt_dir, tag, checkpoint.MOMENTUM_FILE), map_location="cpu", weights_only=True)
+    momentum = safe_load.load(os.path.join(ckpt_dir, tag, checkpoint.MOMENTUM_FILE))
     sd.update(momentum)  # fp32 EMA weights and queues, int64 queue_ptr
     if model is None:
         model = build_run_model(output_dir)

@@ -130,7 +130,7 @@ class Trainer:
     negatives with negatives_fn(epoch, batch_index, rank) -> (neg_img, neg_txt) or None."""
 
     def __init__(self, run: RunConfig, *, loader=None, tokenizer=None, eval_set=None,
-                 negatives_fn: Optional[Callable] = None):
+                 negatives_fn: Optional[Callable] = None, resume: bool = False):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 

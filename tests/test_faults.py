@@ -1,0 +1,128 @@
+"""Faults and hostile input (issue 15), in one process on one rank (ZeRO-2, CPU): no code runs
+from a checkpoint directory, a refused --resume writes nothing, a committed checkpoint is never
+deleted before its replacement is committed, export names the tag it read and refuses a damaged
+newest one, and bad inputs end with one clear line."""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests", "dist"))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from test_train_tasks import SameBatchLoader, run_config  # noqa: E402
+
+from blipfast.config import ConfigError  # noqa: E402
+from blipfast.train import checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from blipfast.data import build_demo_tokenizer
+
+    return build_demo_tokenizer()
+
+
+def zero2_run(tmp_path, task="pretrain", **kw):
+    run = run_config(tmp_path, task, **kw)
+    run.deepspeed = {"zero_optimization": {"stage": 2}}
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tokenizer):
+    """A committed ZeRO-2 pre-training run (1 step): its output_dir, copied fresh by each test."""
+    from blipfast.train.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("trained")
+    run = zero2_run(root, max_steps=1)
+    Trainer(run, loader=SameBatchLoader(), tokenizer=tokenizer).fit()
+    return run.train.output_dir
+
+
+def copy_run(src, tmp_path):
+    dst = str(tmp_path / "run")
+    shutil.copytree(src, dst)
+    return dst
+
+
+def only_tag(output_dir):
+    ckpt = os.path.join(output_dir, "checkpoints")
+    tag = checkpoint.find_latest(ckpt)
+    assert tag is not None
+    return os.path.join(ckpt, tag)
+
+
+# -- finding 1: no code execution from a checkpoint directory --------------------------------
+
+
+class Payload:
+    """A pickle that would create a marker file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant(tag_dir, name, marker):
+    """Replace one file of a committed tag by a malicious pickle and fix up the COMMITTED manifest
+    (whoever controls the directory controls the marker too)."""
+    path = os.path.join(tag_dir, name)
+    torch.save({"x": Payload(marker)}, path)
+    info = json.load(open(os.path.join(tag_dir, checkpoint.COMMITTED)))
+    info["files"][name] = os.path.getsize(path)
+    with open(os.path.join(tag_dir, checkpoint.COMMITTED), "w") as f:
+        json.dump(info, f)
+    assert checkpoint.is_committed(tag_dir)
+
+
+SHARDS = ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "rank0.pt", "mp_rank_00_model_states.pt", "momentum.pt"]
+
+
+@pytest.mark.parametrize("shard", SHARDS)
+def test_malicious_pickle_in_checkpoint_runs_nothing(trained, tmp_path, tokenizer, shard, capsys):
+    from blipfast.capfilt import load_model
+    from blipfast.train import export
+    from blipfast.train.trainer import Trainer
+
+    out = copy_run(trained, tmp_path)
+    marker = tmp_path / "PWNED"
+    plant(only_tag(out), shard, marker)
+
+    # export CLI: one clear line, exit 2
+    assert export.main([out, "--out", str(tmp_path / "x.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "refusing" in err and shard in err, err
+    assert not marker.exists() and not (tmp_path / "x.pth").exists()
+
+    # eval / capfilt: eval.checkpoint=DIR
+    with pytest.raises(ConfigError, match="refusing"):
+        load_model(_pretrain_model(), out)
+    assert not marker.exists()
+
+    # train.init_from=DIR
+    run = zero2_run(tmp_path / "init", task="retrieval", init_from=out, max_steps=1)
+    with pytest.raises(ConfigError, match="refusing"):
+        Trainer(run, loader=SameBatchLoader(), tokenizer=tokenizer)
+    assert not marker.exists()
+
+    # --resume
+    run = zero2_run(tmp_path, max_steps=2)
+    run.train.output_dir = out
+    tr = Trainer(run, loader=SameBatchLoader(), tokenizer=tokenizer, resume=True)
+    with pytest.raises(ConfigError, match="refusing"):
+        tr.resume()
+    assert not marker.exists()
+
+
+def _pretrain_model():
+    from blipfast import BlipForPretraining
+    from train_common import tiny_model_config
+
+    return BlipForPretraining(tiny_model_config())
