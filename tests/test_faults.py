@@ -126,3 +126,62 @@ def _pretrain_model():
     from train_common import tiny_model_config
 
     return BlipForPretraining(tiny_model_config())
+
+
+# -- findings 2 and 3: --resume checks the configuration before writing anything ---------------
+
+
+def snapshot(output_dir):
+    out = {}
+    for root, _, names in os.walk(output_dir):
+        for n in names:
+            p = os.path.join(root, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, output_dir)] = f.read()
+    return out
+
+
+def test_resume_refuses_math_changes_before_writing_anything(trained, tmp_path, tokenizer, capsys):
+    from blipfast.train.trainer import Trainer
+
+    out = copy_run(trained, tmp_path)
+    before = snapshot(out)
+    run = zero2_run(tmp_path, max_steps=3)
+    run.train.output_dir = out
+    run.model.queue_size = 32  # the queue: refused
+    run.train.batch_size = 8  # the data position (finding 3): refused
+    run.model.text.intermediate_size = 128  # the width: refused
+    run.train.log_every = 7  # safe
+    with pytest.raises(ConfigError) as e:
+        Trainer(run, loader=SameBatchLoader(), tokenizer=tokenizer, resume=True)
+    msg = str(e.value)
+    for key in ("model.queue_size: 16 -> 32", "train.batch_size: 4 -> 8", "model.text.intermediate_size: 64 -> 128"):
+        assert key in msg, msg
+    assert "log_every" not in msg and "max_steps" not in msg and "\n" not in msg
+    assert snapshot(out) == before  # config.yaml untouched, nothing written
+
+    # A changed world size (here: the checkpoint says 2 ranks) is refused the same way.
+    tag_dir = only_tag(out)
+    info = json.load(open(os.path.join(tag_dir, checkpoint.COMMITTED)))
+    info["meta"]["world_size"] = 2
+    with open(os.path.join(tag_dir, checkpoint.COMMITTED), "w") as f:
+        json.dump(info, f)
+    before = snapshot(out)
+    run = zero2_run(tmp_path, max_steps=3)
+    run.train.output_dir = out
+    with pytest.raises(ConfigError, match=r"world size: 2 -> 1"):
+        Trainer(run, loader=SameBatchLoader(), tokenizer=tokenizer, resume=True)
+    assert snapshot(out) == before
+
+
+def test_resume_allows_and_logs_safe_changes(trained, tmp_path, tokenizer, capsys):
+    from blipfast.train.trainer import Trainer
+
+    out = copy_run(trained, tmp_path)
+    run = zero2_run(tmp_path, max_steps=2, log_every=5, keep_last=1)
+    run.train.output_dir = out
+    tr = Trainer(run, loader=SameBatchLoader(), tokenizer=tokenizer, resume=True)
+    printed = capsys.readouterr().out
+    assert "train.max_steps: 1 -> 2" in printed and "train.log_every: 1 -> 5" in printed, printed
+    assert tr.resume() == checkpoint.tag_for(1)
+    assert tr.fit()["steps"] == 2

@@ -139,6 +139,8 @@ class Trainer:
         run.check_world(self.world)  # before any other work
         self.output_dir = cfg.output_dir
         self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
+        if resume:
+            self._check_resume(run)  # before anything is written
         self.negatives_fn = negatives_fn
         self.eval_set = eval_set
 
@@ -335,6 +337,31 @@ class Trainer:
                               f"(epoch {meta['epoch']}, batch {meta['batch']}, step {meta['global_step']})")
         return tag
 
+    def _check_resume(self, run: RunConfig) -> None:
+        """--resume: compare the run's saved resolved config (and the newest checkpoint's world size)
+        with this one; changes to the math or the data position raise one ConfigError listing
+        them all, safe changes are printed. Nothing is written before this."""
+        from .config import load_run_config, resume_changes
+
+        tag = checkpoint.find_latest(self.ckpt_dir)
+        saved_path = os.path.join(self.output_dir, "config.yaml")
+        if tag is None or not os.path.isfile(saved_path):
+            return  # nothing to continue: resume() starts from scratch
+        try:
+            saved = load_run_config(saved_path)
+        except ConfigError as e:
+            raise ConfigError(f"--resume: cannot read the run's saved configuration: {e}") from None
+        meta = checkpoint.read_meta(self.ckpt_dir, tag)
+        refused, allowed = resume_changes(saved, run, meta.get("world_size"), self.world)
+        if refused:
+            raise ConfigError(
+                f"--resume: {self.output_dir} (checkpoint {tag}) cannot continue with this configuration: "
+                f"these changes alter the math or the data position: {'; '.join(refused)}. Undo them, or "
+                f"start a new run in another train.output_dir (train.init_from=DIR takes its weights)")
+        if allowed and self.rank == 0:
+            print(f"--resume: continuing {tag} with these changes (they do not alter the math or the data "
+                  f"position): {'; '.join(allowed)}", flush=True)
+
     def resume(self) -> Optional[str]:
         """Load the newest committed checkpoint of output_dir (ignoring torn ones); None if none."""
         tag = checkpoint.find_latest(self.ckpt_dir)
@@ -344,8 +371,8 @@ class Trainer:
             return None
         meta = checkpoint.read_meta(self.ckpt_dir, tag)
         if meta.get("world_size") != self.world:
-            raise RuntimeError(f"checkpoint {tag} was saved by {meta.get('world_size')} ranks, this run has "
-                               f"{self.world}: resume with the same number of ranks")
+            raise ConfigError(f"--resume: checkpoint {tag} was saved by {meta.get('world_size')} ranks, this run "
+                              f"has {self.world}: resume with the same number of ranks")
         state = checkpoint.load(self.engine, self.ckpt_dir, tag)
         self.momentum.load_state_dict(state["momentum"])
         self.position = Position(epoch=meta["epoch"], batch=meta["batch"], skipped=meta.get("skipped", 0))
