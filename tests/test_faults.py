@@ -185,3 +185,24 @@ def test_resume_allows_and_logs_safe_changes(trained, tmp_path, tokenizer, capsy
     assert "train.max_steps: 1 -> 2" in printed and "train.log_every: 1 -> 5" in printed, printed
     assert tr.resume() == checkpoint.tag_for(1)
     assert tr.fit()["steps"] == 2
+
+
+# -- finding 8: a committed checkpoint is never deleted before its replacement is committed -----
+
+
+def test_saving_a_committed_step_again_keeps_the_committed_checkpoint(tmp_path, tokenizer):
+    """The end-of-epoch save after a periodic save of the same step used to delete the committed
+    tag and rewrite it (a SIGKILL in between left latest_good pointing at nothing)."""
+    from blipfast.train.trainer import Trainer
+
+    run = zero2_run(tmp_path, save_every_steps=2, epochs=1)  # 4 steps: saves at 2 and 4, epoch end at 4
+    tr = Trainer(run, loader=SameBatchLoader(), tokenizer=tokenizer)
+    tr.fit()
+    tag_dir = only_tag(run.train.output_dir)
+    committed = open(os.path.join(tag_dir, checkpoint.COMMITTED)).read()
+    sentinel = os.path.join(tag_dir, "sentinel")  # not in the manifest: any rmtree of the tag removes it
+    open(sentinel, "w").close()
+    tr.save()  # the same step again
+    assert os.path.exists(sentinel), "the committed checkpoint was deleted to be rewritten"
+    assert open(os.path.join(tag_dir, checkpoint.COMMITTED)).read() == committed
+    assert checkpoint.is_committed(tag_dir)

@@ -11,7 +11,8 @@ Layout of `output_dir/checkpoints/`:
 DeepSpeed writes its own files in place and its `latest` pointer without waiting for the other
 ranks, so a crash while saving can leave a torn tag. Here a tag counts only once its COMMITTED
 marker exists and every file the manifest lists has the recorded size; `find_latest` ignores the
-rest, and a later save of the same tag first deletes the torn one.
+rest, and a later save of the same tag first deletes the torn one. A committed tag is never
+deleted before a newer one is committed (saving a committed step again keeps it as it is).
 """
 from __future__ import annotations
 
@@ -160,9 +161,14 @@ def save(engine, ckpt_dir: str, global_step: int, meta: Dict, momentum_state: Di
     tag = tag_for(global_step)
     tag_dir = os.path.join(ckpt_dir, tag)
     rank = _rank()
+    if is_committed(tag_dir):
+        # This step is already committed (a periodic save, then the end-of-epoch one): keep it. Both
+        # positions resume identically, and deleting it first would leave nothing if killed meanwhile.
+        _barrier()
+        return tag
     if rank == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
-        if os.path.isdir(tag_dir):  # a torn (or stale) save of the same step: start clean
+        if os.path.isdir(tag_dir):  # a torn save of the same step (never committed): start clean
             shutil.rmtree(tag_dir)
     _barrier()
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"blipfast": meta}, save_latest=False)

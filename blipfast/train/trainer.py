@@ -329,6 +329,9 @@ class Trainer:
     def save(self) -> str:
         meta = {"epoch": self.position.epoch, "batch": self.position.batch, "global_step": self.global_step,
                 "skipped": self.position.skipped, "world_size": self.world, "zero_stage": self.stage}
+        if checkpoint.is_committed(os.path.join(self.ckpt_dir, checkpoint.tag_for(self.global_step))):
+            self.last_saved = checkpoint.tag_for(self.global_step)  # committed already: kept as it is
+            return self.last_saved
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.global_step, meta, self.momentum.state_dict(),
                               self.run.train.keep_last)
         self.last_saved = tag
