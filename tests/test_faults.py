@@ -206,3 +206,25 @@ def test_saving_a_committed_step_again_keeps_the_committed_checkpoint(tmp_path, 
     assert os.path.exists(sentinel), "the committed checkpoint was deleted to be rewritten"
     assert open(os.path.join(tag_dir, checkpoint.COMMITTED)).read() == committed
     assert checkpoint.is_committed(tag_dir)
+
+
+# -- finding 9: export names the tag it read and refuses a damaged newest checkpoint ------------
+
+
+def test_export_names_its_tag_and_refuses_a_damaged_newest(trained, tmp_path, capsys):
+    from blipfast.train import export
+
+    out = copy_run(trained, tmp_path)
+    good = os.path.basename(only_tag(out))
+    assert export.main([out, "--out", str(tmp_path / "a.pth")]) == 0
+    assert f"exported checkpoint {good}" in capsys.readouterr().out
+
+    newer = os.path.join(out, "checkpoints", checkpoint.tag_for(2))
+    shutil.copytree(only_tag(out), newer)
+    os.truncate(os.path.join(newer, "rank0.pt"), 10)  # a truncated file
+    assert export.main([out, "--out", str(tmp_path / "b.pth")]) == 2
+    err = capsys.readouterr().err
+    assert checkpoint.tag_for(2) in err and f"--tag {good}" in err, err
+    assert not (tmp_path / "b.pth").exists()
+    assert export.main([out, "--out", str(tmp_path / "b.pth"), "--tag", good]) == 0
+    assert f"exported checkpoint {good}" in capsys.readouterr().out

@@ -111,21 +111,37 @@ def _manifest(tag_dir: str) -> Dict[str, int]:
     return files
 
 
-def is_committed(tag_dir: str) -> bool:
-    """COMMITTED exists and every file it lists is present with its recorded size."""
+def commit_problem(tag_dir: str) -> Optional[str]:
+    """None when tag_dir is committed: COMMITTED exists and every file it lists is present with its
+    recorded size. Otherwise what is wrong, in words."""
     marker = os.path.join(tag_dir, COMMITTED)
     if not os.path.isfile(marker):
-        return False
+        return "no COMMITTED marker (a save that did not finish)"
     try:
         with open(marker) as f:
             info = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
+    except (OSError, json.JSONDecodeError) as e:
+        return f"unreadable COMMITTED marker ({e})"
     for rel, size in info.get("files", {}).items():
         full = os.path.join(tag_dir, rel)
-        if not os.path.isfile(full) or os.path.getsize(full) != size:
-            return False
-    return True
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != size:
+            return f"{rel} has {os.path.getsize(full)} bytes, the manifest says {size}"
+    return None
+
+
+def is_committed(tag_dir: str) -> bool:
+    """COMMITTED exists and every file it lists is present with its recorded size."""
+    return commit_problem(tag_dir) is None
+
+
+def all_tags(ckpt_dir: str) -> List[str]:
+    """Every tag directory, committed or not, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(t for t in os.listdir(ckpt_dir)
+                  if t.startswith(TAG_PREFIX) and os.path.isdir(os.path.join(ckpt_dir, t)))
 
 
 def committed_tags(ckpt_dir: str) -> List[str]:
