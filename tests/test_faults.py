@@ -228,3 +228,37 @@ def test_export_names_its_tag_and_refuses_a_damaged_newest(trained, tmp_path, ca
     assert not (tmp_path / "b.pth").exists()
     assert export.main([out, "--out", str(tmp_path / "b.pth"), "--tag", good]) == 0
     assert f"exported checkpoint {good}" in capsys.readouterr().out
+
+
+# -- finding 7: a forward that raises changes no state ------------------------------------------
+
+
+def _batch(cfg, B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    ids = torch.randint(7, cfg.text.vocab_size, (B, cfg.max_text_len), generator=g)
+    ids[:, 0] = 2
+    return images, ids, torch.ones_like(ids)
+
+
+@pytest.mark.parametrize("fault", ["nan_pixel", "batch_of_one"])
+def test_a_forward_that_raises_leaves_queue_and_pointer_untouched(fault):
+    from blipfast import BlipForPretraining
+    from train_common import tiny_model_config
+
+    torch.manual_seed(0)
+    model = BlipForPretraining(tiny_model_config(queue_size=16)).train()
+    images, ids, mask = _batch(model.config, 4)
+    model(images, ids, mask, 0.4)  # one clean step: the pointer is now 4
+    state = {k: v.clone() for k, v in model.state_dict().items() if k in ("image_queue", "text_queue", "queue_ptr")}
+    if fault == "nan_pixel":
+        bad_images, bad_ids, bad_mask = images.clone(), ids, mask
+        bad_images[1, 0, 3, 3] = float("nan")
+    else:
+        bad_images, bad_ids, bad_mask = images[:1], ids[:1], mask[:1]
+    with pytest.raises(ValueError):
+        model(bad_images, bad_ids, bad_mask, 0.4)
+    for k, v in state.items():
+        assert torch.equal(model.state_dict()[k], v), f"{k} changed by a forward that raised"
+    out = model(*_batch(model.config, 4, seed=1), 0.4)
+    assert torch.isfinite(out.loss_itc)
