@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
+    if "stopped" in result:  # preempted: the checkpoint is committed, --resume continues
+        return 0
     if trainer.rank == 0:
         print(f"done: {result['steps']} steps, wall time {time.perf_counter() - t0:.1f} s "
               f"(outputs in {run.train.output_dir})", flush=True)

@@ -16,7 +16,9 @@ import contextlib
 import json
 import os
 import random
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
@@ -30,7 +32,7 @@ from blipfast.models.blip import TEMP_MAX, TEMP_MIN
 
 from . import checkpoint, schedule
 from .config import RunConfig, build_deepspeed_config, save_resolved
-from .logging import RunLogger, peak_flops, pretrain_flops_per_sample
+from .logging import RunLogger, peak_flops, pretrain_flops_per_sample, truncate_metrics
 from .momentum import MomentumState, NoMomentum, autocast_context, register_zero3_external_params
 from .tasks import first_caption as _first_caption
 from .tasks import get_task
@@ -112,6 +114,7 @@ class MicroResult:
     tokens: float  # text tokens (attention mask) over all ranks
     skipped: bool = False
     nonfinite: Tuple[str, ...] = ()
+    stop: Optional[str] = None  # SIGTERM / SIGUSR1 reached some rank (all-reduced: every rank agrees)
 
 
 @dataclass
@@ -190,6 +193,7 @@ class Trainer:
         self.position = Position()
         self.last_saved: Optional[str] = None  # tag of the newest checkpoint this run saved or resumed from
         self.logger: Optional[RunLogger] = None
+        self._signal: Optional[int] = None  # SIGTERM / SIGUSR1 received (handlers: fit)
         if self.rank == 0:
             save_resolved(run, self.ds_config, self.output_dir)
 
@@ -261,8 +265,11 @@ class Trainer:
                 negatives, self)
         local = torch.stack([loss.detach().float()] + [parts[k].detach().float() for k in names])
         flags = (~torch.isfinite(local[1:])).float()
-        vec = torch.cat([flags, local, mask.sum().float()[None]])  # (n flags, 1 + n losses, tokens)
+        stop = local.new_tensor([float(self._signal == s) for s in self.STOP_SIGNALS])
+        vec = torch.cat([flags, local, stop, mask.sum().float()[None]])  # (n flags, 1 + n losses, signals, tokens)
         vec = self._all_reduce(vec.clone()).cpu()  # one small collective per micro-batch
+        got = [s for s, f in zip(self.STOP_SIGNALS, vec[2 * n + 1:-1]) if f > 0]
+        stop_any = got[0].name if got else None
         local_cpu = local.cpu()
         local_d = {"loss": float(local_cpu[0]), **{k: float(v) for k, v in zip(names, local_cpu[1:])}}
         bad = tuple(k for k, f in zip(names, vec[:n]) if f > 0)
@@ -277,11 +284,11 @@ class Trainer:
             self.position.skipped += 1
             if self.logger:
                 self.logger.print(f"WARNING: {where}: skipped (train.nan_policy=skip; {self.position.skipped} so far)")
-            return MicroResult({}, local_d, float(vec[-1]), skipped=True, nonfinite=bad)
+            return MicroResult({}, local_d, float(vec[-1]), skipped=True, nonfinite=bad, stop=stop_any)
         self.engine.backward(loss)
         mean = vec[n:2 * n + 1] / self.world
         losses = {"loss": float(mean[0]), **{k: float(v) for k, v in zip(names, mean[1:])}}
-        return MicroResult(losses, local_d, float(vec[-1]))
+        return MicroResult(losses, local_d, float(vec[-1]), stop=stop_any)
 
     def optimizer_step(self, epoch: int, index: int) -> bool:
         """engine.step() for this micro-batch with the schedule's lr; True at an optimizer step."""
@@ -382,9 +389,27 @@ class Trainer:
         self.last_saved = tag
         checkpoint.set_rng_state(state["rng"])  # last: nothing above may draw random numbers after it
         if self.rank == 0:
+            truncate_metrics(self.output_dir, meta["global_step"])  # those steps are about to run again
             print(f"resumed from {os.path.join(self.ckpt_dir, tag)}: epoch {meta['epoch']}, batch "
                   f"{meta['batch']}, step {meta['global_step']}", flush=True)
         return tag
+
+    # -- preemption ----------------------------------------------------------------------------
+
+    STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum  # acted on after the current step (forward_backward all-reduces it)
+
+    def _install_signal_handlers(self) -> Dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal handlers can only be set from the main thread
+        return {s: signal.signal(s, self._on_signal) for s in self.STOP_SIGNALS}
+
+    @staticmethod
+    def _restore_signal_handlers(previous: Dict) -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -408,6 +433,8 @@ class Trainer:
                       f"steps/epoch ({len(self.loader)} batches/rank; the last incomplete batch of each epoch "
                       f"is dropped), {total} steps in all, device {self.device}")
         done = self.global_step >= total
+        stop = None  # a preemption signal's name once it reached some rank: stop at the next optimizer step
+        previous = self._install_signal_handlers()
         acc: Dict[str, float] = {}
         n_acc, tokens, wait = 0, 0.0, 0.0
         while not done and self.position.epoch < cfg.epochs:
@@ -423,6 +450,7 @@ class Trainer:
                                        f"{len(self.loader)}") from None
                 wait += time.perf_counter() - t0
                 res = self.forward_backward(batch, epoch, i)
+                stop = stop or res.stop
                 tokens += res.tokens
                 stepped = False
                 if not res.skipped:
@@ -444,7 +472,7 @@ class Trainer:
                     extra = {"alpha": record["alpha"], "temp": self.temperature()} if self.task.has_momentum else {}
                     log.flush_window(gs, {"lr": record["lr"], **extra, "epoch": epoch,
                                           "skipped": self.position.skipped})
-                if gs >= total:
+                if gs >= total or stop:
                     done = True
                     break
                 if cfg.save_every_steps and gs % cfg.save_every_steps == 0:
@@ -455,7 +483,14 @@ class Trainer:
                     self.save()
         if self.global_step > 0 and self.last_saved != checkpoint.tag_for(self.global_step):
             self.save()
+        self._restore_signal_handlers(previous)
         result = {"steps": self.global_step, "skipped": self.position.skipped}
+        if stop and self.global_step < total:
+            result["stopped"] = stop
+            log.print(f"stopping on {stop} after step {self.global_step}: checkpoint {self.last_saved} committed; "
+                      f"continue with --resume")
+            log.close()
+            return result
         if cfg.eval.enabled:
             result["eval"] = self.evaluate()
         log.close()
