@@ -262,3 +262,41 @@ def test_a_forward_that_raises_leaves_queue_and_pointer_untouched(fault):
         assert torch.equal(model.state_dict()[k], v), f"{k} changed by a forward that raised"
     out = model(*_batch(model.config, 4, seed=1), 0.4)
     assert torch.isfinite(out.loss_itc)
+
+
+# -- finding 6: 16-bit PNGs under data.backend=torch are scaled as DALI scales them -------------
+
+
+def test_16bit_grayscale_png_is_scaled_like_dali():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from blipfast.data.torch_pipeline import decode_rgb
+
+    vals = np.array([0, 1, 128, 255, 256, 1000, 20000, 32767, 32768, 65280, 65535], dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(vals, (3, 1))).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    got = np.asarray(decode_rgb(buf.getvalue()))
+    want = np.rint(vals / 257.0).astype(np.uint8)  # what DALI's decoder gives (checked below when installed)
+    assert got.shape == (3, len(vals), 3) and got.dtype == np.uint8
+    for c in range(3):
+        assert got[0, :, c].tolist() == want.tolist()
+    try:
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+        from nvidia.dali import pipeline_def
+    except ImportError:
+        return
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        x = fn.external_source(source=lambda: [np.frombuffer(buf.getvalue(), np.uint8)], batch=True,
+                               dtype=types.UINT8)
+        return fn.decoders.image(x, device="cpu", output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    assert np.array_equal(np.array(p.run()[0][0]), got)
