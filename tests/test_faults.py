@@ -300,3 +300,104 @@ def test_16bit_grayscale_png_is_scaled_like_dali():
     p = pipe()
     p.build()
     assert np.array_equal(np.array(p.run()[0][0]), got)
+
+
+# -- finding 10: one clear line and exit 2 instead of a traceback --------------------------------
+
+
+def test_unwritable_output_directory_is_a_config_error(tmp_path, tokenizer):
+    from blipfast.train.trainer import Trainer
+
+    (tmp_path / "file").write_text("not a directory")
+    run = zero2_run(tmp_path, max_steps=1)
+    run.train.output_dir = str(tmp_path / "file" / "run")
+    with pytest.raises(ConfigError, match=r"train.output_dir .*file/run.* cannot be written"):
+        Trainer(run, loader=SameBatchLoader(), tokenizer=tokenizer)
+
+
+def test_checkpoint_directory_that_becomes_unwritable_names_it(tmp_path, tokenizer):
+    from blipfast.train.checkpoint import CheckpointWriteError
+    from blipfast.train.trainer import Trainer
+
+    run = zero2_run(tmp_path, max_steps=2, save_every_steps=1)
+    tr = Trainer(run, loader=SameBatchLoader(), tokenizer=tokenizer)
+    with open(tr.ckpt_dir, "w") as f:  # where the checkpoints go is now a file
+        f.write("x")
+    with pytest.raises(CheckpointWriteError, match=r"cannot write checkpoint .*checkpoints"):
+        tr.fit()
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, "truncated"])
+def test_bad_weight_files_in_eval_and_capfilt_are_config_errors(trained, tmp_path, content):
+    from blipfast.capfilt import load_model
+    from blipfast.train.export import export
+
+    path = tmp_path / "w.pth"
+    if content == "truncated":
+        export(trained, str(path))
+        os.truncate(path, os.path.getsize(path) // 2)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=str(path)):
+        load_model(_pretrain_model(), str(path))
+
+
+def test_capfilt_with_weights_of_another_model_size_exits_2(trained, tmp_path, capsys):
+    from blipfast import capfilt
+
+    import yaml
+
+    cfg = tmp_path / "capfilt.yaml"
+    shutil.copytree(trained, tmp_path / "run")
+    model = tmp_path / "model.yaml"
+    model.write_text(yaml.safe_dump(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]))
+    cfg.write_text(
+        f"model: {model}\n"
+        f"data: {{format: synthetic, synthetic: {{out_dir: {tmp_path / 'syn'}, num_train: 8, num_val: 4, image_size: 32}}, "
+        f"backend: torch, cache_dir: none}}\n"
+        f"capfilt: {{captioner: {tmp_path / 'run'}, filter: {tmp_path / 'run'}, init_from_pretrain: true, "
+        f"out_dir: {tmp_path / 'out'}}}\n")
+    rc = capfilt.main(["--config", str(cfg), "model.text.intermediate_size=128", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "shape" in err and "Traceback" not in err, err
+
+
+def test_export_into_a_missing_directory_exits_2(trained, tmp_path, capsys):
+    from blipfast.train import export
+
+    assert export.main([trained, "--out", str(tmp_path / "nowhere" / "x.pth")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_unquoted_brace_shards_are_caught():
+    from blipfast.config import parse_overrides
+
+    # what bash makes of data.shards=[d/{000..002}.tar] unquoted
+    with pytest.raises(ConfigError, match="quote"):
+        parse_overrides(["data.shards=[d/000.tar]", "data.shards=[d/001.tar]", "data.shards=[d/002.tar]"])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_overrides(["data.shards=[d/{000..002}.tar]"])  # braces in an unquoted YAML list
+    assert parse_overrides(['data.shards=["d/{000..002}.tar"]', "train.lr=1"]) == {
+        "data.shards": ["d/{000..002}.tar"], "train.lr": 1}
+
+
+@pytest.mark.parametrize("bad", ["float", "out_of_vocab", "negative"])
+def test_bad_input_ids_raise_a_clear_error(bad):
+    from blipfast import BlipForPretraining
+    from train_common import tiny_model_config
+
+    model = BlipForPretraining(tiny_model_config()).train()
+    images, ids, mask = _batch(model.config, 4)
+    if bad == "float":
+        ids = ids.float()
+    else:
+        ids[2, 3] = model.config.text.vocab_size + 5 if bad == "out_of_vocab" else -1
+    with pytest.raises(ValueError, match="input_ids"):
+        model(images, ids, mask, 0.4)
+
+
+def test_eval_given_a_directory_that_is_not_a_training_output(tmp_path):
+    from blipfast.capfilt import load_model
+
+    with pytest.raises(FileNotFoundError, match="not a training output directory"):
+        load_model(_pretrain_model(), str(tmp_path))

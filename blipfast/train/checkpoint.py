@@ -34,6 +34,19 @@ MOMENTUM_FILE = "momentum.pt"
 TAG_PREFIX = "step"
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint cannot be written (the directory vanished, became a file, is read-only or full)."""
+
+
+def _writable(ckpt_dir: str) -> None:
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot write checkpoint in {ckpt_dir}: {e.strerror or e}") from None
+    if not os.access(ckpt_dir, os.W_OK | os.X_OK):
+        raise CheckpointWriteError(f"cannot write checkpoint in {ckpt_dir}: permission denied")
+
+
 def tag_for(global_step: int) -> str:
     return f"{TAG_PREFIX}{global_step:08d}"
 
@@ -177,6 +190,7 @@ def save(engine, ckpt_dir: str, global_step: int, meta: Dict, momentum_state: Di
     tag = tag_for(global_step)
     tag_dir = os.path.join(ckpt_dir, tag)
     rank = _rank()
+    _writable(ckpt_dir)  # every rank, before any collective: all of them stop with the same message
     if is_committed(tag_dir):
         # This step is already committed (a periodic save, then the end-of-epoch one): keep it. Both
         # positions resume identically, and deleting it first would leave nothing if killed meanwhile.
@@ -187,10 +201,14 @@ def save(engine, ckpt_dir: str, global_step: int, meta: Dict, momentum_state: Di
         if os.path.isdir(tag_dir):  # a torn save of the same step (never committed): start clean
             shutil.rmtree(tag_dir)
     _barrier()
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"blipfast": meta}, save_latest=False)
-    atomic_torch_save({"rng": rng_state(), "meta": meta}, os.path.join(tag_dir, f"rank{rank}.pt"))
-    if rank == 0:
-        atomic_torch_save(momentum_state, os.path.join(tag_dir, MOMENTUM_FILE))
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"blipfast": meta}, save_latest=False)
+        atomic_torch_save({"rng": rng_state(), "meta": meta}, os.path.join(tag_dir, f"rank{rank}.pt"))
+        if rank == 0:
+            atomic_torch_save(momentum_state, os.path.join(tag_dir, MOMENTUM_FILE))
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot write checkpoint {tag_dir}: {e.strerror or e} (the newest committed "
+                                   f"checkpoint, {find_latest(ckpt_dir)}, is intact)") from None
     _barrier()  # every rank's files are on disk
     if rank == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1

@@ -158,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--task", default=None, help="with --format hf: captioning, retrieval or vqa")
     a = p.parse_args(argv)
     try:
+        parent = os.path.dirname(os.path.abspath(a.out))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"--out {a.out}: the directory {parent} does not exist")
         tag = resolve_tag(a.output_dir, a.tag)
         path = export(a.output_dir, a.out, a.format, tag, a.task)
     except (FileNotFoundError, ValueError) as e:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import sys
 import zipfile
 from typing import Iterable, Iterator, List
 
@@ -41,6 +42,10 @@ def _allowlist() -> List:
     except AttributeError:  # pragma: no cover - numpy 1.x
         out.append(np.core.multiarray._reconstruct)
     out.extend(type(np.dtype(t)) for t in ("uint32", "int64", "float64"))  # numpy 2's dtype classes
+    if "deepspeed" not in sys.modules:
+        # Only DeepSpeed's own files need its classes, and whoever reads them has imported it;
+        # importing it here would print its accelerator banner in the evaluation CLIs.
+        return out
     try:  # DeepSpeed's optimizer shards: the ZeRO stage, the loss scaler and fragment addresses
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum

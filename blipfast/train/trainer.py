@@ -144,6 +144,14 @@ class Trainer:
         self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
         if resume:
             self._check_resume(run)  # before anything is written
+        try:  # a clear error now, not a traceback from the first write
+            os.makedirs(self.output_dir, exist_ok=True)
+            probe = os.path.join(self.output_dir, f".write_test.{socket.gethostname()}.{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise ConfigError(f"{run.source}: train.output_dir {self.output_dir} cannot be written: "
+                              f"{e.strerror or e}") from None
         self.negatives_fn = negatives_fn
         self.eval_set = eval_set
 
