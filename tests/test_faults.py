@@ -401,3 +401,22 @@ def test_eval_given_a_directory_that_is_not_a_training_output(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="not a training output directory"):
         load_model(_pretrain_model(), str(tmp_path))
+
+
+# -- finding 12 (in process): metrics.jsonl keeps one row per step across a resume --------------
+
+
+def test_resume_from_an_older_checkpoint_does_not_repeat_metrics_rows(tmp_path, tokenizer):
+    from blipfast.train.trainer import Trainer
+
+    run = zero2_run(tmp_path, max_steps=3, save_every_steps=1, keep_last=0)
+    Trainer(run, loader=SameBatchLoader(), tokenizer=tokenizer).fit()
+    ckpt = os.path.join(run.train.output_dir, "checkpoints")
+    for step in (2, 3):  # as if killed after logging step 3 with step 1 the newest checkpoint
+        shutil.rmtree(os.path.join(ckpt, checkpoint.tag_for(step)))
+    tr = Trainer(run, loader=SameBatchLoader(), tokenizer=tokenizer, resume=True)
+    assert tr.resume() == checkpoint.tag_for(1)
+    tr.fit()
+    with open(os.path.join(run.train.output_dir, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [1, 2, 3]
