@@ -420,3 +420,69 @@ def test_resume_from_an_older_checkpoint_does_not_repeat_metrics_rows(tmp_path, 
     with open(os.path.join(run.train.output_dir, "metrics.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f]
     assert steps == [1, 2, 3]
+
+
+# -- finding 4: annotation paths stay under data.image_root; only regular files, reads capped ----
+
+
+def _jpeg(path, size=16, color=(200, 30, 30)):
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (size, size), color).save(path, format="JPEG")
+
+
+def _index_in_thread(cfg, timeout=120):
+    import threading
+
+    from blipfast.data.index import build_train_index
+
+    box = {}
+
+    def work():
+        try:
+            box["index"] = build_train_index(cfg)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "indexing hangs (a FIFO opened for reading?)"
+    if "error" in box:
+        raise box["error"]
+    return box["index"]
+
+
+def test_annotation_paths_are_confined_to_the_image_root(tmp_path):
+    from blipfast.data import DataConfig
+
+    root = tmp_path / "data" / "images"
+    _jpeg(str(root / "good.jpg"))
+    _jpeg(str(tmp_path / "outside" / "x.jpg"))
+    _jpeg(str(root / "big.jpg"), size=256)
+    big = os.path.getsize(root / "big.jpg")
+    os.mkfifo(root / "fifo.jpg")
+    ann = [{"image": "good.jpg", "caption": "a red square"},
+           {"image": "../../outside/x.jpg", "caption": "escape by dots"},
+           {"image": str(tmp_path / "outside" / "x.jpg"), "caption": "escape by an absolute path"},
+           {"image": "../../../../../../../../etc/passwd", "caption": "read a system file"},
+           {"image": "fifo.jpg", "caption": "a fifo"},
+           {"image": "big.jpg", "caption": "too large"}]
+    (tmp_path / "data" / "ann.json").write_text(json.dumps(ann))
+    cfg = DataConfig(format="json", ann_files=[str(tmp_path / "data" / "ann.json")], image_root=str(root),
+                     cache_dir="none", max_image_bytes=big - 1)
+    index = _index_in_thread(cfg)
+    assert index.names == [str(root / "good.jpg")]
+    assert index.stats["outside_root"] == 3 and index.stats["skipped_samples"] == 5, index.stats
+
+    cfg.allow_outside_root = True
+    cfg.max_image_bytes = big
+    index = _index_in_thread(cfg)
+    assert sorted(os.path.basename(n) for n in index.names) == ["big.jpg", "good.jpg", "x.jpg", "x.jpg"]
+    assert index.stats["skipped_corrupt"] == 2  # /etc/passwd is no image, the fifo no regular file
+    # a file that grew past the cap after indexing is not read in full either
+    index.max_bytes = big - 1
+    row = [os.path.basename(n) for n in index.names].index("big.jpg")
+    with pytest.raises(OSError, match="max_image_bytes"):
+        index.read_image_bytes(row)
