@@ -486,3 +486,61 @@ def test_annotation_paths_are_confined_to_the_image_root(tmp_path):
     row = [os.path.basename(n) for n in index.names].index("big.jpg")
     with pytest.raises(OSError, match="max_image_bytes"):
         index.read_image_bytes(row)
+
+
+# -- finding 11: retrieval fine-tuning gets its image ids, fp32 ITC and the non-finite guard ----
+
+
+def test_train_index_merges_entries_of_the_same_image_id(tmp_path):
+    from blipfast.data import DataConfig
+    from blipfast.data.index import build_train_index
+
+    root = tmp_path / "images"
+    for name, color in (("a.jpg", (200, 0, 0)), ("b.jpg", (0, 200, 0))):
+        _jpeg(str(root / name), color=color)
+    ann = [{"image": "a.jpg", "caption": "a red square", "image_id": "coco_7"},  # Karpathy train: one entry
+           {"image": "b.jpg", "caption": "a green square", "image_id": "coco_9"},  # per caption
+           {"image": "a.jpg", "caption": "red again", "image_id": "coco_7"}]
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    index = build_train_index(DataConfig(format="json", ann_files=[str(tmp_path / "ann.json")],
+                                         image_root=str(root), cache_dir="none"))
+    assert index.num_images == 2
+    assert index.sample_image.tolist() == [0, 1, 0]  # both captions of coco_7 share one image id
+
+
+def test_retrieval_itc_runs_in_fp32_without_autocast(monkeypatch):
+    from blipfast.kernels import reference as ref
+    from blipfast.models.retrieval import BlipForRetrieval
+    from train_common import tiny_model_config
+
+    seen = []
+    real = ref.itc_loss_retrieval
+
+    def recording(*args, **kwargs):  # calls the real loss; records how it was called
+        seen.append((torch.is_autocast_enabled("cpu"), {a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()}))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ref, "itc_loss_retrieval", recording)
+    model = BlipForRetrieval(tiny_model_config()).train()
+    images, ids, mask = _batch(model.config, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images, ids, mask, 0.4, idx=torch.tensor([0, 1, 0, 2]))
+    assert seen == [(False, {torch.float32})], seen
+
+
+class NanBatchLoader(SameBatchLoader):
+    def epoch(self, epoch, start_step=0):
+        for i, b in enumerate(super().epoch(epoch, start_step), start=start_step):
+            if i == 1:
+                b = dict(b, images=b["images"].clone())
+                b["images"][0, 0, 0, 0] = float("nan")
+            yield b
+
+
+def test_nonfinite_guard_covers_retrieval_negatives(tmp_path, tokenizer):
+    from blipfast.train.trainer import Trainer
+
+    run = run_config(tmp_path, "retrieval", max_steps=3, nan_policy="skip")
+    tr = Trainer(run, loader=NanBatchLoader(), tokenizer=tokenizer)
+    result = tr.fit()  # the NaN batch is skipped on every rank, not raised half-way through a forward
+    assert result["skipped"] == 1 and result["steps"] == 3

@@ -205,6 +205,7 @@ class _Builder:
         self.captions: List[str] = []
         self.stats = dict(missing=0, skipped_corrupt=0, skipped_samples=0, missing_caption=0, empty_caption=0)
         self.examples: Dict[str, List[str]] = {}
+        self.rows: Dict[object, int] = {}  # image key (image_id, else the path) -> row
 
     def note(self, what: str, text: str) -> None:
         self.stats[what] = self.stats.get(what, 0) + 1
@@ -212,14 +213,26 @@ class _Builder:
         if len(ex) < 3:
             ex.append(text)
 
-    def add(self, name, file, offset, size, w, h, captions: Sequence[str]) -> None:
+    def add(self, name, file, offset, size, w, h, captions: Sequence[str], key=None) -> None:
+        """key: what identifies the image (an annotation's image_id, else its name): entries with the
+        same key share one row, i.e. one image id (the original maps each image_id to one index)."""
         cleaned = [pre_caption(c, self.max_words) for c in captions]
         kept = [c for c in cleaned if c]
         for _ in range(len(cleaned) - len(kept)):
             self.note("empty_caption", name)
         if not kept:
             return
+        key = ("name", name) if key is None else key
+        if key in self.rows:
+            row = self.rows[key]
+            if self.names[row] != name:
+                raise DataError(f"image_id {key[-1]!r} names two different images: {self.names[row]} and {name}")
+            for c in kept:
+                self.sample_image.append(row)
+                self.captions.append(c)
+            return
         row = len(self.names)
+        self.rows[key] = row
         self.names.append(name)
         self.files.append(file)
         self.offsets.append(offset)
@@ -325,7 +338,7 @@ def _add_json_source(b: _Builder, ann_file: str, image_root: str, cfg: DataConfi
             b.note("missing" if reason == "missing" else "skipped_corrupt", f"{p} ({reason})")
             b.stats["skipped_samples"] += len(caps)
             continue
-        b.add(p, p, 0, -1, w, h, caps)
+        b.add(p, p, 0, -1, w, h, caps, key=("image_id", ann_file, e["image_id"]) if "image_id" in e else None)
     if b.stats["missing"] - before == len(ann) - len(outside) and not outside:
         raise DataError(
             f"none of the {len(ann)} images of {ann_file} exist under the image root {root} "

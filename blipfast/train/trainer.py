@@ -103,6 +103,16 @@ class _NonRaisingNegatives:
             nxt = (torch.arange(B, device=sim_i2t.device) + 1) % B
             return nxt, nxt.clone()
 
+    def sample_retrieval_negatives(self, sim_i2t, sim_t2i, *args, **kwargs):
+        try:
+            return self.inner.sample_retrieval_negatives(sim_i2t, sim_t2i, *args, **kwargs)
+        except ValueError as e:
+            if "non-finite" not in str(e):
+                raise
+            B, C = sim_i2t.shape  # any valid columns: the loss is non-finite, the step is skipped or stopped
+            nxt = (torch.arange(B, device=sim_i2t.device) + 1) % C
+            return nxt, nxt.clone()
+
     def __repr__(self) -> str:
         return f"NonRaisingNegatives({self.inner!r})"
 
