@@ -544,3 +544,56 @@ def test_nonfinite_guard_covers_retrieval_negatives(tmp_path, tokenizer):
     tr = Trainer(run, loader=NanBatchLoader(), tokenizer=tokenizer)
     result = tr.fit()  # the NaN batch is skipped on every rank, not raised half-way through a forward
     assert result["skipped"] == 1 and result["steps"] == 3
+
+
+# -- finding 5: an image whose decode would fail inside DALI is skipped and counted, named ------
+
+
+def _break_huffman_table(path):
+    """Make the first DHT segment invalid (code counts summing past 256): the header still parses."""
+    data = bytearray(open(path, "rb").read())
+    at = data.index(b"\xff\xc4")
+    data[at + 5:at + 21] = b"\xff" * 16
+    st = os.stat(path)
+    open(path, "wb").write(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _bit_rot(path):
+    """Zero the first bytes, same size and same mtime: a warm image-check cache still trusts it."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.write(b"\0" * 64)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("fault", ["bit_rot_behind_warm_cache", "broken_huffman_header_mode"])
+def test_an_image_that_fails_to_decode_at_read_time_is_skipped(tmp_path, tokenizer, backend, fault, caplog):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    from blipfast.data import DataConfig
+    from blipfast.data.index import build_train_index
+    from blipfast.data.loader import PretrainLoader
+
+    root = tmp_path / "images"
+    ann = []
+    for i in range(8):
+        _jpeg(str(root / f"{i}.jpg"), size=24, color=(30 * i, 100, 200 - 20 * i))
+        ann.append({"image": f"{i}.jpg", "caption": f"square number {i}"})
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    mode = "header" if fault == "broken_huffman_header_mode" else "decode"
+    cfg = DataConfig(format="json", ann_files=[str(tmp_path / "ann.json")], image_root=str(root), backend=backend,
+                     decode="cpu", cache_dir=str(tmp_path / "cache"), check_images=mode, num_threads=1,
+                     rand_augment=False)
+    build_train_index(cfg)  # warms the cache
+    bad = str(root / "3.jpg")
+    (_bit_rot if fault == "bit_rot_behind_warm_cache" else _break_huffman_table)(bad)
+    index = build_train_index(cfg)
+    assert index.num_images == 8  # the change is invisible to the (cached or header) check
+    loader = PretrainLoader(cfg, index, tokenizer, image_size=16, batch_size=4, max_length=8)
+    with caplog.at_level("WARNING", logger="blipfast.data"):
+        batches = list(loader.epoch(0))
+    assert len(batches) == 2 and all(torch.isfinite(b["images"]).all() for b in batches)
+    assert loader.stats["corrupt_at_read"] == 1, loader.stats
+    assert bad in caplog.text

@@ -25,11 +25,12 @@ import logging
 import os
 import re
 import stat
+import zlib
 import tarfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -41,7 +42,7 @@ log = logging.getLogger("blipfast.data")
 # Formats DALI's image decoder reads (PIL format names).
 DALI_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # webdataset image components, in order of preference
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: checks record the bytes' CRC-32
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # DataConfig.max_image_bytes
 
 
@@ -59,6 +60,8 @@ class SampleIndex:
     captions: List[str]  # per sample: cleaned caption
     stats: Dict[str, int] = field(default_factory=dict)
     max_bytes: int = DEFAULT_MAX_BYTES  # data.max_image_bytes: a whole-file image larger than this is not read
+    crcs: Optional[np.ndarray] = None  # int64 per image: CRC-32 of the bytes that passed the check (-1: unknown)
+    check_mode: str = ""  # data.check_images the index was built with ("header": not decoded yet)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -203,6 +206,7 @@ class _Builder:
         self.heights: List[int] = []
         self.sample_image: List[int] = []
         self.captions: List[str] = []
+        self.crcs: List[int] = []
         self.stats = dict(missing=0, skipped_corrupt=0, skipped_samples=0, missing_caption=0, empty_caption=0)
         self.examples: Dict[str, List[str]] = {}
         self.rows: Dict[object, int] = {}  # image key (image_id, else the path) -> row
@@ -213,7 +217,7 @@ class _Builder:
         if len(ex) < 3:
             ex.append(text)
 
-    def add(self, name, file, offset, size, w, h, captions: Sequence[str], key=None) -> None:
+    def add(self, name, file, offset, size, w, h, captions: Sequence[str], key=None, crc: int = -1) -> None:
         """key: what identifies the image (an annotation's image_id, else its name): entries with the
         same key share one row, i.e. one image id (the original maps each image_id to one index)."""
         cleaned = [pre_caption(c, self.max_words) for c in captions]
@@ -239,6 +243,7 @@ class _Builder:
         self.sizes.append(size)
         self.widths.append(w)
         self.heights.append(h)
+        self.crcs.append(crc)
         for c in kept:
             self.sample_image.append(row)
             self.captions.append(c)
@@ -257,6 +262,7 @@ class _Builder:
             sample_image=np.asarray(self.sample_image, dtype=np.int64),
             captions=self.captions,
             stats=dict(self.stats),
+            crcs=np.asarray(self.crcs, dtype=np.int64),
         )
 
 
@@ -286,7 +292,7 @@ def load_annotations(path: str) -> List[dict]:
 
 def _check_files(paths: List[str], mode: str, threads: int, cache: _Cache,
                  max_bytes: int = DEFAULT_MAX_BYTES) -> Dict[str, list]:
-    """path -> [size, mtime_ns, ok, w, h, reason] ('missing' reason when absent), using the cache.
+    """path -> [size, mtime_ns, ok, w, h, reason, crc32] ('missing' reason when absent), using the cache.
     Only regular files of at most max_bytes are read."""
     cached = cache.load().get("images", {})
     out, todo = {}, []
@@ -294,7 +300,7 @@ def _check_files(paths: List[str], mode: str, threads: int, cache: _Cache,
         try:
             stamp = _stamp(p)
         except OSError:
-            out[p] = [-1, -1, False, 0, 0, "missing"]
+            out[p] = [-1, -1, False, 0, 0, "missing", -1]
             continue
         hit = cached.get(p)
         if hit and hit[:2] == stamp:
@@ -307,8 +313,8 @@ def _check_files(paths: List[str], mode: str, threads: int, cache: _Cache,
         try:
             data = read_regular_file(p, max_bytes)
         except OSError as e:
-            return p, [-1, -1, False, 0, 0, f"unreadable: {e}"]
-        return p, stamp + list(check_image(data, mode))
+            return p, [-1, -1, False, 0, 0, f"unreadable: {e}", -1]
+        return p, stamp + list(check_image(data, mode)) + [zlib.crc32(data)]
 
     if todo:
         with ThreadPoolExecutor(max(1, threads)) as pool:
@@ -333,12 +339,13 @@ def _add_json_source(b: _Builder, ann_file: str, image_root: str, cfg: DataConfi
             b.note("outside_root", f"{p} ({OUTSIDE_HINT})")
             b.stats["skipped_samples"] += len(caps)
             continue
-        size, _, ok, w, h, reason = checks[p]
+        size, _, ok, w, h, reason, crc = checks[p]
         if not ok:
             b.note("missing" if reason == "missing" else "skipped_corrupt", f"{p} ({reason})")
             b.stats["skipped_samples"] += len(caps)
             continue
-        b.add(p, p, 0, -1, w, h, caps, key=("image_id", ann_file, e["image_id"]) if "image_id" in e else None)
+        b.add(p, p, 0, -1, w, h, caps, key=("image_id", ann_file, e["image_id"]) if "image_id" in e else None,
+              crc=crc)
     if b.stats["missing"] - before == len(ann) - len(outside) and not outside:
         raise DataError(
             f"none of the {len(ann)} images of {ann_file} exist under the image root {root} "
@@ -408,7 +415,8 @@ def scan_tar(path: str, mode: str, threads: int = 1) -> dict:
         _, off, size = s["image"]
         with open(path, "rb") as f:
             f.seek(off)
-            s["check"] = list(check_image(f.read(size), mode))
+            data = f.read(size)
+            s["check"] = list(check_image(data, mode)) + [zlib.crc32(data)]
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(check, [s for s in samples.values() if "image" in s]))
@@ -432,7 +440,7 @@ def _add_tar_source(b: _Builder, path: str, cfg: DataConfig) -> None:
             b.note("missing", f"{path}::{key} (no image component)")
             continue
         name, off, size = s["image"]
-        ok, w, h, reason = s["check"]
+        ok, w, h, reason, crc = s["check"]
         if not ok:
             b.note("skipped_corrupt", f"{path}::{name} ({reason})")
             b.stats["skipped_samples"] += 1
@@ -440,7 +448,7 @@ def _add_tar_source(b: _Builder, path: str, cfg: DataConfig) -> None:
         if caption is None:
             b.note("missing_caption", f"{path}::{key}")
             continue
-        b.add(f"{path}::{name}", path, off, size, w, h, [caption])
+        b.add(f"{path}::{name}", path, off, size, w, h, [caption], crc=crc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +476,7 @@ def _require_nonempty(index: SampleIndex, what: str) -> SampleIndex:
 def build_train_index(cfg: DataConfig) -> SampleIndex:
     """Index of the pre-training split; raises DataError (naming the path) when it is unusable."""
     index = _build_train_index(cfg)
-    index.max_bytes = cfg.max_image_bytes
+    index.max_bytes, index.check_mode = cfg.max_image_bytes, cfg.check_images
     return index
 
 
@@ -515,7 +523,7 @@ def build_eval_index(cfg: DataConfig) -> SampleIndex:
     _add_json_source(b, ann_file, root, cfg)
     # The same image listed in several entries (one caption each, as in COCO Karpathy train) is one image.
     index = _require_nonempty(_merge_duplicate_images(b.finish(ann_file)), ann_file)
-    index.max_bytes = cfg.max_image_bytes
+    index.max_bytes, index.check_mode = cfg.max_image_bytes, cfg.check_images
     return index
 
 
@@ -535,6 +543,8 @@ def _merge_duplicate_images(index: SampleIndex) -> SampleIndex:
     index.files = [index.files[r] for r in keep]
     index.offsets, index.sizes = index.offsets[rows], index.sizes[rows]
     index.widths, index.heights = index.widths[rows], index.heights[rows]
+    if index.crcs is not None:
+        index.crcs = index.crcs[rows]
     index.sample_image = remap[index.sample_image]
     index.stats["num_images"] = len(keep)
     return index

@@ -120,9 +120,9 @@ def _build(cfg: DataConfig, files: Sequence[str], held_out: bool) -> VqaIndex:
         checks = _check_files([p for p in paths if p not in outside], cfg.check_images, cfg.num_threads, cache,
                               cfg.max_image_bytes)
         for p in outside:
-            checks[p] = [-1, -1, False, 0, 0, OUTSIDE_HINT]
+            checks[p] = [-1, -1, False, 0, 0, OUTSIDE_HINT, -1]
         for n, (e, p) in enumerate(zip(ann, paths)):
-            _, _, ok, w, h, reason = checks[p]
+            _, _, ok, w, h, reason, _ = checks[p]
             if not ok:
                 stats["missing" if reason == "missing" else "skipped_corrupt"] += 1
                 stats["skipped_samples"] += 1
