@@ -41,11 +41,17 @@ def _ds_state_dict(ckpt_dir: str, tag: str) -> Dict[str, torch.Tensor]:
     tag_dir = os.path.join(ckpt_dir, tag)
     safe_load.check_files(safe_load.pickle_files(tag_dir))
     stage0 = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
-    if os.path.isfile(stage0) and not any(n.endswith("optim_states.pt") for n in os.listdir(tag_dir)):
-        # ZeRO stage 0 keeps the whole model in mp_rank_00_model_states.pt (zero_to_fp32 cannot read it)
-        return {k: v.float() if v.is_floating_point() else v for k, v in safe_load.load(stage0)["module"].items()}
-    with safe_load.weights_only_loads():
-        return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag))
+    if not os.path.isfile(stage0) or any(n.endswith("optim_states.pt") for n in os.listdir(tag_dir)):
+        try:
+            with safe_load.weights_only_loads():
+                return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag))
+        except safe_load.UnsafeCheckpointError:
+            raise
+        except (ValueError, FileNotFoundError, TypeError):  # deepspeed 0.19.8: TypeError on a stage-0 checkpoint
+            if not os.path.isfile(stage0):
+                raise
+    # ZeRO stage 0 keeps the whole model in mp_rank_00_model_states.pt (zero_to_fp32 cannot read it)
+    return {k: v.float() if v.is_floating_point() else v for k, v in safe_load.load(stage0)["module"].items()}
 
 
 def load_run_model_config(output_dir: str) -> BlipConfig:
