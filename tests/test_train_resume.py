@@ -53,8 +53,9 @@ def write_config(tmp_path, name, data_dir):
     return str(path)
 
 
-def start(config, *extra):
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train.py", "--config", config, *extra]
+def start(config, *extra, ranks=2):
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "train.py", "--config", config,
+           *extra]
     # Own session: the launcher and both ranks form one process group we can kill together.
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -179,3 +180,13 @@ def test_preemption_signal_finishes_the_step_commits_and_resumes_bitwise(tmp_pat
     for step in sorted(ref):
         for k in ("loss", "loss_itc", "loss_itm", "loss_lm", "lr", "alpha"):
             assert got[step][k] == ref[step][k], f"step {step}: {k} {got[step][k]!r} != {ref[step][k]!r}"
+
+    if sig == signal.SIGTERM:  # a resume that would change the math: refused, one line, nothing written
+        saved = (tmp_path / "c" / "config.yaml").read_text()
+        p = start(cfg_c, "--resume", "train.batch_size=8", "train.max_steps=30", ranks=1)
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 2, out[-3000:]
+        line = [x for x in out.splitlines() if x.startswith("error: --resume")]
+        assert line and "train.batch_size: 4 -> 8" in line[0] and "world size: 2 -> 1" in line[0], out[-3000:]
+        assert "max_steps" not in line[0] and "Traceback" not in out, out[-3000:]
+        assert (tmp_path / "c" / "config.yaml").read_text() == saved
