@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict, load_yaml, parse_override, parse_overrides
+from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides
 
 SOURCES = ("original", "synthetic")
 

@@ -355,8 +355,8 @@ def test_capfilt_with_weights_of_another_model_size_exits_2(trained, tmp_path, c
     model.write_text(yaml.safe_dump(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]))
     cfg.write_text(
         f"model: {model}\n"
-        f"data: {{format: synthetic, synthetic: {{out_dir: {tmp_path / 'syn'}, num_train: 8, num_val: 4, image_size: 32}}, "
-        f"backend: torch, cache_dir: none}}\n"
+        f"data: {{format: synthetic, backend: torch, cache_dir: none, "
+        f"synthetic: {{out_dir: {tmp_path / 'syn'}, num_train: 8, num_val: 4, image_size: 32}}}}\n"
         f"capfilt: {{captioner: {tmp_path / 'run'}, filter: {tmp_path / 'run'}, init_from_pretrain: true, "
         f"out_dir: {tmp_path / 'out'}}}\n")
     rc = capfilt.main(["--config", str(cfg), "model.text.intermediate_size=128", "--no-progress"])
@@ -519,7 +519,8 @@ def test_retrieval_itc_runs_in_fp32_without_autocast(monkeypatch):
     real = ref.itc_loss_retrieval
 
     def recording(*args, **kwargs):  # calls the real loss; records how it was called
-        seen.append((torch.is_autocast_enabled("cpu"), {a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()}))
+        floats = {a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()}
+        seen.append((torch.is_autocast_enabled("cpu"), floats))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ref, "itc_loss_retrieval", recording)

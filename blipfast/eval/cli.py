@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Type
 import torch
 import torch.distributed as dist
 
-from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict, load_yaml, parse_override, parse_overrides
+from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides
 
 
 @dataclass
