@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict, load_yaml, parse_override
+from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides
 
 SOURCES = ("original", "synthetic")
 
@@ -163,9 +163,14 @@ def load_model(model: torch.nn.Module, path: str, init_from_pretrain: bool = Fal
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's zero_to_fp32 prints; stdout carries results
             sd = consolidated_state_dict(path)
         return load_state(model, sd, init_from_pretrain)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is a directory but not a training output directory (no config.yaml): "
+                                f"give a weights file (.pth) or a run's train.output_dir")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    from blipfast.train import safe_load
+
+    obj = safe_load.load(path)  # weights only; an empty, truncated or foreign file is a ConfigError
     sd = obj["model"] if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) else obj
     return load_state(model, sd, init_from_pretrain)
 
@@ -418,7 +423,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        run = load_capfilt_config(args.config, dict(parse_override(o) for o in args.overrides))
+        run = load_capfilt_config(args.config, parse_overrides(args.overrides))
         if args.merge_only:
             from blipfast.data.index import build_train_index
 
@@ -428,7 +433,7 @@ def main(argv=None) -> int:
             merge_outputs(run, index, n_units)
             return 0
         run_capfilt(run, args.rank, args.world_size, show_progress=not args.no_progress)
-    except (ConfigError, FileNotFoundError, TimeoutError) as e:
+    except (ConfigError, FileNotFoundError, TimeoutError, ValueError) as e:  # ValueError: weights that do not fit
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0

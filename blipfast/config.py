@@ -195,7 +195,29 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value (for example train.epochs=3)")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        where = f" ({e.problem})" if getattr(e, "problem", None) else ""
+        raise ConfigError(
+            f"override {text!r}: the value is not valid YAML{where}; quote strings with braces or colons, "
+            f"e.g. '{key.strip()}=[\"d/{{000..009}}.tar\"]'") from None
+
+
+def parse_overrides(texts) -> dict:
+    """`key=value` arguments -> {key: value}. A key given twice is an error: it is what the shell
+    makes of an unquoted brace pattern (data.shards=[d/{000..009}.tar] becomes ten arguments)."""
+    out: dict = {}
+    seen: dict = {}
+    for text in texts:
+        key, value = parse_override(text)
+        if key in out:
+            raise ConfigError(
+                f"override {key!r} is given {sum(1 for t in texts if t.split('=', 1)[0].strip() == key)} times "
+                f"({seen[key]!r}, {text!r}, ...): if you wrote a brace pattern such as "
+                f"{key}=[d/{{000..009}}.tar], the shell expanded it; quote the argument: '{key}=[...]'")
+        out[key], seen[key] = value, text
+    return out
 
 
 def apply_overrides(data: dict, overrides: Mapping[str, Any], where: str) -> dict:

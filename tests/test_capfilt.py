@@ -88,9 +88,10 @@ def test_sharded_resumable_run_matches_single_rank(setup, capsys):
     for src in ("original", "synthetic"):
         rs = [r for r in a if r["source"] == src]
         assert summary[src] == {"kept": sum(r["kept"] for r in rs), "dropped": sum(not r["kept"] for r in rs)}
-    # The trainer's reader accepts the output, one sample per kept caption.
+    # The trainer's reader accepts the output, one sample per kept caption. Its image paths are
+    # absolute: data.image_root names the images' root (paths must stay under it).
     index = build_train_index(DataConfig(format="json", ann_files=[os.path.join(one, "capfilt.json")],
-                                         cache_dir=str(root / "cache2")))
+                                         image_root=data.image_root, cache_dir=str(root / "cache2")))
     assert len(index) == summary["kept"] == len(before)
 
 

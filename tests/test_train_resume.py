@@ -53,8 +53,9 @@ def write_config(tmp_path, name, data_dir):
     return str(path)
 
 
-def start(config, *extra):
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train.py", "--config", config, *extra]
+def start(config, *extra, ranks=2):
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "train.py", "--config", config,
+           *extra]
     # Own session: the launcher and both ranks form one process group we can kill together.
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -74,6 +75,12 @@ def losses(output_dir):
             r = json.loads(line)
             out[r["step"]] = r
     return out
+
+
+def assert_no_repeated_rows(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == sorted(set(steps)), f"metrics.jsonl repeats steps after a resume: {steps}"
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
@@ -111,6 +118,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 
     out = finish(start(cfg_b, "--resume"))
     assert f"resumed from {ckpt_b / good}" in out, out[-3000:]
+    assert_no_repeated_rows(str(tmp_path / "b"))  # the steps logged after `good` were run again
 
     ref, got = losses(str(tmp_path / "a")), losses(str(tmp_path / "b"))
     assert sorted(ref) == list(range(1, TOTAL + 1)) and sorted(got) == sorted(ref)
@@ -125,3 +133,60 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert checkpoint.find_latest(str(ckpt_b)) == checkpoint.tag_for(TOTAL)
     committed = checkpoint.committed_tags(str(ckpt_b))
     assert len(committed) <= 2  # keep_last
+
+
+def rank_processes(launcher_pid):
+    import psutil
+
+    procs = [p for p in psutil.Process(launcher_pid).children(recursive=True)
+             if "train.py" in " ".join(p.cmdline()) and any(a.startswith("--local_rank") for a in p.cmdline())]
+    return sorted(procs, key=lambda p: [a for a in p.cmdline() if a.startswith("--local_rank")][0])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_finishes_the_step_commits_and_resumes_bitwise(tmp_path, sig):
+    """A signal to ONE rank mid-run (a cluster preempting the job): both ranks finish the step,
+    commit a checkpoint and exit 0; --resume then reproduces the uninterrupted run bit for bit."""
+    from blipfast.data import generate_synthetic
+    from blipfast.train import checkpoint
+
+    data_dir = tmp_path / "synthetic"
+    generate_synthetic(str(data_dir), num_train=NUM_TRAIN, num_val=8, image_size=32)
+    cfg_a, cfg_c = write_config(tmp_path, "a", data_dir), write_config(tmp_path, "c", data_dir)
+    a = start(cfg_a)
+    c = start(cfg_c)
+    metrics = tmp_path / "c" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert c.poll() is None, "run c ended early:\n" + c.stdout.read()[-4000:]
+        assert time.time() < deadline, "run c logged no steps within 600 s"
+        time.sleep(0.05)
+    ranks = rank_processes(c.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[1].pid, sig)  # rank 1 only: the ranks must agree to stop together
+    out = finish(c)
+    stopped = losses(str(tmp_path / "c"))
+    last = max(stopped)
+    assert last < TOTAL, f"run c was not stopped mid-training (it logged step {last} of {TOTAL})"
+    assert f"stopping on {signal.Signals(sig).name}" in out, out[-3000:]
+    assert checkpoint.find_latest(str(tmp_path / "c" / "checkpoints")) == checkpoint.tag_for(last)
+
+    out = finish(start(cfg_c, "--resume"))
+    finish(a)
+    assert f"step {last}" in out and "resumed from" in out, out[-3000:]
+    assert_no_repeated_rows(str(tmp_path / "c"))
+    ref, got = losses(str(tmp_path / "a")), losses(str(tmp_path / "c"))
+    assert sorted(got) == sorted(ref) == list(range(1, TOTAL + 1))
+    for step in sorted(ref):
+        for k in ("loss", "loss_itc", "loss_itm", "loss_lm", "lr", "alpha"):
+            assert got[step][k] == ref[step][k], f"step {step}: {k} {got[step][k]!r} != {ref[step][k]!r}"
+
+    if sig == signal.SIGTERM:  # a resume that would change the math: refused, one line, nothing written
+        saved = (tmp_path / "c" / "config.yaml").read_text()
+        p = start(cfg_c, "--resume", "train.batch_size=8", "train.max_steps=30", ranks=1)
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 2, out[-3000:]
+        line = [x for x in out.splitlines() if x.startswith("error: --resume")]
+        assert line and "train.batch_size: 4 -> 8" in line[0] and "world size: 2 -> 1" in line[0], out[-3000:]
+        assert "max_steps" not in line[0] and "Traceback" not in out, out[-3000:]
+        assert (tmp_path / "c" / "config.yaml").read_text() == saved

@@ -229,6 +229,9 @@ def _read_checkpoint(path: str, weights_only: bool) -> Mapping[str, torch.Tensor
             f"{path} holds Python objects that torch.load(weights_only=True) refuses ({e}). If you "
             f"trust the file, pass weights_only=False."
         ) from None
+    except (RuntimeError, EOFError, OSError) as e:  # empty, truncated or not a torch file
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (empty, truncated or another format): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         return obj["model"]  # training checkpoints: {'model', 'optimizer', 'config', 'epoch'}
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -57,6 +57,8 @@ class DataConfig:
     tokenizer: str = "demo"  # 'demo' (the synthetic vocabulary) or a BERT vocab.txt / tokenizer directory
     check_images: str = "decode"  # how images are vetted before DALI sees them: decode (full) | header (fast)
     cache_dir: str = "auto"  # where image checks are cached: auto (~/.cache/blipfast/data) | none | a path
+    allow_outside_root: bool = False  # annotation image paths may leave image_root ("..", absolute paths, symlinks)
+    max_image_bytes: int = 64 * 1024 * 1024  # larger image files are skipped (never read in full)
     vqa: VqaDataConfig = field(default_factory=VqaDataConfig)  # task vqa's questions and answers
 
     def validate(self, where: str = "data") -> None:
@@ -79,6 +81,8 @@ class DataConfig:
             bad(f"decode must be auto, cpu or mixed, got {self.decode!r}")
         if self.check_images not in ("decode", "header"):
             bad(f"check_images must be decode or header, got {self.check_images!r}")
+        if self.max_image_bytes < 1:
+            bad(f"max_image_bytes must be at least 1, got {self.max_image_bytes}")
         if self.num_threads < 1:
             bad(f"num_threads must be at least 1, got {self.num_threads}")
         if self.max_words < 1:

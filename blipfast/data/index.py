@@ -24,11 +24,13 @@ import json
 import logging
 import os
 import re
+import stat
+import zlib
 import tarfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -40,7 +42,8 @@ log = logging.getLogger("blipfast.data")
 # Formats DALI's image decoder reads (PIL format names).
 DALI_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # webdataset image components, in order of preference
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: checks record the bytes' CRC-32
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # DataConfig.max_image_bytes
 
 
 @dataclass
@@ -56,6 +59,9 @@ class SampleIndex:
     sample_image: np.ndarray  # int64 per sample: image row
     captions: List[str]  # per sample: cleaned caption
     stats: Dict[str, int] = field(default_factory=dict)
+    max_bytes: int = DEFAULT_MAX_BYTES  # data.max_image_bytes: a whole-file image larger than this is not read
+    crcs: Optional[np.ndarray] = None  # int64 per image: CRC-32 of the bytes that passed the check (-1: unknown)
+    check_mode: str = ""  # data.check_images the index was built with ("header": not decoded yet)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -65,14 +71,51 @@ class SampleIndex:
         return len(self.names)
 
     def read_image_bytes(self, row: int) -> bytes:
+        if self.sizes[row] < 0:
+            return read_regular_file(self.files[row], self.max_bytes)
         with open(self.files[row], "rb") as f:
-            if self.sizes[row] < 0:
-                return f.read()
             f.seek(int(self.offsets[row]))
             data = f.read(int(self.sizes[row]))
         if len(data) != self.sizes[row]:
             raise OSError(f"{self.names[row]}: read {len(data)} of {self.sizes[row]} bytes")
         return data
+
+
+# ---------------------------------------------------------------------------------------------
+# reading untrusted paths
+
+
+def read_regular_file(path: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most max_bytes; OSError otherwise. Opened non-blocking, so
+    a FIFO or device named by an annotation cannot hang the reader."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path}: not a regular file")
+        if st.st_size > max_bytes:
+            raise OSError(f"{path}: {st.st_size} bytes, more than data.max_image_bytes ({max_bytes})")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise OSError(f"{path}: more than data.max_image_bytes ({max_bytes}) bytes")
+    return data
+
+
+def inside_root(path: str, root: str) -> bool:
+    """path (symlinks resolved) lies under root (symlinks resolved)."""
+    p, r = os.path.realpath(path), os.path.realpath(root)
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
+def confined_paths(root: str, images: Sequence[str], allow_outside: bool) -> Tuple[List[str], set]:
+    """(joined paths, the set of those outside root). Absolute paths and '..' are joined as given
+    and then judged: with allow_outside false, anything that resolves outside root is refused."""
+    paths = [os.path.join(root, im) for im in images]
+    outside = set() if allow_outside else {p for p in paths if not inside_root(p, root)}
+    return paths, outside
+
+
+OUTSIDE_HINT = "outside the image root; set data.allow_outside_root: true to allow it"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,8 +206,10 @@ class _Builder:
         self.heights: List[int] = []
         self.sample_image: List[int] = []
         self.captions: List[str] = []
+        self.crcs: List[int] = []
         self.stats = dict(missing=0, skipped_corrupt=0, skipped_samples=0, missing_caption=0, empty_caption=0)
         self.examples: Dict[str, List[str]] = {}
+        self.rows: Dict[object, int] = {}  # image key (image_id, else the path) -> row
 
     def note(self, what: str, text: str) -> None:
         self.stats[what] = self.stats.get(what, 0) + 1
@@ -172,20 +217,33 @@ class _Builder:
         if len(ex) < 3:
             ex.append(text)
 
-    def add(self, name, file, offset, size, w, h, captions: Sequence[str]) -> None:
+    def add(self, name, file, offset, size, w, h, captions: Sequence[str], key=None, crc: int = -1) -> None:
+        """key: what identifies the image (an annotation's image_id, else its name): entries with the
+        same key share one row, i.e. one image id (the original maps each image_id to one index)."""
         cleaned = [pre_caption(c, self.max_words) for c in captions]
         kept = [c for c in cleaned if c]
         for _ in range(len(cleaned) - len(kept)):
             self.note("empty_caption", name)
         if not kept:
             return
+        key = ("name", name) if key is None else key
+        if key in self.rows:
+            row = self.rows[key]
+            if self.names[row] != name:
+                raise DataError(f"image_id {key[-1]!r} names two different images: {self.names[row]} and {name}")
+            for c in kept:
+                self.sample_image.append(row)
+                self.captions.append(c)
+            return
         row = len(self.names)
+        self.rows[key] = row
         self.names.append(name)
         self.files.append(file)
         self.offsets.append(offset)
         self.sizes.append(size)
         self.widths.append(w)
         self.heights.append(h)
+        self.crcs.append(crc)
         for c in kept:
             self.sample_image.append(row)
             self.captions.append(c)
@@ -204,6 +262,7 @@ class _Builder:
             sample_image=np.asarray(self.sample_image, dtype=np.int64),
             captions=self.captions,
             stats=dict(self.stats),
+            crcs=np.asarray(self.crcs, dtype=np.int64),
         )
 
 
@@ -231,15 +290,17 @@ def load_annotations(path: str) -> List[dict]:
     return ann
 
 
-def _check_files(paths: List[str], mode: str, threads: int, cache: _Cache) -> Dict[str, list]:
-    """path -> [size, mtime_ns, ok, w, h, reason] ('missing' reason when absent), using the cache."""
+def _check_files(paths: List[str], mode: str, threads: int, cache: _Cache,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> Dict[str, list]:
+    """path -> [size, mtime_ns, ok, w, h, reason, crc32] ('missing' reason when absent), using the cache.
+    Only regular files of at most max_bytes are read."""
     cached = cache.load().get("images", {})
     out, todo = {}, []
     for p in dict.fromkeys(paths):
         try:
             stamp = _stamp(p)
         except OSError:
-            out[p] = [-1, -1, False, 0, 0, "missing"]
+            out[p] = [-1, -1, False, 0, 0, "missing", -1]
             continue
         hit = cached.get(p)
         if hit and hit[:2] == stamp:
@@ -250,11 +311,10 @@ def _check_files(paths: List[str], mode: str, threads: int, cache: _Cache) -> Di
     def run(item):
         p, stamp = item
         try:
-            with open(p, "rb") as f:
-                data = f.read()
+            data = read_regular_file(p, max_bytes)
         except OSError as e:
-            return p, [-1, -1, False, 0, 0, f"unreadable: {e}"]
-        return p, stamp + list(check_image(data, mode))
+            return p, [-1, -1, False, 0, 0, f"unreadable: {e}", -1]
+        return p, stamp + list(check_image(data, mode)) + [zlib.crc32(data)]
 
     if todo:
         with ThreadPoolExecutor(max(1, threads)) as pool:
@@ -268,19 +328,25 @@ def _add_json_source(b: _Builder, ann_file: str, image_root: str, cfg: DataConfi
     root = image_root or os.path.dirname(os.path.abspath(ann_file))
     if not os.path.isdir(root):
         raise DataError(f"image root not found: {root} (images of {ann_file} are looked up there)")
-    paths = [os.path.join(root, e["image"]) for e in ann]
-    cache = _Cache(cfg.cache_dir, "json", ann_file, f"{root}|{cfg.check_images}")
-    checks = _check_files(paths, cfg.check_images, cfg.num_threads, cache)
+    paths, outside = confined_paths(root, [e["image"] for e in ann], cfg.allow_outside_root)
+    cache = _Cache(cfg.cache_dir, "json", ann_file, f"{root}|{cfg.check_images}|{cfg.max_image_bytes}")
+    checks = _check_files([p for p in paths if p not in outside], cfg.check_images, cfg.num_threads, cache,
+                          cfg.max_image_bytes)
     before = b.stats["missing"]
     for e, p in zip(ann, paths):
-        size, _, ok, w, h, reason = checks[p]
         caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
+        if p in outside:
+            b.note("outside_root", f"{p} ({OUTSIDE_HINT})")
+            b.stats["skipped_samples"] += len(caps)
+            continue
+        size, _, ok, w, h, reason, crc = checks[p]
         if not ok:
             b.note("missing" if reason == "missing" else "skipped_corrupt", f"{p} ({reason})")
             b.stats["skipped_samples"] += len(caps)
             continue
-        b.add(p, p, 0, -1, w, h, caps)
-    if b.stats["missing"] - before == len(ann):
+        b.add(p, p, 0, -1, w, h, caps, key=("image_id", ann_file, e["image_id"]) if "image_id" in e else None,
+              crc=crc)
+    if b.stats["missing"] - before == len(ann) - len(outside) and not outside:
         raise DataError(
             f"none of the {len(ann)} images of {ann_file} exist under the image root {root} "
             f"(first: {paths[0]}); is image_root right?"
@@ -349,7 +415,8 @@ def scan_tar(path: str, mode: str, threads: int = 1) -> dict:
         _, off, size = s["image"]
         with open(path, "rb") as f:
             f.seek(off)
-            s["check"] = list(check_image(f.read(size), mode))
+            data = f.read(size)
+            s["check"] = list(check_image(data, mode)) + [zlib.crc32(data)]
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(check, [s for s in samples.values() if "image" in s]))
@@ -373,7 +440,7 @@ def _add_tar_source(b: _Builder, path: str, cfg: DataConfig) -> None:
             b.note("missing", f"{path}::{key} (no image component)")
             continue
         name, off, size = s["image"]
-        ok, w, h, reason = s["check"]
+        ok, w, h, reason, crc = s["check"]
         if not ok:
             b.note("skipped_corrupt", f"{path}::{name} ({reason})")
             b.stats["skipped_samples"] += 1
@@ -381,7 +448,7 @@ def _add_tar_source(b: _Builder, path: str, cfg: DataConfig) -> None:
         if caption is None:
             b.note("missing_caption", f"{path}::{key}")
             continue
-        b.add(f"{path}::{name}", path, off, size, w, h, [caption])
+        b.add(f"{path}::{name}", path, off, size, w, h, [caption], crc=crc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,6 +475,12 @@ def _require_nonempty(index: SampleIndex, what: str) -> SampleIndex:
 
 def build_train_index(cfg: DataConfig) -> SampleIndex:
     """Index of the pre-training split; raises DataError (naming the path) when it is unusable."""
+    index = _build_train_index(cfg)
+    index.max_bytes, index.check_mode = cfg.max_image_bytes, cfg.check_images
+    return index
+
+
+def _build_train_index(cfg: DataConfig) -> SampleIndex:
     b = _Builder(cfg.max_words)
     fmt = cfg.format
     if fmt == "synthetic":
@@ -449,7 +522,9 @@ def build_eval_index(cfg: DataConfig) -> SampleIndex:
         raise DataError("data.eval_ann_file is not set: give a held-out annotation JSON for evaluation")
     _add_json_source(b, ann_file, root, cfg)
     # The same image listed in several entries (one caption each, as in COCO Karpathy train) is one image.
-    return _require_nonempty(_merge_duplicate_images(b.finish(ann_file)), ann_file)
+    index = _require_nonempty(_merge_duplicate_images(b.finish(ann_file)), ann_file)
+    index.max_bytes, index.check_mode = cfg.max_image_bytes, cfg.check_images
+    return index
 
 
 def _merge_duplicate_images(index: SampleIndex) -> SampleIndex:
@@ -468,6 +543,8 @@ def _merge_duplicate_images(index: SampleIndex) -> SampleIndex:
     index.files = [index.files[r] for r in keep]
     index.offsets, index.sizes = index.offsets[rows], index.sizes[rows]
     index.widths, index.heights = index.widths[rows], index.heights[rows]
+    if index.crcs is not None:
+        index.crcs = index.crcs[rows]
     index.sample_image = remap[index.sample_image]
     index.stats["num_images"] = len(keep)
     return index

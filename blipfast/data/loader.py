@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
@@ -24,36 +25,56 @@ import torch
 
 from .augment import TrainAug, sample_rng, sample_train_aug
 from .config import DataConfig, DataError
-from .index import SampleIndex, build_eval_index, build_train_index
+from .index import SampleIndex, build_eval_index, build_train_index, check_image
 from .tokenizer import tokenize
 
 log = logging.getLogger("blipfast.data")
 
 
 class _ByteReader:
-    """Reads an image's bytes; an image that vanished or became unreadable after indexing is
-    replaced by a flat grey JPEG of the same size (counted in stats['read_errors'], logged)."""
+    """Reads an image's bytes for the decoder, which must never see bytes it cannot decode (a DALI
+    decoder error stops the pipeline). An image that vanished or became unreadable after indexing
+    (stats['read_errors']), or whose bytes no longer decode (stats['corrupt_at_read']), is replaced
+    by a flat grey JPEG of the same size and logged with its name.
+
+    Bytes are fully decoded here (PIL) when they differ from the bytes that passed the index check
+    (CRC-32: bit rot behind a warm check cache), and once per image per process when the index only
+    checked headers (`check_images: header`)."""
 
     def __init__(self, index: SampleIndex, stats: Dict[str, int]):
         self.index, self.stats = index, stats
         self.lock = threading.Lock()
         self.grey: Dict[tuple, bytes] = {}
+        self.decoded = np.zeros(index.num_images, dtype=bool)  # fully decoded once in this process
+
+    def _stand_in(self, row: int, counter: str, why: str) -> bytes:
+        from PIL import Image
+
+        w, h = int(self.index.widths[row]), int(self.index.heights[row])
+        with self.lock:
+            self.stats[counter] = self.stats.get(counter, 0) + 1
+            if (w, h) not in self.grey:
+                buf = io.BytesIO()
+                Image.new("RGB", (w, h), (128, 128, 128)).save(buf, format="JPEG")
+                self.grey[(w, h)] = buf.getvalue()
+        log.warning("skipping %s (%s): a grey image stands in for it (%s so far: %d)", self.index.names[row], why,
+                    counter, self.stats[counter])
+        return self.grey[(w, h)]
 
     def __call__(self, row: int) -> bytes:
         try:
-            return self.index.read_image_bytes(row)
+            data = self.index.read_image_bytes(row)
         except OSError as e:
-            from PIL import Image
-
-            w, h = int(self.index.widths[row]), int(self.index.heights[row])
-            with self.lock:
-                self.stats["read_errors"] = self.stats.get("read_errors", 0) + 1
-                if (w, h) not in self.grey:
-                    buf = io.BytesIO()
-                    Image.new("RGB", (w, h), (128, 128, 128)).save(buf, format="JPEG")
-                    self.grey[(w, h)] = buf.getvalue()
-            log.warning("cannot read %s (%s): a grey image stands in for it", self.index.names[row], e)
-            return self.grey[(w, h)]
+            return self._stand_in(row, "read_errors", f"cannot read it: {e}")
+        crcs = self.index.crcs
+        changed = crcs is not None and crcs[row] >= 0 and zlib.crc32(data) != crcs[row]
+        if changed or (self.index.check_mode == "header" and not self.decoded[row]):
+            ok, _, _, reason = check_image(data, "decode")
+            if not ok:
+                return self._stand_in(row, "corrupt_at_read", ("changed since it was checked: " if changed else "")
+                                      + reason)
+            self.decoded[row] = True
+        return data
 
 
 class PretrainLoader:

@@ -21,8 +21,21 @@ _MEAN = np.asarray(CLIP_MEAN, dtype=np.float32) * 255
 _STD = np.asarray(CLIP_STD, dtype=np.float32) * 255
 
 
+_WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def decode_rgb(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")  # EXIF orientation is not applied (as in BLIP)
+    """8-bit RGB, as DALI's decoder gives it. EXIF orientation is not applied (as in BLIP).
+
+    16-bit grayscale PNGs: PIL's convert() clips values above 255 (a white image); DALI scales
+    to 8 bits with round(v / 257), and so does this. (16-bit colour PNGs: PIL keeps the high
+    byte, v >> 8, at most one level below DALI's rounding.)"""
+    im = Image.open(io.BytesIO(data))
+    if im.mode in _WIDE_GRAY and im.format == "PNG":
+        a = np.asarray(im).astype(np.float64)
+        g = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(g[..., None], 3, axis=2))
+    return im.convert("RGB")
 
 
 def autocontrast(img: Image.Image) -> Image.Image:

@@ -37,7 +37,7 @@ import torch
 
 from .captions import pre_question
 from .config import DataConfig, DataError
-from .index import SampleIndex, _Cache, _check_files
+from .index import OUTSIDE_HINT, SampleIndex, _Cache, _check_files, inside_root
 from .loader import PretrainLoader, decode_eval_images
 
 VG_WEIGHT = 0.2  # the original's weight of a Visual Genome answer
@@ -113,10 +113,16 @@ def _build(cfg: DataConfig, files: Sequence[str], held_out: bool) -> VqaIndex:
                 key = "image_root" if ds == "vqa" else "vg_image_root"
                 raise DataError(f"{path}: images of dataset {ds!r} need data.vqa.{key}; {roots[ds]!r} is not a directory")
         paths = [os.path.join(roots[e.get("dataset", "vqa")], e["image"]) for e in ann]
-        cache = _Cache(cfg.cache_dir, "json", path, f"vqa|{roots['vqa']}|{roots['vg']}|{cfg.check_images}")
-        checks = _check_files(paths, cfg.check_images, cfg.num_threads, cache)
+        outside = set() if cfg.allow_outside_root else {
+            p for e, p in zip(ann, paths) if not inside_root(p, roots[e.get("dataset", "vqa")])}
+        cache = _Cache(cfg.cache_dir, "json", path,
+                       f"vqa|{roots['vqa']}|{roots['vg']}|{cfg.check_images}|{cfg.max_image_bytes}")
+        checks = _check_files([p for p in paths if p not in outside], cfg.check_images, cfg.num_threads, cache,
+                              cfg.max_image_bytes)
+        for p in outside:
+            checks[p] = [-1, -1, False, 0, 0, OUTSIDE_HINT, -1]
         for n, (e, p) in enumerate(zip(ann, paths)):
-            _, _, ok, w, h, reason = checks[p]
+            _, _, ok, w, h, reason, _ = checks[p]
             if not ok:
                 stats["missing" if reason == "missing" else "skipped_corrupt"] += 1
                 stats["skipped_samples"] += 1

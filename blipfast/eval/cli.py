@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Type
 import torch
 import torch.distributed as dist
 
-from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict, load_yaml, parse_override
+from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides
 
 
 @dataclass
@@ -40,8 +40,7 @@ def load_eval_run(path: str, overrides: Sequence[str], eval_cls: Type) -> EvalRu
     raw = load_yaml(path)
     base = os.path.dirname(os.path.abspath(path))
     over: Dict[str, Dict] = {"model": {}, "data": {}, "eval": {}}
-    for o in overrides:
-        key, value = parse_override(o)
+    for key, value in parse_overrides(list(overrides)).items():
         head, _, rest = key.partition(".")
         if key == "model" and isinstance(value, str):  # model=PATH: another model file / run
             raw["model"], base = value, os.getcwd()

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
 
         tok = tokenizer_from_config(run.data)
         ev = build_vqa_eval_set(run.data, tok, run.model.vision.image_size, run.eval.batch_size)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from blipfast.capfilt import load_model

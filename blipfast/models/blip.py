@@ -107,6 +107,14 @@ class BlipForPretraining(MomentumModel):
             )
         if images.shape[0] != input_ids.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {input_ids.shape[0]} texts")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.device.type == "cpu" and input_ids.numel():  # on a GPU this check would wait for it
+            lo, hi, V = int(input_ids.min()), int(input_ids.max()), self.config.text.vocab_size
+            if lo < 0 or hi >= V:
+                raise ValueError(f"input_ids must be in [0, {V}) (text.vocab_size), got values in [{lo}, {hi}]")
+        if negatives is None and images.shape[0] < 2:
+            raise ValueError("a batch of 1: hard negatives come from the same batch, so it needs at least 2 samples")
         if negatives is not None:
             B = images.shape[0]
             if len(negatives) != 2 or any(n.shape != (B,) for n in negatives):
@@ -137,10 +145,6 @@ class BlipForPretraining(MomentumModel):
             image_feat, text_feat, image_feat_m, text_feat_m,
             self.image_queue, self.text_queue, self.temp, alpha,
         )
-        # The queues are overwritten in place just below: a loss backend that keeps them for its
-        # backward must keep a copy of what it needs (the reference path's torch.cat copies).
-        if self.training:
-            self.dequeue_and_enqueue(image_feat_m, text_feat_m)
 
         # ITM: B positives, then B texts with a hard-negative image, B images with a hard-negative text.
         enc_ids = self.with_first_token(input_ids, tc.enc_token_id)
@@ -161,6 +165,11 @@ class BlipForPretraining(MomentumModel):
         hidden = self.text_decoder(dec_ids, attention_mask, image_embeds=image_embeds)
         loss_lm = self.text_decoder.lm_loss(hidden, labels, self.losses, self.config.label_smoothing)
 
+        # Last, after everything that can raise: a forward that raises leaves the queues and the
+        # pointer as they were. They are overwritten in place: a loss backend that keeps them for
+        # its backward must keep a copy of what it needs (the reference path's torch.cat copies).
+        if self.training:
+            self.dequeue_and_enqueue(image_feat_m, text_feat_m)
         return BlipPretrainOutput(
             loss=loss_itc + loss_itm + loss_lm, loss_itc=loss_itc, loss_itm=loss_itm, loss_lm=loss_lm,
             image_feat=image_feat, text_feat=text_feat, itm_logits=itm_logits, negatives=(neg_img, neg_txt),

@@ -119,11 +119,12 @@ class BlipForRetrieval(MomentumModel):
                 f"queue_size {Q} is not a multiple of the global batch {n} (per-rank batch x world "
                 f"size): choose a batch that divides it, or drop the last incomplete batch"
             )
-        ptr = int(self.ptr_queue[0])
-        self.image_queue[:, ptr:ptr + n] = image_feats.T.to(self.image_queue.dtype)
-        self.text_queue[:, ptr:ptr + n] = text_feats.T.to(self.text_queue.dtype)
-        self.idx_queue[:, ptr:ptr + n] = idx_world.reshape(1, -1).to(self.idx_queue.dtype)
-        self.ptr_queue[0] = (ptr + n) % Q
+        # Column indices computed on the device: no host sync to read the pointer.
+        cols = (self.ptr_queue + torch.arange(n, device=self.ptr_queue.device)) % Q  # (n,)
+        self.image_queue.index_copy_(1, cols, image_feats.T.to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, cols, text_feats.T.to(self.text_queue.dtype))
+        self.idx_queue.index_copy_(1, cols, idx_world.reshape(1, -1).to(self.idx_queue.dtype))
+        self.ptr_queue.copy_((self.ptr_queue + n) % Q)
 
     # -- inference helpers ---------------------------------------------------------------------
 
@@ -166,11 +167,12 @@ class BlipForRetrieval(MomentumModel):
                 self.momentum_update()
             image_feat_m = self.image_features(self.visual_encoder_m(images), momentum=True)
             text_feat_m = self.text_features(input_ids, attention_mask, momentum=True)
-        loss_itc = ref.itc_loss_retrieval(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
-                                          self.text_queue, idx, self.idx_queue.reshape(-1), self.temp, alpha)
+        # fp32 with autocast off, as pre-training's ITC: logits reach 1/temp = 1000, where bf16 rounds.
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            f32 = [t.float() for t in (image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
+                                       self.text_queue)]
+            loss_itc = ref.itc_loss_retrieval(*f32, idx, self.idx_queue.reshape(-1), self.temp.float(), alpha)
         idx_world = concat_all_gather(idx)
-        if self.training:  # after the loss: the reference path above copied the queues (torch.cat)
-            self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx_world)
 
         # ITM negatives from the world batch (or the local one), same image id excluded.
         enc_ids = self.with_first_token(input_ids, self.config.text.enc_token_id)
@@ -181,7 +183,7 @@ class BlipForRetrieval(MomentumModel):
             image_pool_feat = concat_all_gather(image_feat) if gather else image_feat
             temp = self.temp.reshape(())
             if negatives is None:  # one batched draw per direction, no host sync
-                neg_img, neg_txt = ref.sample_retrieval_negatives(
+                neg_img, neg_txt = self.losses.sample_retrieval_negatives(
                     image_feat @ text_pool_feat.T / temp, text_feat @ image_pool_feat.T / temp, idx, idx_pool)
             else:
                 neg_img, neg_txt = self._check_negatives(negatives, B, idx_pool.shape[0])
@@ -196,6 +198,8 @@ class BlipForRetrieval(MomentumModel):
         itm_logits = self.itm_head(vl)
         itm_labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(images.device)
         loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
+        if self.training:  # last, after everything that can raise (the ITC above copied the queues)
+            self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx_world)
         return BlipRetrievalOutput(
             loss=loss_itc + loss_itm, loss_itc=loss_itc, loss_itm=loss_itm, image_feat=image_feat,
             text_feat=text_feat, itm_logits=itm_logits, negatives=(neg_img, neg_txt),

@@ -107,6 +107,10 @@ class LossBackend:
             sim_t2i = text_feat @ img_c.t() / t  # (B, C)
             return self._sample_by_idx(sim_i2t, sim_t2i, idx, idx_c, generator)
 
+    def sample_retrieval_negatives(self, sim_i2t, sim_t2i, idx_row, idx_col, generator=None):
+        """(neg_image_for_text, neg_text_for_image) column indices, same image id excluded."""
+        return self._sample_by_idx(sim_i2t, sim_t2i, idx_row, idx_col, generator)
+
     def _sample_by_idx(self, sim_i2t, sim_t2i, idx_row, idx_col, generator):
         return ref.sample_retrieval_negatives(sim_i2t, sim_t2i, idx_row, idx_col, generator=generator)
 

@@ -11,7 +11,8 @@ Layout of `output_dir/checkpoints/`:
 DeepSpeed writes its own files in place and its `latest` pointer without waiting for the other
 ranks, so a crash while saving can leave a torn tag. Here a tag counts only once its COMMITTED
 marker exists and every file the manifest lists has the recorded size; `find_latest` ignores the
-rest, and a later save of the same tag first deletes the torn one.
+rest, and a later save of the same tag first deletes the torn one. A committed tag is never
+deleted before a newer one is committed (saving a committed step again keeps it as it is).
 """
 from __future__ import annotations
 
@@ -25,10 +26,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import safe_load
+
 COMMITTED = "COMMITTED"
 LATEST = "latest_good"
 MOMENTUM_FILE = "momentum.pt"
 TAG_PREFIX = "step"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint cannot be written (the directory vanished, became a file, is read-only or full)."""
+
+
+def _writable(ckpt_dir: str) -> None:
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot write checkpoint in {ckpt_dir}: {e.strerror or e}") from None
+    if not os.access(ckpt_dir, os.W_OK | os.X_OK):
+        raise CheckpointWriteError(f"cannot write checkpoint in {ckpt_dir}: permission denied")
 
 
 def tag_for(global_step: int) -> str:
@@ -108,21 +124,37 @@ def _manifest(tag_dir: str) -> Dict[str, int]:
     return files
 
 
-def is_committed(tag_dir: str) -> bool:
-    """COMMITTED exists and every file it lists is present with its recorded size."""
+def commit_problem(tag_dir: str) -> Optional[str]:
+    """None when tag_dir is committed: COMMITTED exists and every file it lists is present with its
+    recorded size. Otherwise what is wrong, in words."""
     marker = os.path.join(tag_dir, COMMITTED)
     if not os.path.isfile(marker):
-        return False
+        return "no COMMITTED marker (a save that did not finish)"
     try:
         with open(marker) as f:
             info = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
+    except (OSError, json.JSONDecodeError) as e:
+        return f"unreadable COMMITTED marker ({e})"
     for rel, size in info.get("files", {}).items():
         full = os.path.join(tag_dir, rel)
-        if not os.path.isfile(full) or os.path.getsize(full) != size:
-            return False
-    return True
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != size:
+            return f"{rel} has {os.path.getsize(full)} bytes, the manifest says {size}"
+    return None
+
+
+def is_committed(tag_dir: str) -> bool:
+    """COMMITTED exists and every file it lists is present with its recorded size."""
+    return commit_problem(tag_dir) is None
+
+
+def all_tags(ckpt_dir: str) -> List[str]:
+    """Every tag directory, committed or not, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(t for t in os.listdir(ckpt_dir)
+                  if t.startswith(TAG_PREFIX) and os.path.isdir(os.path.join(ckpt_dir, t)))
 
 
 def committed_tags(ckpt_dir: str) -> List[str]:
@@ -158,15 +190,25 @@ def save(engine, ckpt_dir: str, global_step: int, meta: Dict, momentum_state: Di
     tag = tag_for(global_step)
     tag_dir = os.path.join(ckpt_dir, tag)
     rank = _rank()
+    _writable(ckpt_dir)  # every rank, before any collective: all of them stop with the same message
+    if is_committed(tag_dir):
+        # This step is already committed (a periodic save, then the end-of-epoch one): keep it. Both
+        # positions resume identically, and deleting it first would leave nothing if killed meanwhile.
+        _barrier()
+        return tag
     if rank == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
-        if os.path.isdir(tag_dir):  # a torn (or stale) save of the same step: start clean
+        if os.path.isdir(tag_dir):  # a torn save of the same step (never committed): start clean
             shutil.rmtree(tag_dir)
     _barrier()
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"blipfast": meta}, save_latest=False)
-    atomic_torch_save({"rng": rng_state(), "meta": meta}, os.path.join(tag_dir, f"rank{rank}.pt"))
-    if rank == 0:
-        atomic_torch_save(momentum_state, os.path.join(tag_dir, MOMENTUM_FILE))
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"blipfast": meta}, save_latest=False)
+        atomic_torch_save({"rng": rng_state(), "meta": meta}, os.path.join(tag_dir, f"rank{rank}.pt"))
+        if rank == 0:
+            atomic_torch_save(momentum_state, os.path.join(tag_dir, MOMENTUM_FILE))
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot write checkpoint {tag_dir}: {e.strerror or e} (the newest committed "
+                                   f"checkpoint, {find_latest(ckpt_dir)}, is intact)") from None
     _barrier()  # every rank's files are on disk
     if rank == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -202,8 +244,10 @@ def load(engine, ckpt_dir: str, tag: str) -> Dict:
     tag_dir = os.path.join(ckpt_dir, tag)
     if not is_committed(tag_dir):
         raise RuntimeError(f"checkpoint {tag_dir} is not committed (incomplete save): refusing to load it")
-    path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    safe_load.check_files(safe_load.pickle_files(tag_dir))  # before DeepSpeed sees any of it
+    with safe_load.weights_only_loads():
+        path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     rank = _rank()
@@ -211,6 +255,6 @@ def load(engine, ckpt_dir: str, tag: str) -> Dict:
     if not os.path.isfile(own):
         raise RuntimeError(f"checkpoint {tag_dir} has no {os.path.basename(own)}: it was saved with fewer "
                            f"ranks than this run has; resume with the same world size")
-    rank_state = torch.load(own, map_location="cpu", weights_only=False)
-    momentum = torch.load(os.path.join(tag_dir, MOMENTUM_FILE), map_location="cpu", weights_only=True)
+    rank_state = safe_load.load(own)
+    momentum = safe_load.load(os.path.join(tag_dir, MOMENTUM_FILE))
     return {"meta": read_meta(ckpt_dir, tag), "momentum": momentum, "rng": rank_state["rng"]}

@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from blipfast.config import ConfigError, parse_override
+from blipfast.config import ConfigError, parse_overrides
 
 
 def parse_args(argv=None):
@@ -24,24 +24,30 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     from .config import load_run_config
+    from .checkpoint import CheckpointWriteError
     from .trainer import NonFiniteLoss, Trainer
 
     args = parse_args(argv)
     t0 = time.perf_counter()
     try:
-        overrides = dict(parse_override(o) for o in args.overrides)
+        overrides = parse_overrides(args.overrides)
         run = load_run_config(args.config, overrides)
-        trainer = Trainer(run)
-    except ConfigError as e:  # DataError is a ConfigError too
+        trainer = Trainer(run, resume=args.resume)
+        if args.resume:
+            trainer.resume()
+    except ConfigError as e:  # DataError and an unsafe or mismatched checkpoint are ConfigErrors too
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    if args.resume:
-        trainer.resume()
     try:
         result = trainer.fit()
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if "stopped" in result:  # preempted: the checkpoint is committed, --resume continues
+        return 0
     if trainer.rank == 0:
         print(f"done: {result['steps']} steps, wall time {time.perf_counter() - t0:.1f} s "
               f"(outputs in {run.train.output_dir})", flush=True)

@@ -301,3 +301,51 @@ def _atomic_text(path: str, text: str) -> None:
         f.write(text)
     os.replace(tmp, path)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume: what may change between a run and its continuation
+
+# Keys that change neither the math nor the data position: allowed on --resume (and logged).
+RESUME_SAFE = ("train.max_steps", "train.log_every", "train.progress_bar", "train.save_every_steps",
+               "train.keep_last", "train.nan_policy", "train.init_from", "train.init_optional",
+               "train.output_dir", "train.eval.", "data.cache_dir", "deepspeed.")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _comparable(run: RunConfig) -> Dict[str, Any]:
+    d = run.to_dict()
+    d["deepspeed"] = run.deepspeed
+    return _flatten(d)
+
+
+def resume_changes(saved: RunConfig, new: RunConfig, saved_world: Optional[int], world: int):
+    """(refused, allowed): "key: old -> new" strings. Refused changes alter the math or the data
+    position (model shapes, queue, batch size, schedule, data, world size); allowed ones do not."""
+    old, cur = _comparable(saved), _comparable(new)
+    refused, allowed = [], []
+    for key in sorted(old.keys() | cur.keys()):
+        a, b = old.get(key, "<unset>"), cur.get(key, "<unset>")
+        if a == b:
+            continue
+        line = f"{key}: {a} -> {b}"
+        safe = key.startswith(RESUME_SAFE)
+        if key == "train.epochs" and new.train.schedule == "step":
+            safe = True  # the step schedule and the alpha ramp do not depend on the number of epochs
+        if key == "deepspeed.zero_optimization.stage" and {a, b} != {1, 2}:
+            safe = False  # stages 1 and 2 share DeepSpeed's checkpoint layout; 0 and 3 do not
+            line += " (only ZeRO stages 1 and 2 can resume each other's checkpoints)"
+        (allowed if safe else refused).append(line)
+    if saved_world is not None and saved_world != world:
+        refused.append(f"world size: {saved_world} -> {world} (the queue, the per-rank batches and the "
+                       f"optimizer shards depend on it)")
+    return refused, allowed

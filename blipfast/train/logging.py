@@ -74,6 +74,26 @@ def peak_flops(precision: str) -> Optional[float]:
     return None
 
 
+def truncate_metrics(output_dir: str, last_step: int) -> None:
+    """Drop metrics.jsonl rows after `last_step` (and a torn last line): a resumed run logs those
+    steps again, so the file keeps one row per step."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= last_step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
 class RunLogger:
     """Rank-0 sink for per-step metrics and periodic throughput; a no-op on other ranks."""
 

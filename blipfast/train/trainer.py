@@ -16,7 +16,9 @@ import contextlib
 import json
 import os
 import random
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
@@ -30,7 +32,7 @@ from blipfast.models.blip import TEMP_MAX, TEMP_MIN
 
 from . import checkpoint, schedule
 from .config import RunConfig, build_deepspeed_config, save_resolved
-from .logging import RunLogger, peak_flops, pretrain_flops_per_sample
+from .logging import RunLogger, peak_flops, pretrain_flops_per_sample, truncate_metrics
 from .momentum import MomentumState, NoMomentum, autocast_context, register_zero3_external_params
 from .tasks import first_caption as _first_caption
 from .tasks import get_task
@@ -101,6 +103,16 @@ class _NonRaisingNegatives:
             nxt = (torch.arange(B, device=sim_i2t.device) + 1) % B
             return nxt, nxt.clone()
 
+    def sample_retrieval_negatives(self, sim_i2t, sim_t2i, *args, **kwargs):
+        try:
+            return self.inner.sample_retrieval_negatives(sim_i2t, sim_t2i, *args, **kwargs)
+        except ValueError as e:
+            if "non-finite" not in str(e):
+                raise
+            B, C = sim_i2t.shape  # any valid columns: the loss is non-finite, the step is skipped or stopped
+            nxt = (torch.arange(B, device=sim_i2t.device) + 1) % C
+            return nxt, nxt.clone()
+
     def __repr__(self) -> str:
         return f"NonRaisingNegatives({self.inner!r})"
 
@@ -112,6 +124,7 @@ class MicroResult:
     tokens: float  # text tokens (attention mask) over all ranks
     skipped: bool = False
     nonfinite: Tuple[str, ...] = ()
+    stop: Optional[str] = None  # SIGTERM / SIGUSR1 reached some rank (all-reduced: every rank agrees)
 
 
 @dataclass
@@ -130,7 +143,7 @@ class Trainer:
     negatives with negatives_fn(epoch, batch_index, rank) -> (neg_img, neg_txt) or None."""
 
     def __init__(self, run: RunConfig, *, loader=None, tokenizer=None, eval_set=None,
-                 negatives_fn: Optional[Callable] = None):
+                 negatives_fn: Optional[Callable] = None, resume: bool = False):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -139,6 +152,16 @@ class Trainer:
         run.check_world(self.world)  # before any other work
         self.output_dir = cfg.output_dir
         self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
+        if resume:
+            self._check_resume(run)  # before anything is written
+        try:  # a clear error now, not a traceback from the first write
+            os.makedirs(self.output_dir, exist_ok=True)
+            probe = os.path.join(self.output_dir, f".write_test.{socket.gethostname()}.{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise ConfigError(f"{run.source}: train.output_dir {self.output_dir} cannot be written: "
+                              f"{e.strerror or e}") from None
         self.negatives_fn = negatives_fn
         self.eval_set = eval_set
 
@@ -188,6 +211,7 @@ class Trainer:
         self.position = Position()
         self.last_saved: Optional[str] = None  # tag of the newest checkpoint this run saved or resumed from
         self.logger: Optional[RunLogger] = None
+        self._signal: Optional[int] = None  # SIGTERM / SIGUSR1 received (handlers: fit)
         if self.rank == 0:
             save_resolved(run, self.ds_config, self.output_dir)
 
@@ -259,8 +283,11 @@ class Trainer:
                 negatives, self)
         local = torch.stack([loss.detach().float()] + [parts[k].detach().float() for k in names])
         flags = (~torch.isfinite(local[1:])).float()
-        vec = torch.cat([flags, local, mask.sum().float()[None]])  # (n flags, 1 + n losses, tokens)
+        stop = local.new_tensor([float(self._signal == s) for s in self.STOP_SIGNALS])
+        vec = torch.cat([flags, local, stop, mask.sum().float()[None]])  # (n flags, 1 + n losses, signals, tokens)
         vec = self._all_reduce(vec.clone()).cpu()  # one small collective per micro-batch
+        got = [s for s, f in zip(self.STOP_SIGNALS, vec[2 * n + 1:-1]) if f > 0]
+        stop_any = got[0].name if got else None
         local_cpu = local.cpu()
         local_d = {"loss": float(local_cpu[0]), **{k: float(v) for k, v in zip(names, local_cpu[1:])}}
         bad = tuple(k for k, f in zip(names, vec[:n]) if f > 0)
@@ -275,11 +302,11 @@ class Trainer:
             self.position.skipped += 1
             if self.logger:
                 self.logger.print(f"WARNING: {where}: skipped (train.nan_policy=skip; {self.position.skipped} so far)")
-            return MicroResult({}, local_d, float(vec[-1]), skipped=True, nonfinite=bad)
+            return MicroResult({}, local_d, float(vec[-1]), skipped=True, nonfinite=bad, stop=stop_any)
         self.engine.backward(loss)
         mean = vec[n:2 * n + 1] / self.world
         losses = {"loss": float(mean[0]), **{k: float(v) for k, v in zip(names, mean[1:])}}
-        return MicroResult(losses, local_d, float(vec[-1]))
+        return MicroResult(losses, local_d, float(vec[-1]), stop=stop_any)
 
     def optimizer_step(self, epoch: int, index: int) -> bool:
         """engine.step() for this micro-batch with the schedule's lr; True at an optimizer step."""
@@ -327,6 +354,9 @@ class Trainer:
     def save(self) -> str:
         meta = {"epoch": self.position.epoch, "batch": self.position.batch, "global_step": self.global_step,
                 "skipped": self.position.skipped, "world_size": self.world, "zero_stage": self.stage}
+        if checkpoint.is_committed(os.path.join(self.ckpt_dir, checkpoint.tag_for(self.global_step))):
+            self.last_saved = checkpoint.tag_for(self.global_step)  # committed already: kept as it is
+            return self.last_saved
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.global_step, meta, self.momentum.state_dict(),
                               self.run.train.keep_last)
         self.last_saved = tag
@@ -334,6 +364,31 @@ class Trainer:
             self.logger.print(f"checkpoint {os.path.join(self.ckpt_dir, tag)} committed "
                               f"(epoch {meta['epoch']}, batch {meta['batch']}, step {meta['global_step']})")
         return tag
+
+    def _check_resume(self, run: RunConfig) -> None:
+        """--resume: compare the run's saved resolved config (and the newest checkpoint's world size)
+        with this one; changes to the math or the data position raise one ConfigError listing
+        them all, safe changes are printed. Nothing is written before this."""
+        from .config import load_run_config, resume_changes
+
+        tag = checkpoint.find_latest(self.ckpt_dir)
+        saved_path = os.path.join(self.output_dir, "config.yaml")
+        if tag is None or not os.path.isfile(saved_path):
+            return  # nothing to continue: resume() starts from scratch
+        try:
+            saved = load_run_config(saved_path)
+        except ConfigError as e:
+            raise ConfigError(f"--resume: cannot read the run's saved configuration: {e}") from None
+        meta = checkpoint.read_meta(self.ckpt_dir, tag)
+        refused, allowed = resume_changes(saved, run, meta.get("world_size"), self.world)
+        if refused:
+            raise ConfigError(
+                f"--resume: {self.output_dir} (checkpoint {tag}) cannot continue with this configuration: "
+                f"these changes alter the math or the data position: {'; '.join(refused)}. Undo them, or "
+                f"start a new run in another train.output_dir (train.init_from=DIR takes its weights)")
+        if allowed and self.rank == 0:
+            print(f"--resume: continuing {tag} with these changes (they do not alter the math or the data "
+                  f"position): {'; '.join(allowed)}", flush=True)
 
     def resume(self) -> Optional[str]:
         """Load the newest committed checkpoint of output_dir (ignoring torn ones); None if none."""
@@ -344,17 +399,35 @@ class Trainer:
             return None
         meta = checkpoint.read_meta(self.ckpt_dir, tag)
         if meta.get("world_size") != self.world:
-            raise RuntimeError(f"checkpoint {tag} was saved by {meta.get('world_size')} ranks, this run has "
-                               f"{self.world}: resume with the same number of ranks")
+            raise ConfigError(f"--resume: checkpoint {tag} was saved by {meta.get('world_size')} ranks, this run "
+                              f"has {self.world}: resume with the same number of ranks")
         state = checkpoint.load(self.engine, self.ckpt_dir, tag)
         self.momentum.load_state_dict(state["momentum"])
         self.position = Position(epoch=meta["epoch"], batch=meta["batch"], skipped=meta.get("skipped", 0))
         self.last_saved = tag
         checkpoint.set_rng_state(state["rng"])  # last: nothing above may draw random numbers after it
         if self.rank == 0:
+            truncate_metrics(self.output_dir, meta["global_step"])  # those steps are about to run again
             print(f"resumed from {os.path.join(self.ckpt_dir, tag)}: epoch {meta['epoch']}, batch "
                   f"{meta['batch']}, step {meta['global_step']}", flush=True)
         return tag
+
+    # -- preemption ----------------------------------------------------------------------------
+
+    STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum  # acted on after the current step (forward_backward all-reduces it)
+
+    def _install_signal_handlers(self) -> Dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal handlers can only be set from the main thread
+        return {s: signal.signal(s, self._on_signal) for s in self.STOP_SIGNALS}
+
+    @staticmethod
+    def _restore_signal_handlers(previous: Dict) -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -378,6 +451,8 @@ class Trainer:
                       f"steps/epoch ({len(self.loader)} batches/rank; the last incomplete batch of each epoch "
                       f"is dropped), {total} steps in all, device {self.device}")
         done = self.global_step >= total
+        stop = None  # a preemption signal's name once it reached some rank: stop at the next optimizer step
+        previous = self._install_signal_handlers()
         acc: Dict[str, float] = {}
         n_acc, tokens, wait = 0, 0.0, 0.0
         while not done and self.position.epoch < cfg.epochs:
@@ -393,6 +468,7 @@ class Trainer:
                                        f"{len(self.loader)}") from None
                 wait += time.perf_counter() - t0
                 res = self.forward_backward(batch, epoch, i)
+                stop = stop or res.stop
                 tokens += res.tokens
                 stepped = False
                 if not res.skipped:
@@ -414,7 +490,7 @@ class Trainer:
                     extra = {"alpha": record["alpha"], "temp": self.temperature()} if self.task.has_momentum else {}
                     log.flush_window(gs, {"lr": record["lr"], **extra, "epoch": epoch,
                                           "skipped": self.position.skipped})
-                if gs >= total:
+                if gs >= total or stop:
                     done = True
                     break
                 if cfg.save_every_steps and gs % cfg.save_every_steps == 0:
@@ -425,7 +501,14 @@ class Trainer:
                     self.save()
         if self.global_step > 0 and self.last_saved != checkpoint.tag_for(self.global_step):
             self.save()
+        self._restore_signal_handlers(previous)
         result = {"steps": self.global_step, "skipped": self.position.skipped}
+        if stop and self.global_step < total:
+            result["stopped"] = stop
+            log.print(f"stopping on {stop} after step {self.global_step}: checkpoint {self.last_saved} committed; "
+                      f"continue with --resume")
+            log.close()
+            return result
         if cfg.eval.enabled:
             result["eval"] = self.evaluate()
         log.close()
