@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from blipfast.atomic import atomic_open, atomic_write_json
 from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides
 
 SOURCES = ("original", "synthetic")
@@ -270,13 +271,6 @@ def process_unit(unit: int, rows: Sequence[int], index, captioner, filt, tokeniz
 # orchestration
 
 
-def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-
-
 def _unit_paths(out_dir: str, unit: int):
     base = os.path.join(out_dir, "parts", f"unit_{unit:06d}")
     return base + ".json", base + ".done"
@@ -329,8 +323,8 @@ def run_capfilt(run: CapfiltRun, rank: Optional[int] = None, world_size: Optiona
             for u in mine:
                 recs = process_unit(u, units[u], index, captioner, filt, tokenizer, cf, device, pool, progress, caps_of)
                 part, done = _unit_paths(cf.out_dir, u)
-                _atomic_json(part, recs)
-                _atomic_json(done, {"unit": u, "images": len(units[u]), "candidates": len(recs)})  # the commit
+                atomic_write_json(part, recs)
+                atomic_write_json(done, {"unit": u, "images": len(units[u]), "candidates": len(recs)})  # the commit
         if progress is not None:
             progress.close()
     if not merge or rank != 0:
@@ -368,7 +362,7 @@ def merge_outputs(run: CapfiltRun, index, n_units: int, log=print) -> dict:
         summary[r["source"]]["kept" if r["kept"] else "dropped"] += 1
     for r in records:
         r["image"] = index.names[r["row"]]
-    _atomic_json(os.path.join(cf.out_dir, "candidates.json"), records)
+    atomic_write_json(os.path.join(cf.out_dir, "candidates.json"), records)
     kept = [r for r in records if r["kept"]]
     fmt = cf.output_format if cf.output_format != "auto" else ("webdataset" if _is_webdataset(run) else "json")
     if fmt == "json":
@@ -376,12 +370,12 @@ def merge_outputs(run: CapfiltRun, index, n_units: int, log=print) -> dict:
             raise ConfigError("output_format json needs image files: the input is webdataset (use webdataset)")
         ann = [{"image": os.path.abspath(r["image"]), "caption": r["caption"], "source": r["source"]} for r in kept]
         out = os.path.join(cf.out_dir, "capfilt.json")
-        _atomic_json(out, ann)
+        atomic_write_json(out, ann)
     else:
         out = write_shards(os.path.join(cf.out_dir, "shards"), kept, index, cf.shard_size)
     summary.update(images=index.num_images, candidates=len(records), kept=len(kept), threshold=cf.threshold,
                    output=out, format=fmt)
-    _atomic_json(os.path.join(cf.out_dir, "summary.json"), summary)
+    atomic_write_json(os.path.join(cf.out_dir, "summary.json"), summary)
     log("capfilt summary: " + ", ".join(f"{s}: kept {summary[s]['kept']}, dropped {summary[s]['dropped']}"
                                         for s in SOURCES) + f" -> {out}")
     return summary
@@ -392,8 +386,7 @@ def write_shards(out_dir: str, kept: List[dict], index, shard_size: int) -> str:
     os.makedirs(out_dir, exist_ok=True)
     for s in range(0, max(1, len(kept)), shard_size):
         path = os.path.join(out_dir, f"capfilt-{s // shard_size:05d}.tar")
-        tmp = path + ".tmp"
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        with atomic_open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for i, r in enumerate(kept[s:s + shard_size], start=s):
                 key = f"{i:08d}"
                 meta = json.dumps({"caption": r["caption"], "source": r["source"], "p_match": r["p_match"],
@@ -403,7 +396,6 @@ def write_shards(out_dir: str, kept: List[dict], index, shard_size: int) -> str:
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-        os.replace(tmp, path)
     return os.path.join(out_dir, "capfilt-*.tar")
 
 

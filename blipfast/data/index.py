@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .captions import pre_caption
+from ..atomic import atomic_write_json
 from .config import DataConfig, DataError
 
 log = logging.getLogger("blipfast.data")
@@ -176,10 +177,7 @@ class _Cache:
             return
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            tmp = f"{self.path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(data, f)
-            os.replace(tmp, self.path)
+            atomic_write_json(self.path, data)
         except OSError as e:  # a read-only cache location only costs speed
             log.warning("cannot write data cache %s: %s", self.path, e)
 

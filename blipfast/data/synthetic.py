@@ -36,9 +36,10 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
+from ..atomic import atomic_write_json
 from PIL import Image, ImageDraw
 
 FORMAT_VERSION = 2  # 2: VQA annotations (vqa_train.json, vqa_val.json, answer_list.json)
@@ -266,8 +267,6 @@ def generate_synthetic(
             "val_scenes_unseen_in_train": unseen,
             "val_scenes": num_val,
         }
-        tmp = paths.manifest + f".tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, paths.manifest)  # the manifest is written last: its presence means "complete"
+        # the manifest is written last: its presence means "complete"
+        atomic_write_json(paths.manifest, manifest, indent=1)
     return paths

@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Type
 import torch
 import torch.distributed as dist
 
+from blipfast.atomic import atomic_write_json
 from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides
 
 
@@ -127,12 +128,8 @@ def finish(own_group: bool) -> None:
 
 def write_json(obj: Any, path: Optional[str]) -> None:
     """Atomic write (a crash never leaves half a results file)."""
-    import json
 
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=1)

@@ -26,6 +26,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from blipfast.atomic import atomic_torch_save
 from .retrieval_metrics import retrieval_recall
 
 NEG = -100.0  # the original's filler for pairs that are not re-ranked
@@ -95,9 +96,7 @@ def extract_features(model, images: Union[torch.Tensor, Iterable], texts: Tuple[
 
 
 def save_features(feats: Dict[str, torch.Tensor], path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(feats, tmp)
-    os.replace(tmp, path)  # a crash never leaves a half-written file under the real name
+    atomic_torch_save(feats, path)  # a crash never leaves a half-written file under the real name
 
 
 def load_features(path: str) -> Dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..atomic import atomic_torch_save, atomic_write_text, fsync_dir
 from . import safe_load
 
 COMMITTED = "COMMITTED"
@@ -60,38 +61,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
 # -- RNG ---------------------------------------------------------------------------------------
 
 
@@ -117,7 +86,7 @@ def _manifest(tag_dir: str) -> Dict[str, int]:
     files = {}
     for root, _, names in os.walk(tag_dir):
         for n in names:
-            if n == COMMITTED or n.endswith(".tmp"):
+            if n == COMMITTED or ".tmp" in n:  # a write in flight (blipfast.atomic names)
                 continue
             full = os.path.join(root, n)
             files[os.path.relpath(full, tag_dir)] = os.path.getsize(full)
@@ -216,7 +185,7 @@ def save(engine, ckpt_dir: str, global_step: int, meta: Dict, momentum_state: Di
         if missing:
             raise RuntimeError(f"checkpoint {tag_dir}: files of other ranks are not visible here: {missing} "
                                f"(the output directory must be on a filesystem every rank shares)")
-        _fsync_dir(tag_dir)
+        fsync_dir(tag_dir)
         atomic_write_text(os.path.join(tag_dir, COMMITTED),
                           json.dumps({"tag": tag, "meta": meta, "world_size": world, "files": _manifest(tag_dir)}))
         atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)

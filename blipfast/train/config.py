@@ -25,6 +25,7 @@ from typing import Any, Dict, Mapping, Optional
 import yaml
 
 from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict, load_yaml
+from blipfast.atomic import atomic_write_text
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 NAN_POLICIES = ("stop", "skip")
@@ -290,16 +291,11 @@ def save_resolved(run: RunConfig, ds_config: dict, output_dir: str) -> None:
     os.makedirs(output_dir, exist_ok=True)
     resolved = run.to_dict()
     resolved["deepspeed"] = "deepspeed.json"
-    _atomic_text(os.path.join(output_dir, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False))
-    _atomic_text(os.path.join(output_dir, "deepspeed.json"), json.dumps(run.deepspeed, indent=2))
-    _atomic_text(os.path.join(output_dir, "deepspeed_resolved.json"), json.dumps(ds_config, indent=2))
+    atomic_write_text(os.path.join(output_dir, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False))
+    atomic_write_text(os.path.join(output_dir, "deepspeed.json"), json.dumps(run.deepspeed, indent=2))
+    atomic_write_text(os.path.join(output_dir, "deepspeed_resolved.json"), json.dumps(ds_config, indent=2))
 
 
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 

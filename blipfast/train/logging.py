@@ -18,6 +18,7 @@ from typing import Dict, Optional
 import torch
 
 from blipfast.config import BlipConfig
+from blipfast.atomic import atomic_open
 
 # Dense peak FLOP/s by GPU name fragment: (bf16/fp16, fp32 via TF32). Published datasheet numbers.
 PEAK_FLOPS = {
@@ -88,10 +89,8 @@ def truncate_metrics(output_dir: str, last_step: int) -> None:
                     keep.append(line if line.endswith("\n") else line + "\n")
             except (json.JSONDecodeError, AttributeError):
                 continue
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         f.writelines(keep)
-    os.replace(tmp, path)
 
 
 class RunLogger:
