@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from blipfast.atomic import atomic_open, atomic_write_json
-from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides
+from blipfast.config import (BlipConfig, ConfigError, load_model_section, load_section, load_yaml, parse_overrides,
+                             resolve_path, split_sections)
 
 SOURCES = ("original", "synthetic")
 
@@ -99,52 +100,22 @@ class CapfiltRun:
     source: str = ""
 
 
-def _resolve(value: str, base_dir: str) -> str:
-    if os.path.isabs(value) or os.path.exists(value):
-        return value
-    alt = os.path.join(base_dir, value)
-    return alt if os.path.exists(alt) else value
-
-
-def _model_config(value, base_dir: str, where: str, overrides: Mapping[str, Any]) -> BlipConfig:
-    if isinstance(value, str):
-        path = _resolve(value, base_dir)
-        value, where = load_yaml(path), path
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: a model must be a path to a model YAML or a mapping, got {value!r}")
-    cfg = from_dict(BlipConfig, apply_overrides(dict(value), overrides, where), where=where)
-    cfg.validate(where)
-    return cfg
-
-
 def load_capfilt_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> CapfiltRun:
     """A CapFilt YAML: `model` (model YAML path or mapping), `data` (DataConfig), `capfilt`."""
     from blipfast.data import DataConfig
 
     raw = load_yaml(path)
     base = os.path.dirname(os.path.abspath(path))
-    top = ("model", "data", "capfilt")
-    unknown = sorted(set(raw) - set(top))
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(top)}")
-    by_top: Dict[str, Dict[str, Any]] = {k: {} for k in top}
-    for key, value in (overrides or {}).items():
-        head, _, rest = key.partition(".")
-        if head not in top or not rest:
-            raise ConfigError(f"override {key!r}: expected model.X, data.X or capfilt.X")
-        by_top[head][rest] = value
-    cf = from_dict(CapfiltConfig, apply_overrides(dict(raw.get("capfilt") or {}), by_top["capfilt"], path),
-                   where=f"{path}: capfilt")
-    cf.validate(f"{path}: capfilt")
+    whole, by_top = split_sections(raw, overrides or {}, ("model", "data", "capfilt"), path, required=("model",))
+    if whole:
+        raise ConfigError(f"override(s) {', '.join(map(repr, whole))}: expected model.X, data.X or capfilt.X")
+    cf = load_section(CapfiltConfig, raw.get("capfilt"), by_top["capfilt"], f"{path}: capfilt")
     for name in ("captioner", "filter"):
-        setattr(cf, name, _resolve(getattr(cf, name), base))
-    if "model" not in raw:
-        raise ConfigError(f"{path}: missing section 'model' (a model YAML path or mapping)")
+        setattr(cf, name, resolve_path(getattr(cf, name), base))
     model_raw = raw["model"]
-    cap_model = _model_config(cf.captioner_model or model_raw, base, f"{path}: model", by_top["model"])
-    filt_model = _model_config(cf.filter_model or model_raw, base, f"{path}: model", by_top["model"])
-    data = from_dict(DataConfig, apply_overrides(dict(raw.get("data") or {}), by_top["data"], path), where=f"{path}: data")
-    data.validate(f"{path}: data")
+    cap_model = load_model_section(cf.captioner_model or model_raw, base, f"{path}: model", by_top["model"])
+    filt_model = load_model_section(cf.filter_model or model_raw, base, f"{path}: model", by_top["model"])
+    data = load_section(DataConfig, raw.get("data"), by_top["data"], f"{path}: data")
     return CapfiltRun(model=cap_model, filter_model=filt_model, data=data, capfilt=cf, source=str(path))
 
 

@@ -235,3 +235,78 @@ def apply_overrides(data: dict, overrides: Mapping[str, Any], where: str) -> dic
             node = nxt
         node[parts[-1]] = value
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# sectioned run files (train, eval and CapFilt YAMLs): one loader for all three
+
+
+def resolve_path(value: str, base_dir: str) -> str:
+    """A path as given (relative to the working directory), else relative to the config's folder."""
+    if os.path.isabs(value) or os.path.exists(value):
+        return value
+    alt = os.path.join(base_dir, value)
+    return alt if os.path.exists(alt) else value
+
+
+def split_sections(raw: Mapping[str, Any], overrides: Mapping[str, Any], sections, path: str,
+                   required=()) -> tuple:
+    """Check a run file's top-level keys and sort dotted overrides by section.
+
+    Returns (whole, by_section): `whole` holds overrides of a whole top-level key (`task=...`,
+    `model=PATH`), `by_section[s]` the `s.X=...` ones as {X: value}. Unknown top-level keys in the
+    file or in an override, and missing required sections, raise ConfigError naming the file.
+    """
+    sections = tuple(sections)
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(map(repr, unknown))}; "
+                          f"valid: {', '.join(sections)}")
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise ConfigError(f"{path}: missing section(s) {', '.join(missing)}")
+    whole: dict = {}
+    by_section: dict = {k: {} for k in sections}
+    for key, value in overrides.items():
+        top, _, rest = key.partition(".")
+        if top not in sections:
+            raise ConfigError(f"override {key!r}: unknown section {top!r}; valid: {', '.join(sections)}")
+        if rest:
+            by_section[top][rest] = value
+        else:
+            whole[top] = value
+    return whole, by_section
+
+
+def load_section(cls, value: Any, overrides: Mapping[str, Any], where: str, validate_where: str | None = None):
+    """One section of a run file as dataclass `cls`: overrides applied, strict keys, validated
+    (`cls.validate(validate_where or where)`, when it has one)."""
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    cfg = from_dict(cls, apply_overrides(dict(value), overrides, where), where=where)
+    if hasattr(cfg, "validate"):
+        cfg.validate(validate_where or where)
+    return cfg
+
+
+def model_section(value: Any, base_dir: str, where: str) -> tuple:
+    """A run file's `model`: a mapping, a model YAML, a run YAML naming one, or a training output
+    directory (its config.yaml). Returns (mapping, where it came from)."""
+    if isinstance(value, Mapping):
+        return dict(value), where
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: a model must be a path to a model YAML or a mapping, got {value!r}")
+    path = resolve_path(value, base_dir)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.yaml")
+    data = load_yaml(path)
+    if isinstance(data.get("model"), (Mapping, str)):  # a run YAML or a run's config.yaml
+        return model_section(data["model"], os.path.dirname(os.path.abspath(path)), path)
+    return data, path
+
+
+def load_model_section(value: Any, base_dir: str, where: str, overrides: Mapping[str, Any]) -> "BlipConfig":
+    raw, src = model_section(value, base_dir, where)
+    return load_section(BlipConfig, raw, overrides, src)

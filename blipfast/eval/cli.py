@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple, Type
+from typing import Any, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.distributed as dist
 
 from blipfast.atomic import atomic_write_json
-from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides
+from blipfast.config import (BlipConfig, ConfigError, apply_overrides, from_dict, load_model_section, load_section,
+                             load_yaml, parse_overrides, split_sections)
 
 
 @dataclass
@@ -40,25 +41,13 @@ def load_eval_run(path: str, overrides: Sequence[str], eval_cls: Type) -> EvalRu
 
     raw = load_yaml(path)
     base = os.path.dirname(os.path.abspath(path))
-    over: Dict[str, Dict] = {"model": {}, "data": {}, "eval": {}}
-    for key, value in parse_overrides(list(overrides)).items():
-        head, _, rest = key.partition(".")
-        if key == "model" and isinstance(value, str):  # model=PATH: another model file / run
-            raw["model"], base = value, os.getcwd()
-            continue
-        if head not in over or not rest:
-            raise ConfigError(f"override {key!r}: expected model=PATH, model.X, data.X or eval.X")
-        over[head][rest] = value
-    unknown = set(raw) - set(over)
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; valid: model, data, eval")
-    model_raw = raw.get("model")
-    if isinstance(model_raw, str):
-        model_raw = _model_section(model_raw if os.path.exists(model_raw) else os.path.join(base, model_raw))
-    model = from_dict(BlipConfig, apply_overrides(dict(model_raw or {}), over["model"], path), "model")
-    model.validate("model")
-    data = from_dict(DataConfig, apply_overrides(dict(raw.get("data") or {}), over["data"], path), "data")
-    data.validate("data")
+    whole, over = split_sections(raw, parse_overrides(list(overrides)), ("model", "data", "eval"), path)
+    if set(whole) - {"model"} or not isinstance(whole.get("model", ""), str):
+        raise ConfigError(f"override(s) {', '.join(map(repr, whole))}: expected model=PATH, model.X, data.X or eval.X")
+    if "model" in whole:  # model=PATH: another model file / run, relative to the working directory
+        raw["model"], base = whole["model"], os.getcwd()
+    model = load_model_section(raw.get("model") or {}, base, "model", over["model"])
+    data = load_section(DataConfig, raw.get("data"), over["data"], "data")
     ev = from_dict(eval_cls, apply_overrides(dict(raw.get("eval") or {}), over["eval"], path), "eval")
     if hasattr(ev, "validate"):
         ev.validate(path)
@@ -73,18 +62,6 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     return torch.device(name)
-
-
-def _model_section(path: str) -> Dict:
-    """A model YAML, or the `model` section of a run YAML / a training output_dir's config.yaml."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.yaml")
-    data = load_yaml(path)
-    if isinstance(data.get("model"), dict):
-        return data["model"]
-    if isinstance(data.get("model"), str):  # a run YAML naming its model file
-        return _model_section(os.path.join(os.path.dirname(os.path.abspath(path)), data["model"]))
-    return data
 
 
 def init_distributed(device: torch.device) -> Tuple[int, int, bool]:

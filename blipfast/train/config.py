@@ -24,7 +24,8 @@ from typing import Any, Dict, Mapping, Optional
 
 import yaml
 
-from blipfast.config import BlipConfig, ConfigError, apply_overrides, from_dict, load_yaml
+from blipfast.config import (BlipConfig, ConfigError, load_model_section, load_section,
+                             load_yaml, resolve_path, split_sections)
 from blipfast.atomic import atomic_write_text
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -154,66 +155,23 @@ class RunConfig:
 TOP_KEYS = ("task", "model", "data", "train", "deepspeed")
 
 
-def _resolve_path(value: str, base_dir: str) -> str:
-    """A path as given (relative to the working directory), else relative to the config's folder."""
-    if os.path.isabs(value) or os.path.exists(value):
-        return value
-    alt = os.path.join(base_dir, value)
-    return alt if os.path.exists(alt) else value
-
-
-def _split_overrides(overrides: Mapping[str, Any]):
-    by_top: Dict[str, Dict[str, Any]] = {k: {} for k in TOP_KEYS}
-    whole: Dict[str, Any] = {}
-    for key, value in overrides.items():
-        top, _, rest = key.partition(".")
-        if top not in TOP_KEYS:
-            raise ConfigError(f"override {key!r}: unknown section {top!r}; valid: {', '.join(TOP_KEYS)}")
-        if rest:
-            by_top[top][rest] = value
-        else:
-            whole[top] = value
-    return whole, by_top
-
-
 def load_run_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> RunConfig:
     """Load a run YAML strictly, apply dotted `overrides`, resolve the model YAML and DeepSpeed JSON."""
     from blipfast.data import DataConfig  # the data package owns its config
 
     raw = load_yaml(path)
     base_dir = os.path.dirname(os.path.abspath(path))
-    unknown = sorted(set(raw) - set(TOP_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown top-level key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(TOP_KEYS)}"
-        )
-    missing = [k for k in ("model", "data") if k not in raw]
-    if missing:
-        raise ConfigError(f"{path}: missing section(s) {', '.join(missing)}")
-    whole, by_top = _split_overrides(overrides or {})
+    whole, by_top = split_sections(raw, overrides or {}, TOP_KEYS, path, required=("model", "data"))
     raw.update(whole)
     from .tasks import get_task
 
     task = str(raw.get("task", "pretrain"))
     get_task(task, f"{path}: task")  # an unknown task fails here
 
-    # model: a path to a model YAML or an inline mapping
-    model_raw, model_where = raw["model"], f"{path}: model"
-    if isinstance(model_raw, str):
-        model_path = _resolve_path(model_raw, base_dir)
-        model_raw, model_where = load_yaml(model_path), model_path
-    if not isinstance(model_raw, Mapping):
-        raise ConfigError(f"{path}: model must be a path to a model YAML or a mapping, got {model_raw!r}")
-    model_raw = apply_overrides(dict(model_raw), by_top["model"], model_where)
-    model = from_dict(BlipConfig, model_raw, where=model_where)
-    model.validate(model_where)
-
-    data = from_dict(DataConfig, apply_overrides(dict(raw["data"] or {}), by_top["data"], path), where=f"{path}: data")
-    if hasattr(data, "validate"):
-        data.validate(f"{path}: data")
-    train = from_dict(TrainConfig, apply_overrides(dict(raw.get("train") or {}), by_top["train"], path),
-                      where=f"{path}: train")
-    train.validate(path)
+    # model: a path to a model YAML (or a run naming one) or an inline mapping
+    model = load_model_section(raw["model"], base_dir, f"{path}: model", by_top["model"])
+    data = load_section(DataConfig, raw["data"], by_top["data"], f"{path}: data")
+    train = load_section(TrainConfig, raw.get("train"), by_top["train"], f"{path}: train", validate_where=path)
 
     ds_value = raw.get("deepspeed", "configs/deepspeed/zero2.json")
     if by_top["deepspeed"]:
@@ -222,7 +180,7 @@ def load_run_config(path: str, overrides: Optional[Mapping[str, Any]] = None) ->
     if isinstance(ds_value, Mapping):
         ds_path, ds = f"{path}: deepspeed", dict(ds_value)
     else:
-        ds_path = _resolve_path(str(ds_value), base_dir)
+        ds_path = resolve_path(str(ds_value), base_dir)
         if not os.path.isfile(ds_path):
             raise ConfigError(f"{path}: deepspeed config not found: {ds_value}")
         with open(ds_path) as f:
