@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from blipfast.models.blip import BlipForPretraining
+from blipfast.models.caption import BlipForCaptioning
+from blipfast.models.vqa import BlipForVQA
 from blipfast.models.retrieval import BlipForRetrieval
 from blipfast.ops.packing import Packing
 
@@ -42,7 +44,8 @@ def sharpen_(model, seed=0):
             p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
         else:
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (1.5 / math.sqrt(p[0].numel())))
-    model.copy_params()
+    if hasattr(model, "copy_params"):
+        model.copy_params()
 
 
 def uneven_batch(cfg, lengths, L, seed=1):
@@ -142,3 +145,59 @@ def test_momentum_vit_first_row_equals_full(tiny_config):
     first = padded.visual_encoder_m(images, first_only=True)
     assert first.shape == full.shape
     assert torch.allclose(first, full, rtol=RTOL, atol=1e-13)
+
+
+def grads_close(a, b):
+    total = math.sqrt(sum(float(g.pow(2).sum()) for g in a.values()))
+    assert a.keys() == b.keys()
+    for n, ga in a.items():
+        err = float((ga - b[n]).norm())
+        assert err <= RTOL * max(float(ga.norm()), 1e-3 * total), (n, err, float(ga.norm()))
+
+
+def loss_and_grads(model, fn):
+    model.zero_grad()
+    loss = fn(model)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_captioning_packed_equals_padded(tiny_config):
+    padded, exact = pair(tiny_config, BlipForCaptioning)
+    images, ids, mask = uneven_batch(padded.config, [3, 12, 4, 7, 3, 9], L)  # the prompt is 2 tokens
+    fn = lambda m: m(images, ids, mask, prompt_length=2)  # noqa: E731
+    lp, gp = loss_and_grads(padded, fn)
+    le, ge = loss_and_grads(exact, fn)
+    assert torch.allclose(lp, le, rtol=RTOL, atol=0), (lp.item(), le.item())
+    grads_close(gp, ge)
+
+
+def test_vqa_packed_equals_padded(tiny_config):
+    padded, exact = pair(tiny_config, BlipForVQA)
+    images, q_ids, q_mask = uneven_batch(padded.config, [5, 2, 8], 8, seed=3)
+    _, a_ids, a_mask = uneven_batch(padded.config, [2, 4, 3, 6, 2, 3], 6, seed=4)
+    n, w = torch.tensor([1, 3, 2]), torch.tensor([1.0, 0.5, 0.3, 0.2, 0.6, 0.4], dtype=torch.float64)
+    fn = lambda m: m(images, q_ids, q_mask, a_ids, a_mask, n, w)  # noqa: E731
+    lp, gp = loss_and_grads(padded, fn)
+    le, ge = loss_and_grads(exact, fn)
+    assert torch.allclose(lp, le, rtol=RTOL, atol=0), (lp.item(), le.item())
+    grads_close(gp, ge)
+    padded.eval(), exact.eval()
+    assert torch.equal(padded.rank_answers(images, q_ids, q_mask, a_ids, a_mask, k=4),
+                       exact.rank_answers(images, q_ids, q_mask, a_ids, a_mask, k=4))
+
+
+def test_retrieval_itm_logits_packed_equal_padded(tiny_config):
+    """The re-ranking / CapFilt filter entry point: per-image K/V, packed texts."""
+    padded, exact = pair(tiny_config, BlipForRetrieval)
+    images, ids, mask = uneven_batch(padded.config, LENGTHS, L, seed=5)
+    padded.eval(), exact.eval()
+    with torch.no_grad():
+        emb = padded.visual_encoder(images[:2])
+        rows = torch.tensor([0, 1, 1, 0, 1, 0])
+        kv = [(k[rows], v[rows]) for k, v in padded.text_encoder.image_kv(emb)]
+        a = padded.itm_logits(ids, mask, image_kv=kv)
+        b = exact.itm_logits(ids, mask, image_kv=kv)
+        enc_ids = exact.with_first_token(ids, exact.config.text.enc_token_id)
+        c = exact.itm_head(exact.text_encoder.first_states(enc_ids, mask, exact.text_encoder.image_kv(emb), rows))
+    assert torch.allclose(a, b, rtol=RTOL, atol=1e-12) and torch.allclose(a, c, rtol=RTOL, atol=1e-12)

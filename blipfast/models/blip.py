@@ -19,7 +19,7 @@ from blipfast.config import BlipConfig
 from blipfast.ops import resolve_losses
 from blipfast.ops.packing import Packing
 
-from .med import TextDecoder, TextTransformer, lm_targets_packed
+from .med import TextDecoder, TextTransformer
 from .momentum import MomentumModel
 from .vit import VisionTransformer
 
@@ -171,12 +171,9 @@ class BlipForPretraining(MomentumModel):
             hidden = self.text_decoder(dec_ids, attention_mask, image_embeds=image_embeds)
             loss_lm = self.text_decoder.lm_loss(hidden, labels, self.losses, self.config.label_smoothing)
         else:
-            # Causal: each text's last real token is read by no other row and predicts nothing,
-            # so the decoder runs on the first length - 1 tokens only.
-            dec = Packing.from_lengths(packing.lengths - 1, packing.width, packing.total - B, packing.max_len - 1)
-            hidden = self.text_decoder.bert.forward_packed(dec_ids, dec, causal=True, image_kv=image_kv)
-            loss_lm = self.text_decoder.lm_loss_packed(hidden, lm_targets_packed(labels, dec), self.losses,
-                                                       self.config.label_smoothing)
+            loss_lm = self.text_decoder.lm_loss_exact(dec_ids, attention_mask, labels, self.losses,
+                                                      self.config.label_smoothing, image_kv=image_kv,
+                                                      packing=packing)
 
         return BlipPretrainOutput(
             loss=loss_itc + loss_itm + loss_lm, loss_itc=loss_itc, loss_itm=loss_itm, loss_lm=loss_lm,

@@ -312,6 +312,22 @@ class TextTransformer(nn.Module):
         return x
 
 
+    def first_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     image_kv: Optional[List[KV]] = None, image_index: Optional[torch.Tensor] = None,
+                     exact_work: bool = True) -> torch.Tensor:
+        """(P, C) output at each text's first token ([CLS] / [ENC]), the only row ITC, ITM and
+        the filters read. image_kv / image_index as in `forward_packed` (text p reads memory
+        image_index[p]). exact_work: packed, last layer on the first rows only; a mask that is
+        not right-padded (or exact_work False) takes the padded forward."""
+        packing = Packing.from_mask(attention_mask) if exact_work else None
+        if packing is not None:
+            return self.forward_packed(input_ids, packing, image_kv=image_kv, image_index=image_index,
+                                       first_only=True)
+        if image_kv is not None and image_index is not None:
+            image_kv = [(k[image_index], v[image_index]) for k, v in image_kv]  # (P, H, N, D) each
+        return self(input_ids, attention_mask, image_kv=image_kv)[:, 0, :]
+
+
 def _pack_memory(image_kv: List[KV], index: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
     """Per-layer (k, v) of M memories, (M, H, N, D) each -> packed (P * N or fewer, H, D) rows of
     the P texts' memories, gathered by `index` (no re-projection: the backward sums every text's
@@ -406,6 +422,37 @@ class TextDecoder(nn.Module):
         per_tok = lm_cross_entropy(h.reshape(-1, C), self.output_weight, self.cls.predictions.bias,
                                    tgt.reshape(-1), label_smoothing=label_smoothing, reduction="none")
         return per_tok.view(tgt.shape).sum(1)
+
+    def lm_loss_exact(self, input_ids, attention_mask, labels, loss_backend, label_smoothing=0.1,
+                      image_kv: Optional[List[KV]] = None, image_index=None, image_mask=None,
+                      reduction: str = "mean", packing: Optional[Packing] = None):
+        """`lm_loss(self(input_ids, attention_mask, ...), labels)` with exact work, or None when
+        the batch cannot be packed exactly (a mask that is not right-padded, a target on padding).
+
+        The decoder runs on each text's first length - 1 tokens (causal: the last real token is
+        read by no other row and predicts nothing), reading the memories through `image_kv` /
+        `image_index` / `image_mask` (see `TextTransformer.forward_packed`); the LM head runs on
+        the rows that have a target. packing: the mask's layout, when the caller has checked it
+        (no target on padding) already. reduction as `lm_loss`."""
+        if packing is None:
+            packing = Packing.from_mask(attention_mask, extra_ok=(labels == -100) | attention_mask.bool())
+            if packing is None:
+                return None
+        B = packing.batch
+        dec = Packing.from_lengths(packing.lengths - 1, packing.width, packing.total - B, packing.max_len - 1)
+        hidden = self.bert.forward_packed(input_ids, dec, causal=True, image_kv=image_kv, image_index=image_index,
+                                          image_mask=image_mask)  # (T - B, C)
+        targets = lm_targets_packed(labels, dec)  # (T - B,)
+        if reduction == "mean":
+            return self.lm_loss_packed(hidden, targets, loss_backend, label_smoothing)
+        from blipfast.kernels.reference import lm_cross_entropy
+
+        rows = (targets != -100).nonzero().squeeze(1)  # (n,)
+        h = self.cls.predictions.transform(hidden[rows.to(hidden.device)])
+        per_tok = lm_cross_entropy(h, self.output_weight, self.cls.predictions.bias, targets[rows].to(h.device),
+                                   label_smoothing=label_smoothing, reduction="none")  # (n,)
+        seq = (dec.index.to(rows.device)[rows] // dec.width).to(h.device)  # (n,) text of each row
+        return per_tok.new_zeros(B).index_add(0, seq, per_tok)  # (B,) summed per text
 
     def lm_loss_packed(self, hidden: torch.Tensor, targets: torch.Tensor, loss_backend, label_smoothing=0.1):
         """Mean next-token loss on packed rows: hidden (T, C), targets (T,) (-100 = no target).

@@ -173,10 +173,6 @@ class MomentumModel(nn.Module):
         cross-attention keys/values `image_kv` (`text_encoder.image_kv`, projected once per image,
         gathered per pair); the text runs on its real tokens only and the last layer computes
         only the [ENC] rows. A mask that is not right-padded keeps the padded text."""
-        packing = Packing.from_mask(attention_mask)  # checked again: negatives may be other ranks' texts
-        if packing is None:  # not right-padded: padded text, still one projection per image
-            kv = [(k[image_index], v[image_index]) for k, v in image_kv]  # (P, H, N, D) each
-            return self.itm_head(self.text_encoder(enc_ids, attention_mask, image_kv=kv)[:, 0, :])
-        vl = self.text_encoder.forward_packed(enc_ids, packing, image_kv=image_kv, image_index=image_index,
-                                              first_only=True)  # (P, C)
+        # the mask is checked again: negatives may be other ranks' texts
+        vl = self.text_encoder.first_states(enc_ids, attention_mask, image_kv, image_index)  # (P, C)
         return self.itm_head(vl)

@@ -133,8 +133,10 @@ class BlipForRetrieval(MomentumModel):
         """(B, 2) ITM logits (class 1 = match) of texts against image tokens (or their precomputed
         cross-attention keys/values); the first token is replaced by [ENC]."""
         ids = self.with_first_token(input_ids, self.config.text.enc_token_id)
-        h = self.text_encoder(ids, attention_mask, image_embeds=image_embeds, image_kv=image_kv)
-        return self.itm_head(h[:, 0, :])
+        if image_kv is None:
+            image_kv = self.text_encoder.image_kv(image_embeds)
+        return self.itm_head(self.text_encoder.first_states(ids, attention_mask, image_kv,
+                                                            exact_work=self.config.exact_work))
 
     # -- training forward ----------------------------------------------------------------------
 
