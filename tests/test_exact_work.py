@@ -95,9 +95,9 @@ LENGTHS = [1, 9, 3, 12, 2, 7]  # 1 real token ([CLS] alone) up to the padded len
 L = 12
 
 
-@pytest.mark.parametrize("negatives", ["fixed", "sampled"])
-def test_pretraining_packed_equals_padded(tiny_config, negatives):
-    padded, exact = pair(tiny_config, BlipForPretraining)
+@pytest.mark.parametrize("negatives,backend", [("fixed", "reference"), ("sampled", "reference"), ("fixed", "sdpa")])
+def test_pretraining_packed_equals_padded(tiny_config, negatives, backend):
+    padded, exact = pair(tiny_config, BlipForPretraining, backend)
     images, ids, mask = uneven_batch(padded.config, LENGTHS, L)
     kw = {}
     if negatives == "fixed":  # the length-1 and length-L captions as each other's negatives

@@ -246,13 +246,21 @@ class TextTransformer(nn.Module):
         image_kv: Optional[List[KV]] = None,
         past_kv: Optional[List[KV]] = None,
         return_kv: bool = False,
+        packing: Optional[Packing] = None,
+        image_index: Optional[torch.Tensor] = None,
+        first_only: bool = False,
     ):
-        """input_ids: (B, L) int64; attention_mask: (B, L) (1/True = real token) or None;
+        """With `packing`: `forward_packed` (exact work; image_index, first_only are its
+        arguments), through the module call so that hooks and `module.compile()` see it.
+
+        input_ids: (B, L) int64; attention_mask: (B, L) (1/True = real token) or None;
         image_embeds: (B, N, W) cross-attention memory, image_mask: bool (B, N) or None (all real);
         image_kv: per-layer precomputed cross-attention (k, v), instead of image_embeds;
         past_kv: per-layer self-attention (k, v) of earlier positions (decoding; the attention
         mask then covers past + current keys). Returns (B, L, C), plus per-layer self (k, v)
         with return_kv."""
+        if packing is not None:
+            return self.forward_packed(input_ids, packing, causal, image_kv, image_index, image_mask, first_only)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L), got {tuple(input_ids.shape)}")
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
@@ -321,8 +329,7 @@ class TextTransformer(nn.Module):
         not right-padded (or exact_work False) takes the padded forward."""
         packing = Packing.from_mask(attention_mask) if exact_work else None
         if packing is not None:
-            return self.forward_packed(input_ids, packing, image_kv=image_kv, image_index=image_index,
-                                       first_only=True)
+            return self(input_ids, packing=packing, image_kv=image_kv, image_index=image_index, first_only=True)
         if image_kv is not None and image_index is not None:
             image_kv = [(k[image_index], v[image_index]) for k, v in image_kv]  # (P, H, N, D) each
         return self(input_ids, attention_mask, image_kv=image_kv)[:, 0, :]
@@ -440,8 +447,8 @@ class TextDecoder(nn.Module):
                 return None
         B = packing.batch
         dec = Packing.from_lengths(packing.lengths - 1, packing.width, packing.total - B, packing.max_len - 1)
-        hidden = self.bert.forward_packed(input_ids, dec, causal=True, image_kv=image_kv, image_index=image_index,
-                                          image_mask=image_mask)  # (T - B, C)
+        hidden = self(input_ids, None, image_mask=image_mask, packing=dec, image_kv=image_kv,
+                      image_index=image_index)  # (T - B, C), causal
         targets = lm_targets_packed(labels, dec)  # (T - B,)
         if reduction == "mean":
             return self.lm_loss_packed(hidden, targets, loss_backend, label_smoothing)

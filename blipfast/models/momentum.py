@@ -144,7 +144,7 @@ class MomentumModel(nn.Module):
         ids = self.with_first_token(input_ids, self.config.text.cls_token_id)
         if packing is None:
             return F.normalize(proj(enc(ids, attention_mask)[:, 0, :]), dim=-1)
-        return F.normalize(proj(enc.forward_packed(ids, packing, first_only=True)), dim=-1)
+        return F.normalize(proj(enc(ids, packing=packing, first_only=True)), dim=-1)
 
     # -- the forward parts pre-training and retrieval share -----------------------------------
 

@@ -70,7 +70,7 @@ class BlipForVQA(nn.Module):
         packing = None if padding_read or not self.config.exact_work else Packing.from_mask(question_mask)
         if packing is None:
             return self.text_encoder(ids, question_mask, image_embeds=image_embeds)
-        states = self.text_encoder.forward_packed(ids, packing, image_kv=self.text_encoder.image_kv(image_embeds))
+        states = self.text_encoder(ids, packing=packing, image_kv=self.text_encoder.image_kv(image_embeds))  # (T, C)
         return pad_packed(states, packing.cu_seqlens.to(states.device), question_ids.shape[1])[0]  # (B, Lq, C)
 
     def answer_nll(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, question_kv, question_mask,
