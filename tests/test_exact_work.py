@@ -201,3 +201,49 @@ def test_retrieval_itm_logits_packed_equal_padded(tiny_config):
         enc_ids = exact.with_first_token(ids, exact.config.text.enc_token_id)
         c = exact.itm_head(exact.text_encoder.first_states(enc_ids, mask, exact.text_encoder.image_kv(emb), rows))
     assert torch.allclose(a, b, rtol=RTOL, atol=1e-12) and torch.allclose(a, c, rtol=RTOL, atol=1e-12)
+
+
+def _retrieval_world_worker(rank, world, store, out):
+    """One rank of a 2-process retrieval step with negatives drawn from the other rank: the
+    exact path projects K/V for its own images plus the gathered negatives (2B)."""
+    import os
+
+    import torch.distributed as dist
+
+    from blipfast import BlipConfig
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = BlipConfig.from_yaml(os.path.join(repo, "configs", "blip_tiny.yaml"))
+    padded, exact = pair(cfg, BlipForRetrieval)  # same seed: the same weights on both ranks
+    lengths = LENGTHS if rank == 0 else LENGTHS[::-1]
+    images, ids, mask = uneven_batch(padded.config, lengths, L, seed=10 + rank)
+    B = len(lengths)
+    idx = torch.arange(B) + 100 * rank
+    other = torch.arange(B).flip(0) + B * (1 - rank)  # every negative lives on the other rank
+    negatives = (other, other.roll(1))
+    results = []
+    for model in (padded, exact):
+        torch.manual_seed(3)
+        out_m, grads = run(model, images, ids, mask, 0.4, idx, negatives=negatives)
+        results.append((out_m, grads))
+    (out_p, g_p), (out_e, g_e) = results
+    errors = []
+    try:
+        assert_same(out_p, g_p, out_e, g_e)
+    except AssertionError as e:
+        errors.append(repr(e))
+    torch.save({"errors": errors, "loss": float(out_e.loss)}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_retrieval_packed_equals_padded_with_negatives_from_another_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "res")
+    mp.spawn(_retrieval_world_worker, args=(2, str(tmp_path / "store"), out), nprocs=2)
+    for rank in range(2):
+        res = torch.load(f"{out}.{rank}")
+        assert not res["errors"], res["errors"]
+        assert math.isfinite(res["loss"])
