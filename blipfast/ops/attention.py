@@ -275,12 +275,12 @@ class FlashAttnAttention(AttentionBackend):
         if causal and cu_seqlens_q is not cu_seqlens_k:
             raise BackendUnsupported("attention backend 'flash_attn' serves packed causal attention only as "
                                      "self-attention (the same cu_seqlens object for queries and keys)")
+        if max_seqlen_k == 0:  # no key anywhere: every query attends to nothing
+            return q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
         cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
         out = self._fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
                                               dropout_p=dropout_p, causal=causal)
         lens_k = cu_k[1:] - cu_k[:-1]
-        if max_seqlen_k == 0:
-            return out.zero_()
         # rows of a query sequence that has no key attend to nothing (zeros), as the reference
         empty_q = torch.repeat_interleave(lens_k == 0, (cu_q[1:] - cu_q[:-1]).long(), output_size=q.shape[0])
         return out.masked_fill(empty_q[:, None, None], 0.0)
