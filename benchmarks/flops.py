@@ -14,6 +14,9 @@ Conventions (the same for every provider, so MFU compares like with like):
   * Model FLOPs (used for MFU) exclude recomputation by activation checkpointing; hardware FLOPs
     include it (the checkpointed ViT blocks rerun their forward, less the last product).
   * Text length is the padded length L (max_text_len); the LM head runs on L-1 positions.
+    With exact work (config.exact_work, the default) the model skips what changes no result
+    (packed text, cross-attention K/V once per image, used rows only): `pretrain_step` then
+    counts from the real caption lengths (see `_pretrain_step_exact`).
 
 `tests/test_benchmarks_cpu.py` checks these formulas against `torch.utils.flop_counter` on the
 reference path of a tiny model, so a formula that drifts from the model fails CI.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 # ---------------------------------------------------------------------------------------------
 # building blocks (forward FLOPs)
@@ -84,6 +87,38 @@ def med_forward(text, batch: int, length: int, image_tokens: int = 0, image_widt
     return text.num_hidden_layers * per_layer
 
 
+def med_forward_packed(text, lengths, image_tokens: int = 0, image_width: int = 0, first_only: bool = False,
+                       image_kv: bool = True, memories: int = 0) -> int:
+    """MED forward with exact work (config.exact_work): per-token products on the real tokens
+    only (sum(lengths)); attention over the longest sequence (the backends without a packed
+    kernel pad around attention, and that is what runs here); first_only: the last layer
+    computes only each sequence's first row. With image_tokens, cross-attention reads keys/values
+    projected once for `memories` images (image_kv=False: counted elsewhere, shared)."""
+    D, F = text.hidden_size, text.intermediate_size
+    B, n, Lmax = len(lengths), sum(lengths), max(lengths)
+
+    def layer(rows: int, q_len: int) -> int:  # rows: tokens that get a query and a feed-forward
+        f = linear(n, D, 2 * D) + linear(rows, D, D) + attention_core(B, q_len, Lmax, D) + linear(rows, D, D)
+        if image_tokens:
+            f += linear(rows, D, D) + attention_core(B, q_len, image_tokens, D) + linear(rows, D, D)
+        return f + linear(rows, D, F) + linear(rows, F, D)
+
+    L = text.num_hidden_layers
+    total = (L - 1) * layer(n, Lmax) + (layer(B, 1) if first_only else layer(n, Lmax))
+    if image_tokens and image_kv:
+        total += L * 2 * linear(memories * image_tokens, image_width, D)
+    return total
+
+
+def vit_last_block_first_row_saving(vision, batch: int) -> int:
+    """Forward products the momentum ViT skips when its last block computes only [CLS]."""
+    T, C = vision.num_patches + 1, vision.width
+    hidden = int(C * vision.mlp_ratio)
+    rows = batch * (T - 1)  # every row but [CLS] loses its query, output projection and MLP
+    return (linear(rows, C, C) + attention_core(batch, T, T, C) - attention_core(batch, 1, T, C)
+            + linear(rows, C, C) + linear(rows, C, hidden) + linear(rows, hidden, C))
+
+
 def lm_head_forward(text, batch: int, length: int) -> int:
     """Prediction transform plus tied output projection on the L-1 positions that have a target."""
     n = batch * (length - 1)
@@ -136,16 +171,25 @@ class StepFlops:
         return out
 
 
-def pretrain_step(config, batch: int, text_len: Optional[int] = None) -> StepFlops:
+def pretrain_step(config, batch: int, text_len: Optional[int] = None, lengths: Optional[Sequence[int]] = None,
+                  neg_text: Optional[Sequence[int]] = None, exact_work: Optional[bool] = None) -> StepFlops:
     """FLOPs of BlipForPretraining's training step (ITC + ITM + LM, forward and backward).
 
     config: a BlipConfig; batch: images per step (B); text_len: padded caption length
     (default config.max_text_len). ITM runs the image-grounded encoder on 3B pairs.
+    exact_work (default config.exact_work): count what the model runs with the savings on; that
+    depends on the real caption lengths (`lengths`, B of them; default: all text_len) and on
+    which caption is each image's hard negative (`neg_text`, B indices; default: lengths cycled
+    by one, which has the same total when all are equal).
     """
     vc, tc = config.vision, config.text
     L = text_len if text_len is not None else config.max_text_len
     B, E, Q = batch, config.embed_dim, config.queue_size
     T, Cv = vc.num_patches + 1, vc.width
+    if config.exact_work if exact_work is None else exact_work:
+        lengths = list(lengths) if lengths is not None else [L] * B
+        neg_text = list(neg_text) if neg_text is not None else [(b + 1) % B for b in range(B)]
+        return _pretrain_step_exact(config, B, lengths, neg_text)
     s = StepFlops()
 
     vit = vit_forward(vc, B)
@@ -176,6 +220,45 @@ def pretrain_step(config, batch: int, text_len: Optional[int] = None) -> StepFlo
     s.backward["itm"] = 2 * itm
 
     lm = med_forward(tc, B, L, image_tokens=T, image_width=Cv) + lm_head_forward(tc, B, L)
+    s.forward["lm"] = lm
+    s.backward["lm"] = 2 * lm
+    return s
+
+
+def _pretrain_step_exact(config, B: int, lengths, neg_text) -> StepFlops:
+    """pretrain_step with exact work: packed text, K/V once per image, used rows only."""
+    vc, tc = config.vision, config.text
+    E, Q, T, Cv, D = config.embed_dim, config.queue_size, vc.num_patches + 1, vc.width, tc.hidden_size
+    if len(lengths) != B or len(neg_text) != B:
+        raise ValueError(f"lengths and neg_text need one entry per sample ({B})")
+    s = StepFlops()
+    vit = vit_forward(vc, B)
+    vit_total = vit["patch_embed"] + vit["blocks"]
+    s.forward["vit"] = vit_total
+    s.backward["vit"] = vit["patch_embed"] + 2 * vit["blocks"]
+    if vc.grad_checkpointing:
+        n_ckpt = vc.ckpt_layer if vc.ckpt_layer > 0 else vc.depth
+        s.recompute["vit"] = n_ckpt * vit_block_recompute(vc, B)
+
+    text = med_forward_packed(tc, lengths, first_only=True)  # unimodal: only [CLS] leaves the last layer
+    s.forward["text_encoder"] = text
+    s.backward["text_encoder"] = 2 * text
+    proj = linear(B, Cv, E) + linear(B, D, E)
+    s.forward["projections"] = proj
+    s.backward["projections"] = 2 * proj
+    s.forward["momentum"] = vit_total - vit_last_block_first_row_saving(vc, B) + text + proj
+    itc = itc_logits(B, Q, E)
+    s.forward["itc"] = 4 * itc
+    s.backward["itc"] = 2 * itc
+
+    pairs = list(lengths) * 2 + [lengths[j] for j in neg_text]  # positives, neg image, neg text
+    itm = med_forward_packed(tc, pairs, T, Cv, first_only=True, memories=B) + linear(3 * B, D, 2)
+    s.forward["itm"] = itm  # includes the B images' cross-attention K/V, shared with the LM
+    s.backward["itm"] = 2 * itm
+    dec = [n - 1 for n in lengths]  # causal: the last real token feeds no row and predicts nothing
+    n_targets = sum(dec)
+    lm = (med_forward_packed(tc, dec, T, Cv, image_kv=False)
+          + linear(n_targets, D, D) + linear(n_targets, D, tc.vocab_size))
     s.forward["lm"] = lm
     s.backward["lm"] = 2 * lm
     return s

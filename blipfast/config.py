@@ -90,6 +90,10 @@ class BlipConfig:
     max_text_len: int = 30  # tokens per caption in pre-training (padding='max_length')
     attention_backend: str = "auto"  # auto | triton | sdpa | xformers | flash_attn | reference
     loss_backend: str = "auto"  # auto | triton | reference (ITC, hard negatives, LM cross-entropy)
+    # Skip work that changes no result: text on real tokens only (packed), cross-attention K/V once
+    # per image, LM head on labelled rows, last layers only on the rows a loss reads. false = the
+    # original's padded computation (for debugging, and the baseline the benchmarks compare to).
+    exact_work: bool = True
 
     def __post_init__(self) -> None:
         if self.text.encoder_width == 0:

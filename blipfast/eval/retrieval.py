@@ -116,11 +116,11 @@ def _itm_match_logits(model, feats, img_idx: torch.Tensor, txt_idx: torch.Tensor
     """ITM match logit of the pairs (img_idx[p], txt_idx[p]); each distinct image is projected once."""
     uniq, inverse = torch.unique(img_idx, return_inverse=True)
     emb = feats["image_embeds"][uniq].to(device=device, dtype=dtype)  # (u, T, Cv)
-    kv = [(k[inverse], v[inverse]) for k, v in model.text_encoder.image_kv(emb)]  # per pair, by indexing
+    kv = model.text_encoder.image_kv(emb)  # per distinct image; pairs index it (no re-projection)
     ids = model.with_first_token(feats["text_ids"][txt_idx].to(device), model.config.text.enc_token_id)
     mask = feats["text_mask"][txt_idx].to(device)
-    h = model.text_encoder(ids, mask, image_kv=kv)  # (P, L, C): image-grounded encoder, [ENC] first
-    return model.itm_head(h[:, 0, :])[:, 1].float()
+    h = model.text_encoder.first_states(ids, mask, kv, inverse.to(device), model.config.exact_work)  # (P, C): [ENC]
+    return model.itm_head(h)[:, 1].float()
 
 
 def _rerank_rows(model, feats, sims: torch.Tensor, rows: range, k: int, image_rows: bool, pair_batch: int,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from blipfast.config import BlipConfig
 from blipfast.ops import resolve_losses
+from blipfast.ops.packing import Packing
 
 from .med import TextDecoder, TextTransformer
 from .momentum import MomentumModel
@@ -131,15 +132,16 @@ class BlipForPretraining(MomentumModel):
             self.temp.clamp_(TEMP_MIN, TEMP_MAX)
         B = images.shape[0]
 
-        image_embeds = self.visual_encoder(images)  # (B, 1 + N, Cv)
-        image_feat = self.image_features(image_embeds)  # (B, E)
-        text_feat = self.text_features(input_ids, attention_mask)  # (B, E)
+        # Exact work (config.exact_work): text on real tokens only, cross-attention keys/values
+        # once per image. None: off, or a batch that cannot be packed exactly (the padded path).
+        packing = None
+        if self.config.exact_work:
+            dec_labels_ok = (input_ids == tc.pad_token_id) | attention_mask.bool()  # LM targets only on real tokens
+            dec_labels_ok[:, 0] = True  # column 0 becomes [DEC], never a target
+            packing = Packing.from_mask(attention_mask, extra_ok=dec_labels_ok)
 
-        with torch.no_grad():
-            if self.training and self.update_momentum_in_forward:
-                self.momentum_update()
-            image_feat_m = self.image_features(self.visual_encoder_m(images), momentum=True)
-            text_feat_m = self.text_features(input_ids, attention_mask, momentum=True)
+        image_embeds, image_feat, text_feat, image_feat_m, text_feat_m = self.itc_features(
+            images, input_ids, attention_mask, packing)
 
         loss_itc, sim_i2t, sim_t2i = self.losses.itc_loss(
             image_feat, text_feat, image_feat_m, text_feat_m,
@@ -153,17 +155,29 @@ class BlipForPretraining(MomentumModel):
         neg_img, neg_txt = (n.long() for n in negatives)
         ids_all = torch.cat([enc_ids, enc_ids, enc_ids[neg_txt]], dim=0)  # (3B, L)
         att_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_txt]], dim=0)
-        img_all = torch.cat([image_embeds, image_embeds[neg_img], image_embeds], dim=0)  # (3B, 1+N, Cv)
-        vl = self.text_encoder(ids_all, att_all, image_embeds=img_all)[:, 0, :]  # (3B, C)
-        itm_logits = self.itm_head(vl)
-        itm_labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(images.device)
+        dec_ids = self.with_first_token(input_ids, tc.dec_token_id)
+        labels = dec_ids.masked_fill(dec_ids == tc.pad_token_id, -100)
+        if packing is None:
+            img_all = torch.cat([image_embeds, image_embeds[neg_img], image_embeds], dim=0)  # (3B, 1+N, Cv)
+            vl = self.text_encoder(ids_all, att_all, image_embeds=img_all)[:, 0, :]  # (3B, C)
+            itm_logits = self.itm_head(vl)
+        else:
+            # One projection per image and layer, shared by the 3B pairs and the decoder (whose
+            # cross-attention is the encoder's): the backward sums all four uses into it.
+            image_kv = self.text_encoder.image_kv(image_embeds)
+            arange = torch.arange(B, device=neg_img.device)
+            itm_logits = self.itm_logits_packed(ids_all, att_all, image_kv, torch.cat([arange, neg_img, arange]))
+        itm_labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(itm_logits.device)
         loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
 
         # LM: [DEC] first, padding ignored, [SEP] is a target.
-        dec_ids = self.with_first_token(input_ids, tc.dec_token_id)
-        labels = dec_ids.masked_fill(dec_ids == tc.pad_token_id, -100)
-        hidden = self.text_decoder(dec_ids, attention_mask, image_embeds=image_embeds)
-        loss_lm = self.text_decoder.lm_loss(hidden, labels, self.losses, self.config.label_smoothing)
+        if packing is None:
+            hidden = self.text_decoder(dec_ids, attention_mask, image_embeds=image_embeds)
+            loss_lm = self.text_decoder.lm_loss(hidden, labels, self.losses, self.config.label_smoothing)
+        else:
+            loss_lm = self.text_decoder.lm_loss_exact(dec_ids, attention_mask, labels, self.losses,
+                                                      self.config.label_smoothing, image_kv=image_kv,
+                                                      packing=packing)
 
         # Last, after everything that can raise: a forward that raises leaves the queues and the
         # pointer as they were. They are overwritten in place: a loss backend that keeps them for

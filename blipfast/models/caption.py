@@ -82,6 +82,11 @@ class BlipForCaptioning(nn.Module):
         ids[:, 0] = tc.dec_token_id
         labels = ids.masked_fill(ids == tc.pad_token_id, -100)
         labels[:, :P] = -100  # the prompt is given, not learned
+        if self.config.exact_work:  # real tokens only, LM head on the caption's rows (not the prompt's)
+            loss = self.text_decoder.lm_loss_exact(ids, attention_mask, labels, self.losses, self.config.label_smoothing,
+                                                   image_kv=self.text_decoder.bert.image_kv(image_embeds))
+            if loss is not None:
+                return loss
         hidden = self.text_decoder(ids, attention_mask, image_embeds=image_embeds)
         return self.text_decoder.lm_loss(hidden, labels, self.losses, self.config.label_smoothing)
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from blipfast.config import TextConfig
 from blipfast.ops import resolve_attention
+from blipfast.ops.packing import Packing, Seqs
 
 KV = Tuple[torch.Tensor, torch.Tensor]
 
@@ -42,6 +43,11 @@ class TextEmbeddings(nn.Module):
             raise ValueError(f"text of {past_length + L} tokens exceeds max_position_embeddings={self.max_positions}")
         pos = torch.arange(past_length, past_length + L, device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None]
+        return self.dropout(self.LayerNorm(x))
+
+    def forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: (T,) real tokens and their position ids -> (T, C)."""
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
         return self.dropout(self.LayerNorm(x))
 
 
@@ -116,6 +122,25 @@ class Attention(nn.Module):
         ctx = self.attn_fn(q, kv[0], kv[1], key_padding_mask=key_padding_mask, causal=causal, dropout_p=p)
         return self.output(_merge(ctx), x), kv
 
+    def forward_packed(self, x: torch.Tensor, seqs: Seqs, causal: bool = False,
+                       q_rows: Optional[torch.Tensor] = None, q_seqs: Optional[Seqs] = None,
+                       kv: Optional[KV] = None, kv_seqs: Optional[Seqs] = None) -> torch.Tensor:
+        """x: (T, C) packed tokens of the sequences `seqs`. Queries come from the rows `q_rows`
+        of x (sequences `q_seqs`: e.g. one [CLS] row each) or from every row; keys/values are
+        the packed `kv` ((Tk, H, D) each, sequences `kv_seqs`: cross-attention) or are projected
+        from x (self-attention). Returns (Tq, C)."""
+        H, C = self.num_heads, x.shape[-1]
+        xq = x if q_rows is None else x[q_rows]  # (Tq, C)
+        q = self.self.query(xq).view(-1, H, C // H)  # (Tq, H, D)
+        if kv is None:
+            k = self.self.key(x).view(-1, H, C // H)  # (T, H, D)
+            kv, kv_seqs = (k, self.self.value(x).view(-1, H, C // H)), seqs
+        q_seqs = seqs if q_rows is None else q_seqs
+        p = self.dropout_p if self.training else 0.0
+        ctx = self.attn_fn.varlen(q, kv[0], kv[1], q_seqs.cu_seqlens, kv_seqs.cu_seqlens, q_seqs.max_len,
+                                  kv_seqs.max_len, causal=causal, dropout_p=p)  # (Tq, H, D)
+        return self.output(ctx.reshape(-1, C), xq)
+
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, backend={self.attn_fn.name}"
 
@@ -146,6 +171,21 @@ class Layer(nn.Module):
         if memory is not None or memory_kv is not None:
             x, _ = self.crossattention(x, key_padding_mask=memory_mask, memory=memory, kv=memory_kv)
         return self.output(self.intermediate(x), x), self_kv
+
+    def forward_packed(self, x, seqs: Seqs, causal: bool, memory: Optional[KV] = None,
+                       memory_seqs: Optional[Seqs] = None, first_only: bool = False):
+        """x: (T, C) packed. first_only: compute only each sequence's first row (keys and values
+        still from every row) and return (B, C); else (T, C)."""
+        q_rows = q_seqs = None
+        if first_only:
+            B = seqs.cu_seqlens.shape[0] - 1
+            q_rows = seqs.cu_seqlens[:-1].long()  # (B,) packed row of each first token
+            q_seqs = Seqs(torch.arange(B + 1, dtype=torch.int32, device=x.device), 1)
+        x = self.attention.forward_packed(x, seqs, causal, q_rows=q_rows, q_seqs=q_seqs)
+        out_seqs = seqs if q_seqs is None else q_seqs
+        if memory is not None:
+            x = self.crossattention.forward_packed(x, out_seqs, kv=memory, kv_seqs=memory_seqs)
+        return self.output(self.intermediate(x), x)
 
 
 class Encoder(nn.Module):
@@ -206,13 +246,21 @@ class TextTransformer(nn.Module):
         image_kv: Optional[List[KV]] = None,
         past_kv: Optional[List[KV]] = None,
         return_kv: bool = False,
+        packing: Optional[Packing] = None,
+        image_index: Optional[torch.Tensor] = None,
+        first_only: bool = False,
     ):
-        """input_ids: (B, L) int64; attention_mask: (B, L) (1/True = real token) or None;
+        """With `packing`: `forward_packed` (exact work; image_index, first_only are its
+        arguments), through the module call so that hooks and `module.compile()` see it.
+
+        input_ids: (B, L) int64; attention_mask: (B, L) (1/True = real token) or None;
         image_embeds: (B, N, W) cross-attention memory, image_mask: bool (B, N) or None (all real);
         image_kv: per-layer precomputed cross-attention (k, v), instead of image_embeds;
         past_kv: per-layer self-attention (k, v) of earlier positions (decoding; the attention
         mask then covers past + current keys). Returns (B, L, C), plus per-layer self (k, v)
         with return_kv."""
+        if packing is not None:
+            return self.forward_packed(input_ids, packing, causal, image_kv, image_index, image_mask, first_only)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L), got {tuple(input_ids.shape)}")
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
@@ -241,6 +289,74 @@ class TextTransformer(nn.Module):
     def image_kv(self, image_embeds: torch.Tensor) -> List[KV]:
         """Cross-attention keys/values of every layer for `image_embeds`, computed once."""
         return [layer.crossattention.project_kv(image_embeds) for layer in self.encoder.layer]
+
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor,
+        packing: Packing,
+        causal: bool = False,
+        image_kv: Optional[List[KV]] = None,
+        image_index: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
+        first_only: bool = False,
+    ) -> torch.Tensor:
+        """The same transformer on the real tokens only (exact work: no per-token work on padding).
+
+        input_ids: (P, L) padded ids, `packing` their layout (Packing.from_mask / from_lengths);
+        image_kv: per-layer cross-attention (k, v), each (M, H, N, D), as `image_kv()` returns:
+        computed once per image and shared by every text that reads it; image_index: (P,) int64
+        image of each text (default: text p reads image p); image_mask: bool (M, N) real memory
+        rows (default all). first_only: the last layer computes only each text's first row
+        ([CLS] / [ENC]) and (P, C) is returned; else (T, C), the packed hidden states."""
+        ids = packing.pack(input_ids)  # (T,), on the ids' device
+        packing = packing.to(self.embeddings.word_embeddings.weight.device)
+        x = self.embeddings.forward_packed(ids, packing.positions)  # (T, C)
+        memory, memory_seqs = [None] * len(self.encoder.layer), None
+        if image_kv is not None:
+            memory, memory_seqs = _pack_memory(image_kv, image_index, image_mask)
+        last = len(self.encoder.layer) - 1
+        for i, layer in enumerate(self.encoder.layer):
+            x = layer.forward_packed(x, packing.seqs, causal, memory[i], memory_seqs, first_only and i == last)
+        return x
+
+
+    def first_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     image_kv: Optional[List[KV]] = None, image_index: Optional[torch.Tensor] = None,
+                     exact_work: bool = True) -> torch.Tensor:
+        """(P, C) output at each text's first token ([CLS] / [ENC]), the only row ITC, ITM and
+        the filters read. image_kv / image_index as in `forward_packed` (text p reads memory
+        image_index[p]). exact_work: packed, last layer on the first rows only; a mask that is
+        not right-padded (or exact_work False) takes the padded forward."""
+        packing = Packing.from_mask(attention_mask) if exact_work else None
+        if packing is not None:
+            return self(input_ids, packing=packing, image_kv=image_kv, image_index=image_index, first_only=True)
+        if image_kv is not None and image_index is not None:
+            image_kv = [(k[image_index], v[image_index]) for k, v in image_kv]  # (P, H, N, D) each
+        return self(input_ids, attention_mask, image_kv=image_kv)[:, 0, :]
+
+
+def _pack_memory(image_kv: List[KV], index: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
+    """Per-layer (k, v) of M memories, (M, H, N, D) each -> packed (P * N or fewer, H, D) rows of
+    the P texts' memories, gathered by `index` (no re-projection: the backward sums every text's
+    gradient into its memory's keys/values), plus their Seqs."""
+    M, H, N, D = image_kv[0][0].shape
+    device = image_kv[0][0].device
+    P = M if index is None else index.shape[0]
+    rows = None
+    if mask is None:
+        seqs = Seqs(torch.arange(0, (P + 1) * N, N, dtype=torch.int32, device=device), N)
+    else:
+        m = mask.to(torch.bool) if index is None else mask.to(torch.bool)[index]  # (P, N)
+        pk = Packing.from_lengths(m.sum(1), N)
+        rows = m.flatten().nonzero().squeeze(1)  # (Tk,) real memory rows, sequence by sequence
+        seqs = pk.seqs
+
+    def gather(t):  # (M, H, N, D) -> (Tk, H, D)
+        t = t.transpose(1, 2)  # (M, N, H, D): the projection's own (contiguous) layout
+        t = (t if index is None else t[index]).reshape(P * N, H, D)
+        return t if rows is None else t[rows]
+
+    return [(gather(k), gather(v)) for k, v in image_kv], seqs
 
 
 class PredictionTransform(nn.Module):
@@ -313,6 +429,52 @@ class TextDecoder(nn.Module):
         per_tok = lm_cross_entropy(h.reshape(-1, C), self.output_weight, self.cls.predictions.bias,
                                    tgt.reshape(-1), label_smoothing=label_smoothing, reduction="none")
         return per_tok.view(tgt.shape).sum(1)
+
+    def lm_loss_exact(self, input_ids, attention_mask, labels, loss_backend, label_smoothing=0.1,
+                      image_kv: Optional[List[KV]] = None, image_index=None, image_mask=None,
+                      reduction: str = "mean", packing: Optional[Packing] = None):
+        """`lm_loss(self(input_ids, attention_mask, ...), labels)` with exact work, or None when
+        the batch cannot be packed exactly (a mask that is not right-padded, a target on padding).
+
+        The decoder runs on each text's first length - 1 tokens (causal: the last real token is
+        read by no other row and predicts nothing), reading the memories through `image_kv` /
+        `image_index` / `image_mask` (see `TextTransformer.forward_packed`); the LM head runs on
+        the rows that have a target. packing: the mask's layout, when the caller has checked it
+        (no target on padding) already. reduction as `lm_loss`."""
+        if packing is None:
+            packing = Packing.from_mask(attention_mask, extra_ok=(labels == -100) | attention_mask.bool())
+            if packing is None:
+                return None
+        B = packing.batch
+        dec = Packing.from_lengths(packing.lengths - 1, packing.width, packing.total - B, packing.max_len - 1)
+        hidden = self(input_ids, None, image_mask=image_mask, packing=dec, image_kv=image_kv,
+                      image_index=image_index)  # (T - B, C), causal
+        targets = lm_targets_packed(labels, dec)  # (T - B,)
+        if reduction == "mean":
+            return self.lm_loss_packed(hidden, targets, loss_backend, label_smoothing)
+        from blipfast.kernels.reference import lm_cross_entropy
+
+        rows = (targets != -100).nonzero().squeeze(1)  # (n,)
+        h = self.cls.predictions.transform(hidden[rows.to(hidden.device)])
+        per_tok = lm_cross_entropy(h, self.output_weight, self.cls.predictions.bias, targets[rows].to(h.device),
+                                   label_smoothing=label_smoothing, reduction="none")  # (n,)
+        seq = (dec.index.to(rows.device)[rows] // dec.width).to(h.device)  # (n,) text of each row
+        return per_tok.new_zeros(B).index_add(0, seq, per_tok)  # (B,) summed per text
+
+    def lm_loss_packed(self, hidden: torch.Tensor, targets: torch.Tensor, loss_backend, label_smoothing=0.1):
+        """Mean next-token loss on packed rows: hidden (T, C), targets (T,) (-100 = no target).
+        The LM head runs only on the rows that have a target."""
+        rows = (targets != -100).nonzero().squeeze(1)  # (n,)
+        h = self.cls.predictions.transform(hidden[rows.to(hidden.device)])  # (n, C)
+        return loss_backend.lm_loss(h, self.output_weight, self.cls.predictions.bias,
+                                    targets[rows].to(hidden.device), label_smoothing=label_smoothing)
+
+
+def lm_targets_packed(labels: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """(T,) label of the next token for each packed decoder row (labels: (B, L), -100 = none).
+
+    The decoder packing must stop before each sequence's last column (row t predicts t + 1)."""
+    return labels.flatten()[packing.index.to(labels.device) + 1]
 
 
 def _init_bert(module: nn.Module, std: float = 0.02) -> None:

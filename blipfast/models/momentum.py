@@ -10,11 +10,13 @@ copies, `config` and `momentum_context`.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from blipfast.ops.packing import Packing
 
 
 class MomentumModel(nn.Module):
@@ -134,7 +136,43 @@ class MomentumModel(nn.Module):
         proj = self.vision_proj_m if momentum else self.vision_proj
         return F.normalize(proj(image_embeds[:, 0, :]), dim=-1)
 
-    def text_features(self, input_ids, attention_mask, momentum: bool = False) -> torch.Tensor:
+    def text_features(self, input_ids, attention_mask, momentum: bool = False,
+                      packing: Optional[Packing] = None) -> torch.Tensor:
+        """(B, E) normalised [CLS] features; with `packing` (the mask's layout) on real tokens only,
+        the last layer computing only the [CLS] rows."""
         enc, proj = (self.text_encoder_m, self.text_proj_m) if momentum else (self.text_encoder, self.text_proj)
         ids = self.with_first_token(input_ids, self.config.text.cls_token_id)
-        return F.normalize(proj(enc(ids, attention_mask)[:, 0, :]), dim=-1)
+        if packing is None:
+            return F.normalize(proj(enc(ids, attention_mask)[:, 0, :]), dim=-1)
+        return F.normalize(proj(enc(ids, packing=packing, first_only=True)), dim=-1)
+
+    # -- the forward parts pre-training and retrieval share -----------------------------------
+
+    def itc_features(self, images, input_ids, attention_mask, packing: Optional[Packing] = None):
+        """Image tokens and the online and momentum ITC features of a batch:
+        (image_embeds (B, 1 + N, Cv), image_feat, text_feat, image_feat_m, text_feat_m (B, E)).
+
+        In training the momentum encoders are updated first, as the original does. With
+        `packing` (exact work) the text passes skip padding and the momentum ViT's last block
+        computes only [CLS]."""
+        image_embeds = self.visual_encoder(images)  # (B, 1 + N, Cv)
+        image_feat = self.image_features(image_embeds)  # (B, E)
+        text_feat = self.text_features(input_ids, attention_mask, packing=packing)  # (B, E)
+        with torch.no_grad():
+            if self.training and self.update_momentum_in_forward:
+                self.momentum_update()
+            image_embeds_m = self.visual_encoder_m(images, first_only=packing is not None)  # (B, 1 | 1 + N, Cv)
+            image_feat_m = self.image_features(image_embeds_m, momentum=True)
+            text_feat_m = self.text_features(input_ids, attention_mask, momentum=True, packing=packing)
+        return image_embeds, image_feat, text_feat, image_feat_m, text_feat_m
+
+    def itm_logits_packed(self, enc_ids: torch.Tensor, attention_mask: torch.Tensor, image_kv,
+                          image_index: torch.Tensor) -> torch.Tensor:
+        """(P, 2) ITM logits of P (text, image) pairs, exact work: text p ([ENC] first; (P, L)
+        padded, right-padded rows) reads image `image_index[p]` through the per-image
+        cross-attention keys/values `image_kv` (`text_encoder.image_kv`, projected once per image,
+        gathered per pair); the text runs on its real tokens only and the last layer computes
+        only the [ENC] rows. A mask that is not right-padded keeps the padded text."""
+        # the mask is checked again: negatives may be other ranks' texts
+        vl = self.text_encoder.first_states(enc_ids, attention_mask, image_kv, image_index)  # (P, C)
+        return self.itm_head(vl)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from blipfast.config import BlipConfig
 from blipfast.kernels import reference as ref
 from blipfast.ops import resolve_losses
+from blipfast.ops.packing import Packing
 
 from .blip import TEMP_MAX, TEMP_MIN, concat_all_gather
 from .med import TextTransformer
@@ -133,8 +134,10 @@ class BlipForRetrieval(MomentumModel):
         """(B, 2) ITM logits (class 1 = match) of texts against image tokens (or their precomputed
         cross-attention keys/values); the first token is replaced by [ENC]."""
         ids = self.with_first_token(input_ids, self.config.text.enc_token_id)
-        h = self.text_encoder(ids, attention_mask, image_embeds=image_embeds, image_kv=image_kv)
-        return self.itm_head(h[:, 0, :])
+        if image_kv is None:
+            image_kv = self.text_encoder.image_kv(image_embeds)
+        return self.itm_head(self.text_encoder.first_states(ids, attention_mask, image_kv,
+                                                            exact_work=self.config.exact_work))
 
     # -- training forward ----------------------------------------------------------------------
 
@@ -159,14 +162,11 @@ class BlipForRetrieval(MomentumModel):
         B = images.shape[0]
         idx = idx.reshape(-1).long()
 
-        image_embeds = self.visual_encoder(images)  # (B, 1 + N, Cv)
-        image_feat = self.image_features(image_embeds)  # (B, E)
-        text_feat = self.text_features(input_ids, attention_mask)  # (B, E)
-        with torch.no_grad():
-            if self.training and self.update_momentum_in_forward:
-                self.momentum_update()
-            image_feat_m = self.image_features(self.visual_encoder_m(images), momentum=True)
-            text_feat_m = self.text_features(input_ids, attention_mask, momentum=True)
+        # Exact work (config.exact_work): text on real tokens only, cross-attention keys/values
+        # once per image; None = off, or a batch that cannot be packed exactly (padded path).
+        packing = Packing.from_mask(attention_mask) if self.config.exact_work else None
+        image_embeds, image_feat, text_feat, image_feat_m, text_feat_m = self.itc_features(
+            images, input_ids, attention_mask, packing)
         # fp32 with autocast off, as pre-training's ITC: logits reach 1/temp = 1000, where bf16 rounds.
         with torch.autocast(device_type=images.device.type, enabled=False):
             f32 = [t.float() for t in (image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
@@ -193,9 +193,21 @@ class BlipForRetrieval(MomentumModel):
 
         ids_all = torch.cat([enc_ids, enc_ids, ids_pool[neg_txt]], dim=0)  # (3B, L)
         att_all = torch.cat([attention_mask, attention_mask, att_pool[neg_txt]], dim=0)
-        img_all = torch.cat([image_embeds, image_pool[neg_img], image_embeds], dim=0)  # (3B, 1 + N_img, Cv)
-        vl = self.text_encoder(ids_all, att_all, image_embeds=img_all)[:, 0, :]  # (3B, C)
-        itm_logits = self.itm_head(vl)
+        if packing is None:
+            img_all = torch.cat([image_embeds, image_pool[neg_img], image_embeds], dim=0)  # (3B, 1 + N_img, Cv)
+            vl = self.text_encoder(ids_all, att_all, image_embeds=img_all)[:, 0, :]  # (3B, C)
+            itm_logits = self.itm_head(vl)
+        else:
+            # Keys/values once per image: this rank's B images, plus the B negatives when they
+            # may come from other ranks (2B projections, not 3B, nor the world batch).
+            arange = torch.arange(B, device=neg_img.device)
+            if image_pool is image_embeds:
+                memory, index = image_embeds, torch.cat([arange, neg_img, arange])
+            else:
+                memory = torch.cat([image_embeds, image_pool[neg_img]], dim=0)  # (2B, 1 + N_img, Cv)
+                index = torch.cat([arange, arange + B, arange])
+            # other ranks' texts: packed by their own lengths (right-padded like this rank's)
+            itm_logits = self.itm_logits_packed(ids_all, att_all, self.text_encoder.image_kv(memory), index)
         itm_labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(images.device)
         loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
         if self.training:  # last, after everything that can raise (the ITC above copied the queues)

@@ -58,6 +58,17 @@ class VitAttention(nn.Module):
         out = self.attn_fn(q, k, v)  # (B, H, N, D)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
+    def forward_first(self, x):
+        """(B, N, C) -> (B, 1, C): the output of the first ([CLS]) row only; its keys and values
+        still come from every row, and no query is projected for the others."""
+        B, N, C = x.shape
+        H, w, b = self.num_heads, self.qkv.weight, self.qkv.bias
+        q = F.linear(x[:, :1], w[:C], None if b is None else b[:C]).view(B, 1, H, C // H)  # (B, 1, H, D)
+        kv = F.linear(x, w[C:], None if b is None else b[C:]).view(B, N, 2, H, C // H)  # (B, N, 2, H, D)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D)
+        out = self.attn_fn(q.transpose(1, 2), k, v)  # (B, H, 1, D)
+        return self.proj(out.transpose(1, 2).reshape(B, 1, C))
+
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, backend={self.attn_fn.name}"
 
@@ -92,6 +103,12 @@ class Block(nn.Module):
             return checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
 
+    def forward_first(self, x):
+        """(B, N, C) -> (B, 1, C): the block's output at the first row only (exact: later rows feed
+        it only through keys and values)."""
+        x0 = x[:, :1] + self.drop_path(self.attn.forward_first(self.norm1(x)))
+        return x0 + self.drop_path(self.mlp(self.norm2(x0)))
+
 
 class VisionTransformer(nn.Module):
     """(B, 3, S, S) images -> (B, 1 + (S/16)^2, width) tokens after the final LayerNorm."""
@@ -103,7 +120,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.width))
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()  # stochastic depth rule
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # stochastic depth rule
         n_ckpt = cfg.ckpt_layer if cfg.ckpt_layer > 0 else cfg.depth
         self.blocks = nn.ModuleList(
             Block(cfg, attn_fn, dpr[i], cfg.grad_checkpointing and i >= cfg.depth - n_ckpt)
@@ -124,7 +141,9 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, 1 + N, C); first_only: the last block and the final norm compute
+        only the [CLS] row, (B, 1, C) (for a caller that reads nothing else, e.g. momentum ITC)."""
         if images.ndim != 4 or images.shape[1] != self.cfg.in_chans:
             raise ValueError(f"images must be (B, {self.cfg.in_chans}, H, W), got {tuple(images.shape)}")
         if images.shape[-1] != self.cfg.image_size or images.shape[-2] != self.cfg.image_size:
@@ -136,8 +155,9 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(images)  # (B, N, C)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, C)
         x = x + self.pos_embed
-        for blk in self.blocks:
-            x = blk(x)
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            x = blk.forward_first(x) if first_only and i == last else blk(x)
         return self.norm(x)
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from blipfast.config import BlipConfig
 from blipfast.generation import generate as _generate
+from blipfast.ops.packing import Packing, pad_packed
 
 from .med import TextDecoder, TextTransformer
 from .vit import VisionTransformer
@@ -54,8 +55,11 @@ class BlipForVQA(nn.Module):
         return ids
 
     def encode_question(self, images: torch.Tensor, question_ids: torch.Tensor,
-                        question_mask: torch.Tensor) -> torch.Tensor:
-        """(B, Lq, C) question states from the image-grounded encoder, [ENC] first."""
+                        question_mask: torch.Tensor, padding_read: bool = True) -> torch.Tensor:
+        """(B, Lq, C) question states from the image-grounded encoder, [ENC] first.
+
+        padding_read=False: the caller masks the padding rows out (they are zeros then), so with
+        exact work only the real tokens are encoded."""
         if question_ids.ndim != 2 or question_mask is None or question_mask.shape != question_ids.shape:
             raise ValueError(f"question_ids and question_mask must both be (B, L); got {tuple(question_ids.shape)} "
                              f"and {None if question_mask is None else tuple(question_mask.shape)}")
@@ -63,7 +67,11 @@ class BlipForVQA(nn.Module):
             raise ValueError(f"{images.shape[0]} images but {question_ids.shape[0]} questions")
         image_embeds = self.visual_encoder(images)
         ids = self._first(question_ids, self.config.text.enc_token_id)
-        return self.text_encoder(ids, question_mask, image_embeds=image_embeds)
+        packing = None if padding_read or not self.config.exact_work else Packing.from_mask(question_mask)
+        if packing is None:
+            return self.text_encoder(ids, question_mask, image_embeds=image_embeds)
+        states = self.text_encoder(ids, packing=packing, image_kv=self.text_encoder.image_kv(image_embeds))  # (T, C)
+        return pad_packed(states, packing.cu_seqlens.to(states.device), question_ids.shape[1])[0]  # (B, Lq, C)
 
     def answer_nll(self, answer_ids: torch.Tensor, answer_mask: torch.Tensor, question_kv, question_mask,
                    rows: torch.Tensor) -> torch.Tensor:
@@ -72,6 +80,12 @@ class BlipForVQA(nn.Module):
         tc = self.config.text
         ids = self._first(answer_ids, tc.dec_token_id)
         labels = ids.masked_fill(ids == tc.pad_token_id, -100)
+        if self.config.exact_work:  # answers on their real tokens; question K/V gathered per answer
+            nll = self.text_decoder.lm_loss_exact(ids, answer_mask, labels, None, self.config.label_smoothing,
+                                                  image_kv=question_kv, image_index=rows,
+                                                  image_mask=question_mask, reduction="none")
+            if nll is not None:
+                return nll
         kv = [(k[rows], v[rows]) for k, v in question_kv]  # per answer, by indexing (no re-projection)
         hidden = self.text_decoder(ids, answer_mask, image_kv=kv, image_mask=question_mask[rows])
         return self.text_decoder.lm_loss(hidden, labels, None, self.config.label_smoothing, reduction="none")
@@ -87,7 +101,7 @@ class BlipForVQA(nn.Module):
         if answer_ids.shape[0] != A or answer_mask.shape != answer_ids.shape or weights.reshape(-1).shape != (A,):
             raise ValueError(f"{A} answers expected (sum of n_answers); got answer_ids {tuple(answer_ids.shape)}, "
                              f"answer_mask {tuple(answer_mask.shape)}, weights {tuple(weights.shape)}")
-        states = self.encode_question(images, question_ids, question_mask)  # (B, Lq, C)
+        states = self.encode_question(images, question_ids, question_mask, padding_read=False)  # (B, Lq, C)
         qkv = self.text_decoder.bert.image_kv(states)
         rows = torch.arange(B, device=images.device).repeat_interleave(n_answers)  # (A,) question of each answer
         nll = self.answer_nll(answer_ids, answer_mask, qkv, question_mask.bool(), rows)  # (A,)
@@ -104,7 +118,7 @@ class BlipForVQA(nn.Module):
         pad...; the first token becomes [DEC]). k is capped at N.
         """
         tc = self.config.text
-        states = self.encode_question(images, question_ids, question_mask)  # (B, Lq, C)
+        states = self.encode_question(images, question_ids, question_mask, padding_read=False)  # (B, Lq, C)
         qmask = question_mask.bool()
         qkv = self.text_decoder.bert.image_kv(states)
         B, N = states.shape[0], answer_list_ids.shape[0]

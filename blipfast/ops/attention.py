@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from blipfast.kernels import reference as ref
 
+from .packing import pad_packed, unpad
+
 ENV_VAR = "BLIPFAST_ATTENTION_BACKEND"
 
 
@@ -41,6 +43,17 @@ class AttentionBackend:
 
     def __call__(self, q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0):
         raise NotImplementedError
+
+    def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+               causal=False, dropout_p=0.0):
+        """Attention over packed sequences, `blipfast.kernels.reference.varlen_attention`'s semantics.
+
+        q: (total_q, H, D); k, v: (total_k, H, D); cu_seqlens_q / _k: int (B + 1,); query
+        sequence b attends key sequence b only (causal: top-left aligned within it). Returns
+        (total_q, H, D). This default pads to (B, H, max_len, D), calls the padded backend with
+        a key padding mask and unpads: exact, and sync-free given the max lengths."""
+        return _padded_varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              causal, dropout_p)
 
     def __repr__(self) -> str:
         return f"AttentionBackend({self.name})"
@@ -71,6 +84,16 @@ class SdpaAttention(AttentionBackend):
         empty = ~allowed.any(-1, keepdim=True)  # (B, 1, Lq|1, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p)
         return out.masked_fill(empty, 0.0)
+
+
+def _padded_varlen(backend, q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, dropout_p: float):
+    """varlen through a padded backend call: pad, attend with a key padding mask, unpad."""
+    qp, _ = pad_packed(q, cu_q, max_q)  # (B, Lq, H, D)
+    kp, key_mask = pad_packed(k, cu_k, max_k)  # (B, Lk, H, D), None when all sequences are full
+    vp, _ = pad_packed(v, cu_k, max_k)
+    out = backend(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), key_padding_mask=key_mask,
+                  causal=causal, dropout_p=dropout_p)  # (B, H, Lq, D)
+    return unpad(out.transpose(1, 2), cu_q, q.shape[0])  # (total_q, H, D)
 
 
 def _interpreting() -> bool:
@@ -112,6 +135,21 @@ class TritonAttention(AttentionBackend):
         if q.dtype not in self._dtypes:
             raise BackendUnsupported(f"attention backend 'triton' supports {self._dtypes}, got {q.dtype}")
         return attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p)
+
+    def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+               causal=False, dropout_p=0.0):
+        return _triton_varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              causal, dropout_p)
+
+
+def _triton_varlen(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                   causal: bool, dropout_p: float):
+    """Packed attention on the Triton backend. For now it pads around the padded Triton kernel.
+    On merge, the lead switches this one function to the packed kernel:
+    `blipfast.kernels.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k, causal=causal, dropout_p=dropout_p)` (same semantics and arguments)."""
+    return _padded_varlen(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          causal, dropout_p)
 
 
 def _allowed_and_empty(key_padding_mask, causal, Lq, Lk, device):
@@ -224,6 +262,28 @@ class FlashAttnAttention(AttentionBackend):
         ).view(B, Lq, H, D)
         empty = (lens_k == 0)[:, None, None, None]  # (B, 1, 1, 1): no real key at all
         return out.transpose(1, 2).masked_fill(empty, 0.0)
+
+    def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+               causal=False, dropout_p=0.0):
+        """flash_attn's own packed kernel. Its causal mask is bottom-right aligned, which is ours
+        only when every query sequence is as long as its key sequence (self-attention)."""
+        if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] % 8:
+            raise BackendUnsupported(
+                f"attention backend 'flash_attn' needs fp16/bf16 CUDA tensors with head dim % 8 == 0, got "
+                f"{q.dtype} on {q.device}, head dim {q.shape[-1]}"
+            )
+        if causal and cu_seqlens_q is not cu_seqlens_k:
+            raise BackendUnsupported("attention backend 'flash_attn' serves packed causal attention only as "
+                                     "self-attention (the same cu_seqlens object for queries and keys)")
+        if max_seqlen_k == 0:  # no key anywhere: every query attends to nothing
+            return q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
+        cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+        out = self._fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
+                                              dropout_p=dropout_p, causal=causal)
+        lens_k = cu_k[1:] - cu_k[:-1]
+        # rows of a query sequence that has no key attend to nothing (zeros), as the reference
+        empty_q = torch.repeat_interleave(lens_k == 0, (cu_q[1:] - cu_q[:-1]).long(), output_size=q.shape[0])
+        return out.masked_fill(empty_q[:, None, None], 0.0)
 
 
 ATTENTION_BACKENDS: Dict[str, Callable[[], AttentionBackend]] = {
