@@ -14,8 +14,10 @@ from test_attention_model import inputs, sharpen_, tiny
 pytestmark = [pytest.mark.kernels, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
 
-def triton_model(tiny_config):
-    cfg = dataclasses.replace(tiny(tiny_config, "triton"), loss_backend="triton")
+def triton_model(tiny_config, exact_work=False):
+    # exact_work off: the packed layout is data-dependent (lengths read on the host), which
+    # fullgraph cannot capture; test_packed_step_breaks_only_at_the_packing_layout covers it.
+    cfg = dataclasses.replace(tiny(tiny_config, "triton"), loss_backend="triton", exact_work=exact_work)
     torch.manual_seed(0)
     model = BlipForPretraining(cfg)
     sharpen_(model)
@@ -68,3 +70,15 @@ def test_compiled_step_equals_eager(tiny_config, backend):
         n_compared += 1
     assert n_compared > 20
     assert torch.equal(compiled_model.queue_ptr, eager.queue_ptr)
+
+
+def test_packed_step_breaks_only_at_the_packing_layout(tiny_config):
+    """With exact work (the default) the step graph-breaks where the packed layout is read on the
+    host, and nowhere in attention or the losses."""
+    model = triton_model(tiny_config, exact_work=True)
+    images, ids, mask, _ = inputs(model.config)
+    explained = torch._dynamo.explain(loss_fn(model))(images, ids, mask)
+    frames = ["\n".join(str(f) for f in (r.user_stack or [])[-2:]) for r in explained.break_reasons]
+    for frame in frames:
+        assert "kernels" not in frame and "losses" not in frame and "attention" not in frame, frame
+    assert explained.graph_break_count > 0, "the packed step was expected to read its layout on the host"

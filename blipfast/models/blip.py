@@ -110,7 +110,8 @@ class BlipForPretraining(MomentumModel):
             raise ValueError(f"{images.shape[0]} images but {input_ids.shape[0]} texts")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.device.type == "cpu" and input_ids.numel():  # on a GPU this check would wait for it
+        # On a GPU this check would wait for it; under torch.compile it would break the graph.
+        if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
             lo, hi, V = int(input_ids.min()), int(input_ids.max()), self.config.text.vocab_size
             if lo < 0 or hi >= V:
                 raise ValueError(f"input_ids must be in [0, {V}) (text.vocab_size), got values in [{lo}, {hi}]")
