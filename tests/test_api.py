@@ -172,6 +172,9 @@ def test_wrong_layouts_name_what_was_found(tmp_path, retrieval):
     torch.save({"model": cap.state_dict(), "args": _Opaque()}, tmp_path / "pickled.pth")
     with pytest.raises(LayoutError, match="weights_only=True"):
         blipfast.load(str(tmp_path / "pickled.pth"), tokenizer="demo")
+    (tmp_path / "garbage.pth").write_bytes(b"hello, not a checkpoint")
+    with pytest.raises(LayoutError, match="garbage.pth is not a torch checkpoint"):
+        blipfast.load(str(tmp_path / "garbage.pth"), tokenizer="demo")
     # An HF weights file outside its directory is recognised, not misread.
     export_hf(make(BlipForCaptioning), str(tmp_path / "hf"))
     with pytest.raises(LayoutError, match="HF transformers BLIP weights"):

@@ -97,10 +97,13 @@ def read_weights_file(path: str) -> Mapping[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise LayoutError(f"{path} holds Python objects that torch.load(weights_only=True) refuses to unpickle "
-                          f"({str(e).splitlines()[0]}); blipfast.load never unpickles arbitrary objects") from None
-    except (RuntimeError, EOFError) as e:
-        raise LayoutError(f"{path} is not a torch checkpoint ({str(e).splitlines()[0]})") from None
+        first = (str(e).splitlines() or [""])[0]
+        if "weights only" in str(e).lower():
+            raise LayoutError(f"{path} holds Python objects that torch.load(weights_only=True) refuses to unpickle "
+                              f"({first}); blipfast.load never unpickles arbitrary objects") from None
+        raise LayoutError(f"{path} is not a torch checkpoint ({first})") from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as e:  # truncated or foreign files
+        raise LayoutError(f"{path} is not a torch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]  # the official files and blipfast exports: {'model': state_dict, ...}
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
