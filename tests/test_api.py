@@ -128,18 +128,24 @@ def test_training_output_directory(tmp_path, tok):
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
-    from train_common import tiny_model_config, train_config
+    from train_common import make_batch, tiny_model_config, train_config
 
     from blipfast.data import DataConfig
     from blipfast.train.config import RunConfig
     from blipfast.train.trainer import Trainer
-    from test_train_tasks import SameBatchLoader
+
+    class OneBatch:  # the trainer's loader interface: one fixed batch per epoch
+        def __len__(self):
+            return 1
+
+        def epoch(self, epoch, start_step=0):
+            yield from [make_batch(0, 0, 0)][start_step:]
 
     run = RunConfig(model=tiny_model_config(), data=DataConfig(tokenizer="demo"),
                     train=train_config(str(tmp_path / "run"), max_steps=1, warmup_steps=0),
                     deepspeed={"zero_optimization": {"stage": 0}}, source="<test>", deepspeed_path="<test>",
                     task="retrieval")
-    tr = Trainer(run, loader=SameBatchLoader(), tokenizer=tok)
+    tr = Trainer(run, loader=OneBatch(), tokenizer=tok)
     tr.fit()
     p = blipfast.load(run.train.output_dir)
     assert p.layout == "run" and p.task == "retrieval" and isinstance(p.model, BlipForRetrieval)
