@@ -39,6 +39,7 @@ setup(
             "blipfast-eval-retrieval=blipfast.eval.retrieval:main",
             "blipfast-eval-caption=blipfast.eval.caption:main",
             "blipfast-eval-vqa=blipfast.eval.vqa:main",
+            "blipfast-predict=blipfast.predict:main",
         ]
     },
 )

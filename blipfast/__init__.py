@@ -4,6 +4,15 @@ from .models import BlipForPretraining, BlipPretrainOutput
 
 __version__ = "0.1.0"
 
+
+def load(path_or_dir, task=None, **kw):
+    """Any BLIP checkpoint (official .pth, HF directory, blipfast export, training output
+    directory) -> a `blipfast.api.Predictor`; see `blipfast.api.load` for the arguments."""
+    from .api import load as _load  # imported on use: `import blipfast` stays light
+
+    return _load(path_or_dir, task, **kw)
+
+
 __all__ = [
     "BlipConfig",
     "BlipForPretraining",
@@ -11,4 +20,5 @@ __all__ = [
     "ConfigError",
     "TextConfig",
     "VisionConfig",
+    "load",
 ]
