@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from blipfast.atomic import atomic_open, atomic_write_json
+from blipfast.rundir import load_model, load_state  # noqa: F401  (re-exported: blipfast.capfilt.load_model)
 from blipfast.config import (BlipConfig, ConfigError, load_model_section, load_section, load_yaml, parse_overrides,
                              resolve_path, split_sections)
 
@@ -121,48 +122,6 @@ def load_capfilt_config(path: str, overrides: Optional[Mapping[str, Any]] = None
 
 # ---------------------------------------------------------------------------------------------
 # models
-
-
-def load_model(model: torch.nn.Module, path: str, init_from_pretrain: bool = False) -> torch.nn.Module:
-    """Load a checkpoint file (weights under 'model', or a bare state dict), or a training run's
-    output directory (its newest committed checkpoint), with `load_state`."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.yaml")):
-        import contextlib
-        import sys
-
-        from blipfast.train.export import consolidated_state_dict
-
-        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's zero_to_fp32 prints; stdout carries results
-            sd = consolidated_state_dict(path)
-        return load_state(model, sd, init_from_pretrain)
-    if os.path.isdir(path):
-        raise FileNotFoundError(f"{path} is a directory but not a training output directory (no config.yaml): "
-                                f"give a weights file (.pth) or a run's train.output_dir")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    from blipfast.train import safe_load
-
-    obj = safe_load.load(path)  # weights only; an empty, truncated or foreign file is a ConfigError
-    sd = obj["model"] if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) else obj
-    return load_state(model, sd, init_from_pretrain)
-
-
-def load_state(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], init_from_pretrain: bool = False):
-    """Strict load with the official layout rules (`blipfast.convert`); with init_from_pretrain,
-    keys the model does not have are ignored (a captioner or filter initialised from pre-training
-    weights) and a retrieval model may lack its image-id queue."""
-    from blipfast.convert import load_original_state_dict
-
-    ignore, allow_missing = (), ()
-    if init_from_pretrain:
-        own = set(model.state_dict())
-        # Keys the loader maps itself: LM-head aliases, position ids, and the queue pointer's two names.
-        aliases = ("position_ids", "predictions.decoder.weight", "predictions.decoder.bias")
-        if own & {"queue_ptr", "ptr_queue"}:
-            aliases += ("queue_ptr", "ptr_queue")
-        ignore = tuple(k for k in sd if k not in own and not k.endswith(aliases))
-        allow_missing = ("idx_queue", "ptr_queue")
-    return load_original_state_dict(model, sd, ignore_unexpected=ignore, allow_missing=allow_missing)
 
 
 def build_models(run: CapfiltRun, tokenizer, device):

@@ -14,6 +14,9 @@ if ! diff <(grep -v '^#' requirements/lock.txt | LC_ALL=C sort -f) \
   exit 1
 fi
 
+echo "[test] import layers (lint-imports, the contract in .importlinter)"
+.venv/bin/lint-imports
+
 echo "[test] lane 1: the whole suite, locked triton $(.venv/bin/python -c 'import triton; print(triton.__version__)')"
 .venv/bin/python -m pytest -q "$@"
 

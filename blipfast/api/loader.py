@@ -123,7 +123,7 @@ def _load_state(model, sd, same_task: bool):
         from blipfast.convert import load_original_state_dict
 
         return load_original_state_dict(model, sd)
-    from blipfast.capfilt import load_state
+    from blipfast.rundir import load_state
 
     return load_state(model, sd, init_from_pretrain=True)
 
@@ -182,7 +182,7 @@ def _load_hf_dir(path, want, tokenizer, overrides):
 
 def _load_run(path, want, tokenizer, overrides):
     from blipfast.data import DataConfig, tokenizer_from_config
-    from blipfast.train.export import consolidated_state_dict, load_run_model_config
+    from blipfast.rundir import consolidated_state_dict, load_run_model_config
 
     raw = load_yaml(os.path.join(path, "config.yaml"))
     found = canonical_task(raw.get("task", "pretrain"))

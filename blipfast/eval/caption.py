@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     try:
         run = cli.load_eval_run(args.config, args.overrides, CaptionEvalConfig)
         _check_lengths(run)
-        from blipfast.capfilt import load_model
+        from blipfast.rundir import load_model
         from blipfast.data import build_eval_set, tokenizer_from_config
         from blipfast.models.caption import BlipForCaptioning
 

@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     args = cli.parser("python -m blipfast.eval.retrieval", main.__doc__.split("\n\n")[0]).parse_args(argv)
     try:
         run = cli.load_eval_run(args.config, args.overrides, RetrievalEvalConfig)
-        from blipfast.capfilt import load_model
+        from blipfast.rundir import load_model
         from blipfast.data import build_eval_set, tokenizer_from_config
         from blipfast.models.retrieval import BlipForRetrieval
 

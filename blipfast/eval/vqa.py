@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from blipfast.capfilt import load_model
+    from blipfast.rundir import load_model
     from blipfast.models.vqa import BlipForVQA
 
     cfg = run.eval

@@ -20,19 +20,18 @@ import json
 import os
 import random
 import shutil
-from typing import Dict, List, Optional
+from typing import Dict
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..atomic import atomic_torch_save, atomic_write_text, fsync_dir
-from . import safe_load
+from .. import safe_load
 
-COMMITTED = "COMMITTED"
-LATEST = "latest_good"
-MOMENTUM_FILE = "momentum.pt"
-TAG_PREFIX = "step"
+# The layout and its read-only side live in blipfast.rundir (shared with export, eval, CapFilt).
+from ..rundir import (COMMITTED, LATEST, MOMENTUM_FILE, TAG_PREFIX, _manifest, all_tags,  # noqa: F401
+                      commit_problem, committed_tags, find_latest, is_committed, read_meta)
 
 
 class CheckpointWriteError(RuntimeError):
@@ -77,74 +76,6 @@ def set_rng_state(state: Dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# -- committed tags ----------------------------------------------------------------------------
-
-
-def _manifest(tag_dir: str) -> Dict[str, int]:
-    files = {}
-    for root, _, names in os.walk(tag_dir):
-        for n in names:
-            if n == COMMITTED or ".tmp" in n:  # a write in flight (blipfast.atomic names)
-                continue
-            full = os.path.join(root, n)
-            files[os.path.relpath(full, tag_dir)] = os.path.getsize(full)
-    return files
-
-
-def commit_problem(tag_dir: str) -> Optional[str]:
-    """None when tag_dir is committed: COMMITTED exists and every file it lists is present with its
-    recorded size. Otherwise what is wrong, in words."""
-    marker = os.path.join(tag_dir, COMMITTED)
-    if not os.path.isfile(marker):
-        return "no COMMITTED marker (a save that did not finish)"
-    try:
-        with open(marker) as f:
-            info = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        return f"unreadable COMMITTED marker ({e})"
-    for rel, size in info.get("files", {}).items():
-        full = os.path.join(tag_dir, rel)
-        if not os.path.isfile(full):
-            return f"{rel} is missing"
-        if os.path.getsize(full) != size:
-            return f"{rel} has {os.path.getsize(full)} bytes, the manifest says {size}"
-    return None
-
-
-def is_committed(tag_dir: str) -> bool:
-    """COMMITTED exists and every file it lists is present with its recorded size."""
-    return commit_problem(tag_dir) is None
-
-
-def all_tags(ckpt_dir: str) -> List[str]:
-    """Every tag directory, committed or not, oldest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted(t for t in os.listdir(ckpt_dir)
-                  if t.startswith(TAG_PREFIX) and os.path.isdir(os.path.join(ckpt_dir, t)))
-
-
-def committed_tags(ckpt_dir: str) -> List[str]:
-    """Committed tags, oldest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    tags = [t for t in os.listdir(ckpt_dir)
-            if t.startswith(TAG_PREFIX) and os.path.isdir(os.path.join(ckpt_dir, t))
-            and is_committed(os.path.join(ckpt_dir, t))]
-    return sorted(tags)
-
-
-def find_latest(ckpt_dir: str) -> Optional[str]:
-    """The newest committed tag (by step), or None. Torn tags (no valid COMMITTED) are ignored."""
-    tags = committed_tags(ckpt_dir)
-    return tags[-1] if tags else None
-
-
-def read_meta(ckpt_dir: str, tag: str) -> Dict:
-    with open(os.path.join(ckpt_dir, tag, COMMITTED)) as f:
-        return json.load(f)["meta"]
 
 
 # -- save / load -------------------------------------------------------------------------------

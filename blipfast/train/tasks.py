@@ -32,8 +32,8 @@ from typing import Dict, Tuple
 import torch
 
 from blipfast.config import ConfigError
+from blipfast.models.registry import TASKS, build_model  # noqa: F401  (TASKS re-exported)
 
-TASKS = ("pretrain", "retrieval", "caption", "vqa")
 
 # Pre-training checkpoint keys a task model does not have (official names, prefixes).
 _PRETRAIN_MOMENTUM = ("visual_encoder_m", "vision_proj_m", "text_encoder_m", "text_proj_m")
@@ -100,16 +100,14 @@ class PretrainTask(Task):
     loss_names = ("loss_itc", "loss_itm", "loss_lm")
 
     def build_model(self, model_config, tokenizer):
-        from blipfast.models.blip import BlipForPretraining
-
-        return BlipForPretraining(model_config)
+        return build_model("pretrain", model_config)
 
     def forward(self, engine, batch, alpha, negatives, trainer):
         out = engine(batch["images"], batch["input_ids"], batch["attention_mask"], alpha=alpha, negatives=negatives)
         return out.loss, {n: getattr(out, n) for n in self.loss_names}
 
     def evaluate(self, model, ev, tokenizer, cfg, device):
-        from . import evaluate as ev_mod
+        from blipfast.eval import evaluate as ev_mod
 
         recall = ev_mod.retrieval(model, ev, device, cfg.batch_size, cfg.k_test)
         n_img = ev.images.shape[0]
@@ -130,10 +128,8 @@ class RetrievalTask(Task):
     init_allow_missing = ("image_queue", "text_queue", "idx_queue", "ptr_queue")
 
     def build_model(self, model_config, tokenizer):
-        from blipfast.models.retrieval import BlipForRetrieval
-
         all_rank = self.run.train.negative_all_rank if self.run is not None else True
-        return BlipForRetrieval(model_config, negative_all_rank=all_rank)
+        return build_model("retrieval", model_config, negative_all_rank=all_rank)
 
     def forward(self, engine, batch, alpha, negatives, trainer):
         idx = batch["index"]
@@ -164,11 +160,7 @@ class CaptionTask(Task):
     init_ignore = ("text_encoder", "vision_proj", "text_proj", "itm_head", "temp") + _PRETRAIN_MOMENTUM + _QUEUES
 
     def build_model(self, model_config, tokenizer):
-        from blipfast.models.caption import BlipForCaptioning
-
-        if tokenizer is None:
-            raise ConfigError("task: caption needs a tokenizer (for the prompt and generation)")
-        return BlipForCaptioning(model_config, tokenizer=tokenizer)
+        return build_model("caption", model_config, tokenizer, where="task")
 
     @staticmethod
     def with_prompt(model, ids: torch.Tensor, mask: torch.Tensor):
@@ -212,9 +204,7 @@ class VqaTask(Task):
     init_ignore = ("vision_proj", "text_proj", "itm_head", "temp") + _PRETRAIN_MOMENTUM + _QUEUES
 
     def build_model(self, model_config, tokenizer):
-        from blipfast.models.vqa import BlipForVQA
-
-        return BlipForVQA(model_config, tokenizer=tokenizer)
+        return build_model("vqa", model_config, tokenizer, where="task")
 
     def build_loader(self, trainer):
         from blipfast.data.vqa import build_vqa_loader
