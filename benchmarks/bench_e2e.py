@@ -16,7 +16,7 @@ precision / compile / optimiser switches (PROVIDER_LIST): a new row is one line 
   blipfast               blipfast's defaults (auto backends = the Triton kernels on a GPU, and the
                          config's exact-work savings) in bf16
   blipfast-compile       the same + torch.compile
-  blipfast-no-exact-work blipfast with `exact_work: False` (skip row while the config lacks the key)
+  blipfast-no-exact-work blipfast with `exact_work: False`
   triton-bf16(-compile)  the Triton kernels forced for attention and losses
 
 Cases run in a worker subprocess; if a case kills it (a CUDA error poisons the process), the

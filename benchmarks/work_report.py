@@ -69,7 +69,7 @@ def caption_batch(cfg: BlipConfig, lengths: Sequence[int], L: int):
     B = len(lengths)
     n = torch.tensor(lengths)[:, None]
     pos = torch.arange(L)[None, :]
-    ids = torch.full((B, L), 1000)  # an ordinary word id
+    ids = torch.full((B, L), min(1000, tc.vocab_size - 1))  # an ordinary word id
     ids[:, 0] = tc.cls_token_id
     ids[pos == n - 1] = tc.sep_token_id
     mask = (pos < n).long()
