@@ -45,7 +45,7 @@ if HERE not in sys.path:  # sibling scripts (harness, flops) are not a package
     sys.path.insert(0, HERE)
 
 import harness  # noqa: E402
-import flops as flop_formulas  # noqa: E402
+from blipfast import flops as flop_formulas  # noqa: E402
 
 REPO = harness.REPO
 MODELS = {

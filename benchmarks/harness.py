@@ -46,11 +46,11 @@ ROW_KEYS = (
     "p20_ms", "p50_ms", "p80_ms",  # quantiles of the per-iteration time
     "n_samples",  # how many timed iterations the quantiles come from
     "throughput", "throughput_unit",  # e.g. images/s for e2e steps
-    "flops",  # FLOPs per iteration from benchmarks/flops.py formulas (model FLOPs)
+    "flops",  # FLOPs per iteration from blipfast/flops.py formulas (model FLOPs)
     "tflops",  # achieved: flops / p50
     "bytes",  # minimum bytes moved per iteration (kernels), when known
     "gbps",  # achieved: bytes / p50
-    "mfu",  # flops / p50 / card peak at the row's precision (benchmarks/flops.py table)
+    "mfu",  # flops / p50 / card peak at the row's precision (blipfast/flops.py table)
     "peak_mem_mb",  # peak allocated device memory during the timed iterations (None on CPU)
     "phases_ms",  # dict: median ms per phase of a step, where measurable
     "device", "card", "driver", "cuda", "torch", "triton", "python", "host",
@@ -346,7 +346,7 @@ def rows_from_pytest_benchmark(path: str, run_id: str, suite: str) -> List[dict]
     parameters (provider/backend/impl, mode) and name. Rows are compared (ratios) within a
     group: extra_info['group'] if given, else op + mode + the test's other parameters.
     """
-    from flops import mfu as _mfu
+    from blipfast.flops import mfu as _mfu
 
     with open(path) as f:
         data = json.load(f)

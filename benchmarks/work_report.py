@@ -7,7 +7,7 @@ tokens whose real lengths average 13 (COCO-like), with fixed hard negatives, it 
 BlipForPretraining forward and backward twice, `exact_work: true` (ours) and `false` (the
 original's computation), and reports per sample:
   * the FLOPs `torch.utils.flop_counter` counts (matrix products, forward + backward), and
-    whether `benchmarks/flops.py` gives the same number (it models both paths);
+    whether `blipfast/flops.py` gives the same number (it models both paths);
   * the bytes autograd saves for the backward (`torch.autograd.graph.saved_tensors_hooks`:
     activations, each storage once, parameters excluded), the step's activation memory.
 
@@ -29,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import flops  # noqa: E402
+from blipfast import flops  # noqa: E402
 
 from blipfast.config import BlipConfig, TextConfig, VisionConfig  # noqa: E402
 from blipfast.models.blip import BlipForPretraining  # noqa: E402

@@ -1,7 +1,7 @@
 """The benchmark suite's CPU mode (CI): the harness, the FLOP formulas, and gpu_check.sh --dry-run.
 
 Speed is never asserted: these tests check that the suite runs and writes well-formed rows, and
-that benchmarks/flops.py counts what the model really does (against torch's FLOP counter).
+that blipfast/flops.py counts what the model really does (against torch's FLOP counter).
 """
 import json
 import os
@@ -20,7 +20,7 @@ BENCH = os.path.join(REPO, "benchmarks")
 sys.path.insert(0, BENCH)
 
 import bench_e2e  # noqa: E402
-import flops  # noqa: E402
+from blipfast import flops  # noqa: E402
 import harness  # noqa: E402
 
 from blipfast import BlipConfig, BlipForPretraining  # noqa: E402

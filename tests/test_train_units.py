@@ -85,12 +85,12 @@ def test_prune_keeps_the_newest(tmp_path):
 
 
 def test_flop_count_matches_a_hand_count_for_the_vit():
-    from blipfast import BlipConfig
-    from blipfast.train.logging import _vit_flops
+    from blipfast import BlipConfig, flops
 
     cfg = BlipConfig()  # ViT-B/16 at 224: 197 tokens, width 768, 12 blocks
     n, c = 197, 768
     per_block = 2 * n * (3 * c * c + c * c + 2 * 4 * c * c) + 2 * 2 * n * n * c
     patch = 2 * 196 * (3 * 16 * 16) * c
-    assert _vit_flops(cfg) == 12 * per_block + patch
-    assert abs(_vit_flops(cfg) / 1e9 - 35.2) < 0.5  # the usual ~17.6 GMACs of ViT-B/16 at 224
+    vit = flops.vit_forward(cfg.vision, 1)
+    assert vit["blocks"] == 12 * per_block and vit["patch_embed"] == patch
+    assert abs((vit["blocks"] + patch) / 1e9 - 35.2) < 0.5  # the usual ~17.6 GMACs of ViT-B/16 at 224

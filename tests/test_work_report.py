@@ -1,5 +1,5 @@
 """benchmarks/work_report.py at tiny size: the FLOP ratio it measures (torch's FLOP counter on
-the meta device) equals the one benchmarks/flops.py computes from the caption lengths."""
+the meta device) equals the one blipfast/flops.py computes from the caption lengths."""
 import os
 import sys
 
@@ -8,7 +8,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-import flops  # noqa: E402
+from blipfast import flops  # noqa: E402
 import work_report  # noqa: E402
 
 from blipfast import BlipConfig  # noqa: E402

@@ -2,10 +2,8 @@
 `log_every` steps), a tqdm bar, throughput, data-loader wait time and MFU on GPUs.
 
 MFU = achieved model FLOP/s / (peak FLOP/s of the GPU x world size), with the model FLOPs of one
-pre-training sample counted analytically by `pretrain_flops_per_sample` (matmuls only: 2 FLOPs
-per multiply-add; backward = 2 x forward for the parts that get gradients; softmax, norms and
-elementwise work are left out, as in the usual MFU convention). Activation recomputation is not
-counted (it is overhead, not model work).
+pre-training sample from blipfast.flops, the count the benchmarks use and that the tests hold to
+torch.utils.flop_counter (matmuls only; activation recomputation is not model work).
 """
 from __future__ import annotations
 
@@ -17,62 +15,17 @@ from typing import Dict, Optional
 
 import torch
 
-from blipfast.config import BlipConfig
+from blipfast import flops
 from blipfast.atomic import atomic_open
 
-# Dense peak FLOP/s by GPU name fragment: (bf16/fp16, fp32 via TF32). Published datasheet numbers.
-PEAK_FLOPS = {
-    "H200": (989e12, 494e12),
-    "H100": (989e12, 494e12),  # SXM; the PCIe card is lower (756e12) - reported as H100 anyway
-    "A100": (312e12, 156e12),
-    "L40S": (362e12, 183e12),
-    "A10": (125e12, 62.5e12),
-}
-
-
-def _vit_flops(cfg: BlipConfig) -> float:
-    v = cfg.vision
-    n = v.num_patches + 1  # tokens incl. CLS
-    c, hidden = v.width, int(v.width * v.mlp_ratio)
-    per_layer = n * (2 * 4 * c * c + 2 * 2 * c * hidden) + 2 * 2 * n * n * c  # qkv+proj, mlp, QK^T and PV
-    patch = 2 * v.num_patches * (v.in_chans * v.patch_size ** 2) * c
-    return v.depth * per_layer + patch
-
-
-def _text_flops(cfg: BlipConfig, length: int, cross: bool) -> float:
-    t = cfg.text
-    h, inter, n_img = t.hidden_size, t.intermediate_size, cfg.vision.num_patches + 1
-    per_layer = length * (2 * 4 * h * h + 2 * 2 * h * inter) + 2 * 2 * length * length * h
-    if cross:  # q and output projections on the text, k and v on the image tokens, attention
-        per_layer += length * 2 * 2 * h * h + n_img * 2 * 2 * t.encoder_width * h + 2 * 2 * length * n_img * h
-    return t.num_hidden_layers * per_layer
-
-
-def pretrain_flops_per_sample(cfg: BlipConfig, text_len: int, batch_per_rank: int) -> float:
-    """Model FLOPs of one image-text pair in one pre-training step (forward + backward).
-
-    Trained forward work (x3 for forward + backward): ViT, unimodal text encoder, 3 image-grounded
-    encoder passes (positive + 2 hard negatives), the decoder (causal attention counted in full),
-    the LM head (transform + vocab projection), both ITC directions against [batch | queue]
-    columns. No-grad work (x1): the momentum ViT and text encoder and the momentum ITC logits."""
-    t, e = cfg.text, cfg.embed_dim
-    cols = batch_per_rank + cfg.queue_size  # ITC columns: in-batch momentum features + queue
-    trained = (_vit_flops(cfg) + _text_flops(cfg, text_len, cross=False)
-               + 3 * _text_flops(cfg, text_len, cross=True) + _text_flops(cfg, text_len, cross=True)
-               + text_len * (2 * t.hidden_size * t.hidden_size + 2 * t.hidden_size * t.vocab_size)
-               + 2 * 2 * e * cols + 2 * e * (cfg.vision.width + t.hidden_size))
-    frozen = _vit_flops(cfg) + _text_flops(cfg, text_len, cross=False) + 2 * 2 * e * cols
-    return 3 * trained + frozen
-
-
 def peak_flops(precision: str) -> Optional[float]:
+    """Dense peak FLOP/s of this process's GPU at the run's precision (blipfast.flops' table), or None."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, (low, fp32) in PEAK_FLOPS.items():
-        if key in name:
-            return fp32 if precision == "fp32" else low
-    return None
+    if precision == "fp32":  # fp32 matmuls run on tensor cores only when TF32 is allowed
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    peak = flops.peak_tflops(torch.cuda.get_device_name(), precision)
+    return None if peak is None else peak * 1e12
 
 
 def truncate_metrics(output_dir: str, last_step: int) -> None:
