@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from blipfast.config import BlipConfig
+from blipfast.distributed import concat_all_gather
 from blipfast.ops import resolve_losses
 from blipfast.ops.packing import Packing
 
@@ -39,15 +39,6 @@ class BlipPretrainOutput:
     text_feat: torch.Tensor  # (B, E) normalised online text features
     itm_logits: torch.Tensor  # (3B, 2): B positives, then B (text, neg image), B (neg text, image)
     negatives: Tuple[torch.Tensor, torch.Tensor]  # (neg image per text, neg text per image)
-
-
-def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 without gradient; identity when torch.distributed is not in use."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
 
 
 class BlipForPretraining(MomentumModel):

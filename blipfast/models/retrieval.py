@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -26,7 +25,9 @@ from blipfast.kernels import reference as ref
 from blipfast.ops import resolve_losses
 from blipfast.ops.packing import Packing
 
-from .blip import TEMP_MAX, TEMP_MIN, concat_all_gather
+from blipfast.distributed import all_gather_with_grad, concat_all_gather
+
+from .blip import TEMP_MAX, TEMP_MIN
 from .med import TextTransformer
 from .momentum import MomentumModel
 from .vit import VisionTransformer
@@ -45,37 +46,6 @@ class BlipRetrievalOutput:
     text_feat: torch.Tensor  # (B, E) normalised online text features
     itm_logits: torch.Tensor  # (3B, 2): B positives, B (text, neg image), B (neg text, image)
     negatives: Tuple[torch.Tensor, torch.Tensor]  # indices into the gathered batch (image per text, text per image)
-
-
-def _world() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums every rank's gradient and returns this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, x):
-        rank, world = _world()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.n = rank, x.shape[0]
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's loss depends on every rank's images
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(n, ...) per rank -> (world * n, ...), differentiable; identity without torch.distributed."""
-    if _world()[1] == 1:
-        return x
-    return _GatherWithGrad.apply(x)
 
 
 class BlipForRetrieval(MomentumModel):

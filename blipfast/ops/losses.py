@@ -14,36 +14,14 @@ import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 from blipfast.kernels import reference as ref
+
+from blipfast.distributed import all_gather_with_grad, concat_all_gather  # noqa: F401  (re-exported)
 
 from .attention import BackendUnavailable
 
 ENV_VAR = "BLIPFAST_LOSS_BACKEND"
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 (rank-major), no gradient; identity without torch.distributed."""
-    if _world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 (rank-major) whose backward sums every rank's gradient for this
-    rank's slice (as the original's GatherLayer); identity without torch.distributed."""
-    if _world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 class LossBackend:

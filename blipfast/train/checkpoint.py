@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..atomic import atomic_torch_save, atomic_write_text, fsync_dir
+from ..distributed import rank_world
 from .. import safe_load
 
 # The layout and its read-only side live in blipfast.rundir (shared with export, eval, CapFilt).
@@ -54,10 +55,6 @@ def tag_for(global_step: int) -> str:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 # -- RNG ---------------------------------------------------------------------------------------
@@ -89,7 +86,7 @@ def save(engine, ckpt_dir: str, global_step: int, meta: Dict, momentum_state: Di
     rank 0 writes COMMITTED (manifest) and latest_good -> prune -> barrier."""
     tag = tag_for(global_step)
     tag_dir = os.path.join(ckpt_dir, tag)
-    rank = _rank()
+    rank = rank_world()[0]
     _writable(ckpt_dir)  # every rank, before any collective: all of them stop with the same message
     if is_committed(tag_dir):
         # This step is already committed (a periodic save, then the end-of-epoch one): keep it. Both
@@ -150,7 +147,7 @@ def load(engine, ckpt_dir: str, tag: str) -> Dict:
                                               load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    rank = _rank()
+    rank = rank_world()[0]
     own = os.path.join(tag_dir, f"rank{rank}.pt")
     if not os.path.isfile(own):
         raise RuntimeError(f"checkpoint {tag_dir} has no {os.path.basename(own)}: it was saved with fewer "
