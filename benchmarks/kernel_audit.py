@@ -70,7 +70,7 @@ def _cuobjdump() -> str:
 FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p"}
 INT64_ARGS = {"seed"}
 POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "OUT": "*i8", "CU_Q": "*i32", "CU_K": "*i32",
-                 "SEQ_Q": "*i32", "SEQ_K": "*i32"}
+                 "SEQ_Q": "*i32", "SEQ_K": "*i32", "TILES": "*i32", "KV_LEN": "*i32"}
 
 
 def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, elem="bf16"):
@@ -169,23 +169,30 @@ def audit_kernel(name: str, fn, constexprs: dict, num_warps: int, num_stages: in
 ATTN_BASE = dict(HEAD_DIM=64, UPCAST=False, DOT_PREC="tf32", INTERPRET=False, EVEN_M=False, EVEN_N=False)
 # (variant name, flags). Each is compiled with and without dropout.
 ATTN_VARIANTS = {
-    "dense": dict(IS_CAUSAL=False, HAS_MASK=False),
-    "causal+kpm": dict(IS_CAUSAL=True, HAS_MASK=True),
+    "dense": dict(IS_CAUSAL=False, HAS_MASK=False, VARLEN=False),
+    "causal+kpm": dict(IS_CAUSAL=True, HAS_MASK=True, VARLEN=False),
+    "varlen": dict(IS_CAUSAL=False, HAS_MASK=False, VARLEN=True),
+    "varlen+causal": dict(IS_CAUSAL=True, HAS_MASK=False, VARLEN=True),
 }
 
 
 def attention_variants():
-    """(kernel name, fn, variant, flags) for every attention kernel specialisation audited."""
+    """(kernel name, fn, variant, flags, configs) for every attention kernel specialisation audited:
+    the dense variants under every autotune config, the packed ones under their fixed blocks."""
     for kind, fn in fa._KERNELS.items():
         for vname, flags in ATTN_VARIANTS.items():
+            if flags["VARLEN"]:
+                m, n, w, st = fa.VARLEN_BLOCKS[kind]
+                configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)]
+            else:
+                configs = fa._gpu_configs(kind)
             for drop in (False, True):
-                yield kind, fn, vname + ("+dropout" if drop else ""), dict(ATTN_BASE, **flags, HAS_DROPOUT=drop)
+                yield kind, fn, vname + ("+dropout" if drop else ""), dict(ATTN_BASE, **flags, HAS_DROPOUT=drop), configs
 
 
 def run_compile_audit(quick: bool = False, log=None) -> List[Row]:
     rows: List[Row] = []
-    for kind, fn, variant, flags in attention_variants():
-        configs = fa._gpu_configs(kind)
+    for kind, fn, variant, flags, configs in attention_variants():
         for c in configs[:1] if quick else configs:
             cfg = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
             row = audit_kernel(kind, fn, dict(flags, **c.kwargs), c.num_warps, c.num_stages, variant, cfg)
@@ -244,18 +251,57 @@ def _useful(s: Shape) -> int:
 
 
 def dense_schedule_work(s: Shape, BM: int, BN: int) -> dict:
-    """The dense kernel (`attention`, padded to pad_q/pad_k with a key padding mask): tiles visited
-    by `_attn_fwd`'s loop (all key tiles up to Lk, or up to the diagonal block when causal)."""
+    """The padded kernel (`attention` at pad_q x pad_k; text with a key padding mask): tiles
+    visited by `_attn_fwd`'s loop: key tiles up to the row's last real key (kv_len), or up to the
+    diagonal block when causal. Bytes: q, o, LSE of every padded row, K/V rows loaded per tile."""
     computed, kv_rows = 0, 0
-    for pid in range(triton.cdiv(s.pad_q, BM)):
-        hi = min(s.pad_k, (pid + 1) * BM) if s.causal else s.pad_k
-        n_tiles = triton.cdiv(hi, BN)
-        computed += BM * BN * n_tiles
-        kv_rows += min(hi, n_tiles * BN)  # masked loads stop at Lk
-    computed *= s.B * s.H
+    masked = s.pad_k != max(s.lens_k) or len(set(s.lens_k)) > 1
+    for lk in s.lens_k:
+        kv_len = lk if masked else s.pad_k
+        for pid in range(triton.cdiv(s.pad_q, BM)):
+            hi = min(kv_len, (pid + 1) * BM) if s.causal else kv_len
+            n_tiles = triton.cdiv(hi, BN)
+            computed += BM * BN * n_tiles
+            kv_rows += hi
     e = 2  # bf16
-    bytes_fwd = s.B * s.H * (2 * s.pad_q * s.D * e + 2 * kv_rows * s.D * e + 4 * s.pad_q)
-    return dict(computed=computed, bytes=bytes_fwd)
+    bytes_fwd = s.H * (s.B * s.pad_q * (2 * s.D * e + 4) + 2 * kv_rows * s.D * e)
+    return dict(computed=computed * s.H, bytes=bytes_fwd)
+
+
+def varlen_schedule_work(s: Shape, BM: int, BN: int) -> dict:
+    """The packed kernel (`varlen_attention`): the real schedule (`varlen_schedule`), and per query
+    tile the key range `_query_tile` computes (first key rounded down to 16, to the last allowed
+    key). Bytes: q, o, LSE of real rows only, K/V rows in each tile's key range."""
+    import torch
+
+    cu_q = [0]
+    for n in s.lens_q:
+        cu_q.append(cu_q[-1] + n)
+    cu_k = [0]
+    for n in s.lens_k:
+        cu_k.append(cu_k[-1] + n)
+    tiles = fa.varlen_schedule(torch.tensor(cu_q, dtype=torch.int32), cu_q[-1], max(s.lens_q), BM).tolist()
+    seq_of = [b for b, n in enumerate(s.lens_q) for _ in range(n)]
+    computed, kv_rows = 0, 0
+    for lo, hi in tiles:
+        spans = []
+        for r in range(lo, hi):
+            b = seq_of[r]
+            klo, khi = cu_k[b], cu_k[b + 1]
+            if s.causal:
+                khi = min(khi, klo + r - cu_q[b] + 1)
+            if khi > klo:
+                spans.append((klo, khi))
+        if not spans:
+            continue
+        k_start = min(a for a, _ in spans)
+        k_start -= k_start % 16
+        k_end = max(b for _, b in spans)
+        computed += BM * BN * triton.cdiv(k_end - k_start, BN)
+        kv_rows += k_end - k_start
+    e = 2
+    bytes_fwd = s.H * (cu_q[-1] * (2 * s.D * e + 4) + 2 * kv_rows * s.D * e)
+    return dict(computed=computed * s.H, bytes=bytes_fwd)
 
 
 def work_floor_bytes(s: Shape) -> int:
@@ -263,14 +309,21 @@ def work_floor_bytes(s: Shape) -> int:
     return s.H * (sum(s.lens_q) * (2 * s.D * e + 4) + sum(s.lens_k) * 2 * s.D * e)
 
 
-def work_table(BM: int = 64, BN: int = 64) -> List[dict]:
+def work_table() -> List[dict]:
+    """Per BLIP shape and path (padded `attention` under its default GPU tile, packed
+    `varlen_attention` under its fixed blocks): computed / useful, forward bytes / floor."""
     out = []
+    dense_bm, dense_bn = fa._gpu_configs("fwd")[0].kwargs.values()
+    var_bm, var_bn = fa.VARLEN_BLOCKS["fwd"][:2]
     for s in blip_shapes():
         useful = _useful(s)
         floor = work_floor_bytes(s)
-        d = dense_schedule_work(s, BM, BN)
-        out.append(dict(shape=s.name, path="dense", tile=f"{BM}x{BN}", work_ratio=d["computed"] / useful,
-                        bytes_ratio=d["bytes"] / floor))
+        paths = [("padded", dense_schedule_work(s, dense_bm, dense_bn), f"{dense_bm}x{dense_bn}")]
+        if s.name.startswith(("text", "cross")):
+            paths.append(("packed", varlen_schedule_work(s, var_bm, var_bn), f"{var_bm}x{var_bn}"))
+        for path, d, tile in paths:
+            out.append(dict(shape=s.name, path=path, tile=tile, work_ratio=d["computed"] / useful,
+                            bytes_ratio=d["bytes"] / floor))
     return out
 
 

@@ -32,4 +32,13 @@ if [ "$(cat .venv-ref/.blipfast-stamp 2>/dev/null)" != "$REF_RECIPE" ]; then
   .venv-ref/bin/pip install -q --no-deps --no-build-isolation blip-vit==0.0.3
   echo "$REF_RECIPE" > .venv-ref/.blipfast-stamp
 fi
+# triton 3.6.0 (the GPU machine's version) beside the locked one, for the static kernel audit
+# (tests/test_kernel_audit.py compiles every kernel for sm_90 under both; no GPU needed).
+T36_RECIPE="triton==3.6.0"
+if [ "$(cat .triton36/.blipfast-stamp 2>/dev/null)" != "$T36_RECIPE" ]; then
+  echo "[setup] installing triton 3.6.0 into .triton36 (kernel audit)"
+  rm -rf .triton36
+  .venv/bin/pip install -q --no-deps --target .triton36 triton==3.6.0
+  echo "$T36_RECIPE" > .triton36/.blipfast-stamp
+fi
 echo "[setup] venvs ready"
