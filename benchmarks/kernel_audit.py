@@ -41,7 +41,8 @@ import sys
 import tempfile
 from typing import Dict, List, Optional
 
-os.environ.pop("TRITON_INTERPRET", None)  # the audit compiles real GPU code
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)  # the audit compiles real GPU code (set before triton loads)
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -67,7 +68,9 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p"}
+FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p", "alpha"}
+ITC_POINTERS = {"q_ptr": "*bf16", "qm_ptr": "*bf16", "k_ptr": "*bf16", "queue_ptr": "*bf16", "idx_ptr": "*i64",
+                "idxq_ptr": "*i64"}
 INT64_ARGS = {"seed"}
 POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "OUT": "*i8", "CU_Q": "*i32", "CU_K": "*i32",
                  "SEQ_Q": "*i32", "SEQ_K": "*i32", "TILES": "*i32", "KV_LEN": "*i32"}
@@ -76,10 +79,15 @@ POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "OUT": "*i8", "
 def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, elem="bf16"):
     """Compile `fn` for sm_90 as a launch with contiguous-head-dim bf16 tensors would."""
     sig, consts, attrs = {}, dict(constexprs), {}
+    ptr_suffix = any(n.endswith("_ptr") for n in fn.arg_names)  # the loss kernels name pointers x_ptr
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
-        elif name in "QKVO" or (name.isupper() and len(name) > 1 and not name.endswith("BUCKET")):  # pointers
+        elif name in ITC_POINTERS or name.endswith("_ptr"):
+            sig[name] = ITC_POINTERS.get(name, "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif not ptr_suffix and (name in "QKVO" or (name.isupper() and len(name) > 1
+                                                    and not name.endswith("BUCKET"))):  # attention pointers
             sig[name] = POINTER_TYPES.get(name, f"*{elem}")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in FLOAT_ARGS:
@@ -90,7 +98,7 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, elem="bf
             sig[name], consts[name] = "constexpr", 1
         else:
             sig[name] = "i32"
-            if re.fullmatch(r"s\w+", name):  # other strides: multiples of 16 elements
+            if re.fullmatch(r"s\w+", name) and name != "splits_b":  # other strides: multiples of 16 elements
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -191,6 +199,9 @@ def attention_variants():
 
 
 def run_compile_audit(quick: bool = False, log=None) -> List[Row]:
+    if fa.interpreting():
+        raise RuntimeError("kernel_audit: the kernels were defined under TRITON_INTERPRET=1; run the audit in a "
+                           "process without it (python benchmarks/kernel_audit.py)")
     rows: List[Row] = []
     for kind, fn, variant, flags, configs in attention_variants():
         for c in configs[:1] if quick else configs:
@@ -199,12 +210,36 @@ def run_compile_audit(quick: bool = False, log=None) -> List[Row]:
             rows.append(row)
             if log:
                 log(row)
+    rows += itc_rows(log)
     base = {(r.kernel, r.variant, r.config): r.loop for r in rows if "dropout" not in r.variant}
     for r in rows:
         if "dropout" in r.variant:
             ref_loop = base.get((r.kernel, r.variant.replace("+dropout", ""), r.config))
             r.loop_ratio = r.loop / ref_loop if ref_loop else None
     return rows
+
+
+def itc_rows(log=None) -> List[Row]:
+    """The fused ITC loss kernels at their 16-bit GPU defaults (E = 256 features), plus the
+    gradient kernel with 64-row tiles (wgmma; the default's 32 rows lower to mma.sync) as a
+    "candidate" row: it spills in this audit (208 B under triton 3.6, 624 B under 3.9), so it is
+    not the default."""
+    import torch
+
+    itc = importlib.import_module("blipfast.kernels.itc")
+    cfg = itc.ItcKernelConfig().resolved(torch.bfloat16, False)
+    base = dict(TILES_PER_SPLIT=8, HAS_IDX=False, UPCAST=False, PRECISION="tf32", BLOCK_N=cfg.block_n, BLOCK_E=256)
+    out = []
+    for name, fn, bm, extra in (("itc_st", itc._itc_stats_kernel, cfg.block_m, dict(WRITE_SIMS=True)),
+                                ("itc_gr", itc._itc_grad_kernel, cfg.block_m_grad, {}),
+                                ("itc_gr", itc._itc_grad_kernel, 64, {})):
+        variant = "default" if (name == "itc_st" or bm == cfg.block_m_grad) else "candidate"
+        row = audit_kernel(name, fn, dict(base, BLOCK_M=bm, **extra), cfg.num_warps, cfg.num_stages, variant,
+                           f"{bm}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}")
+        out.append(row)
+        if log:
+            log(row)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,18 +285,23 @@ def _useful(s: Shape) -> int:
     return sum(lq * lk for lq, lk in zip(s.lens_q, s.lens_k)) * s.H
 
 
+def key_columns(n: int, BN: int) -> int:
+    """Key columns the loops compute for a range of n keys: full BN tiles, then 16-wide tail tiles."""
+    tail = fa.TAIL.value if hasattr(fa.TAIL, "value") else fa.TAIL
+    return n // BN * BN + triton.cdiv(n % BN, tail) * tail
+
+
 def dense_schedule_work(s: Shape, BM: int, BN: int) -> dict:
     """The padded kernel (`attention` at pad_q x pad_k; text with a key padding mask): tiles
-    visited by `_attn_fwd`'s loop: key tiles up to the row's last real key (kv_len), or up to the
-    diagonal block when causal. Bytes: q, o, LSE of every padded row, K/V rows loaded per tile."""
+    visited by `_attn_fwd`'s loops: key tiles up to the row's last real key (kv_len), or up to the
+    diagonal block when causal, the ragged rest in 16-wide tiles. Bytes: q, o, LSE of every padded row, K/V rows loaded per tile."""
     computed, kv_rows = 0, 0
     masked = s.pad_k != max(s.lens_k) or len(set(s.lens_k)) > 1
     for lk in s.lens_k:
         kv_len = lk if masked else s.pad_k
         for pid in range(triton.cdiv(s.pad_q, BM)):
             hi = min(kv_len, (pid + 1) * BM) if s.causal else kv_len
-            n_tiles = triton.cdiv(hi, BN)
-            computed += BM * BN * n_tiles
+            computed += BM * (key_columns(hi, BN) if hi % BN or masked or s.causal else hi)
             kv_rows += hi
     e = 2  # bf16
     bytes_fwd = s.H * (s.B * s.pad_q * (2 * s.D * e + 4) + 2 * kv_rows * s.D * e)
@@ -297,7 +337,7 @@ def varlen_schedule_work(s: Shape, BM: int, BN: int) -> dict:
         k_start = min(a for a, _ in spans)
         k_start -= k_start % 16
         k_end = max(b for _, b in spans)
-        computed += BM * BN * triton.cdiv(k_end - k_start, BN)
+        computed += BM * key_columns(k_end - k_start, BN)
         kv_rows += k_end - k_start
     e = 2
     bytes_fwd = s.H * (cu_q[-1] * (2 * s.D * e + 4) + 2 * kv_rows * s.D * e)

@@ -44,18 +44,26 @@ def audit(request, tmp_path_factory):
 
 
 def test_every_kernel_compiles_to_wgmma_without_spills(audit):
-    rows = audit["rows"]
+    rows = [r for r in audit["rows"] if r["variant"] != "candidate"]  # candidates are reported, not used
     assert len(rows) >= 30, f"only {len(rows)} kernels audited"
-    assert {r["kernel"] for r in rows} == {"fwd", "dq", "dkdv"}
+    assert {r["kernel"] for r in rows} == {"fwd", "dq", "dkdv", "itc_st", "itc_gr"}
     assert any("varlen" in r["variant"] for r in rows)
     spilling = [(r["kernel"], r["variant"], r["config"], r["spills"]) for r in rows if r["spills"] > THRESHOLDS["spills"]]
     assert not spilling, f"spills: {spilling}"
-    not_wgmma = [(r["kernel"], r["variant"], r["config"], r["mma"]) for r in rows if r["mma"] != "wgmma"]
+    attention = [r for r in rows if r["kernel"] in ("fwd", "dq", "dkdv")]
+    not_wgmma = [(r["kernel"], r["variant"], r["config"], r["mma"]) for r in attention if r["mma"] != "wgmma"]
     assert not not_wgmma, f"not on wgmma: {not_wgmma}"
+
+
+@pytest.mark.xfail(strict=True, reason="not met yet: the ITC gradient kernel's default 32-row tile lowers to "
+                   "mma.sync; its 64-row (wgmma) tile spills in this audit (208 B under triton 3.6)")
+def test_loss_kernels_on_wgmma(audit):
+    rows = [r for r in audit["rows"] if r["kernel"].startswith("itc") and r["variant"] == "default"]
+    assert rows and all(r["mma"] == "wgmma" for r in rows), rows
     assert all(r["loop"] > 0 for r in rows), "a main loop was not found in the SASS"
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet: one Philox-4x32-10 per 16 elements still costs 1.4-2.1x "
+@pytest.mark.xfail(strict=True, reason="not met yet: one Philox-4x32-10 per 16 elements still costs 1.4-1.8x "
                    "the loop without dropout (was 3.3-8.5x with tl.rand per element)")
 def test_dropout_loop_cost(audit):
     ratios = {(r["kernel"], r["variant"], r["config"]): r["loop_ratio"] for r in audit["rows"] if r["loop_ratio"]}
@@ -64,8 +72,8 @@ def test_dropout_loop_cost(audit):
     assert not over, f"dropout loops over {THRESHOLDS['dropout_loop_ratio']}x: {over}"
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet: 197 tokens in 64x64 tiles compute 1.69x (256/197 per side); "
-                   "577 is at 1.23x")
+@pytest.mark.xfail(strict=True, reason="not met yet: 197 tokens compute 1.37x (64-row query tiles: 256/197 = 1.30, "
+                   "times 208/197 with the 16-wide key tail); 577 is at 1.14x")
 def test_vit_computed_over_useful_work(audit):
     for w in audit["work"]:
         if w["shape"].startswith("vit"):

@@ -264,6 +264,75 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo,
     return dk, dv
 
 
+TAIL = tl.constexpr(16)  # width of the ragged last tile (197 keys = 3 x 64 + one 16-wide tile, not 4 x 64)
+
+
+@triton.jit
+def _fwd_range(acc, m_i, l_i, lo, hi, q, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd, svn, svd, smn, Lk,
+               row_ids, n_groups, qk_scale, dropout_p, seed, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+               BLOCK_M: tl.constexpr, STEP: tl.constexpr):
+    """Key tiles lo, lo + STEP, ... < hi of the forward."""
+    offs_n = tl.arange(0, STEP)
+    if INTERPRET:
+        start_n = lo
+        while start_n < hi:
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d,
+                                      skn, skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
+                                      MASKED, HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
+            start_n += STEP
+    else:
+        for start_n in range(lo, hi, STEP):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d,
+                                      skn, skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
+                                      MASKED, HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _dq_range(dq, lo, hi, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd, svn, svd, smn,
+              Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+              BLOCK_M: tl.constexpr, STEP: tl.constexpr):
+    """Key tiles lo, lo + STEP, ... < hi of dQ."""
+    offs_n = tl.arange(0, STEP)
+    if INTERPRET:
+        start_n = lo
+        while start_n < hi:
+            dq = _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn,
+                          skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_MASK,
+                          HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
+            start_n += STEP
+    else:
+        for start_n in range(lo, hi, STEP):
+            dq = _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn,
+                          skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_MASK,
+                          HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
+    return dq
+
+
+@triton.jit
+def _dkdv_range(dk, dv, lo, hi, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo, qhi, offs_d, sqm, sqd, sdom, sdod,
+                row_base, n_groups, qk_scale, dropout_p, seed, MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr, STEP: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Query tiles lo, lo + STEP, ... < hi of dK/dV."""
+    offs_m = tl.arange(0, STEP)
+    if INTERPRET:
+        start_m = lo
+        while start_m < hi:
+            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m,
+                                offs_d, sqm, sqd, sdom, sdod, row_base, n_groups, qk_scale, dropout_p, seed, MASKED,
+                                HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N)
+            start_m += STEP
+    else:
+        for start_m in range(lo, hi, STEP):
+            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m,
+                                offs_d, sqm, sqd, sdom, sdod, row_base, n_groups, qk_scale, dropout_p, seed, MASKED,
+                                HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N)
+    return dk, dv
+
+
 # ---------------------------------------------------------------------------------------------
 # forward. Grid (query tiles, heads, batch); with VARLEN the batch axis is 1 and the query tiles
 # come from the schedule `TILES` (row spans of the packed (total_q, H, D) queries).
@@ -295,7 +364,6 @@ def _attn_fwd(
 
     rows, row_ok, klo, khi, k_start, k_end = _query_tile(pid_m, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk,
                                                          BLOCK_M, VARLEN, IS_CAUSAL, HAS_MASK)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ids = bh * Lq + rows  # dropout counters
     n_groups = (Lk + 15) // 16
@@ -310,18 +378,17 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if INTERPRET:
-        start_n = k_start
-        while start_n < k_end:
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d,
-                                      skn, skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
-                                      MASKED, HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, BLOCK_N)
-            start_n += BLOCK_N
-    else:
-        for start_n in range(k_start, k_end, BLOCK_N):
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d,
-                                      skn, skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
-                                      MASKED, HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, BLOCK_N)
+    # Full BLOCK_N tiles, then the ragged rest in TAIL-wide tiles (the dropout groups stay aligned).
+    k_full = k_end
+    if MASKED and BLOCK_N > TAIL:
+        k_full = k_start + (k_end - k_start) // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _fwd_range(acc, m_i, l_i, k_start, k_full, q, K, V, KPM, k_end, rows, klo, khi, offs_d, skn,
+                               skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED,
+                               HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
+    if MASKED and BLOCK_N > TAIL:
+        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, k_full, k_end, q, K, V, KPM, k_end, rows, klo, khi, offs_d, skn,
+                                   skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED,
+                                   HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, TAIL)
 
     empty = l_i == 0.0  # no allowed key in the whole row
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
@@ -372,7 +439,6 @@ def _attn_bwd_dq(
 
     rows, row_ok, klo, khi, k_start, k_end = _query_tile(pid_m, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk,
                                                          BLOCK_M, VARLEN, IS_CAUSAL, HAS_MASK)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ids = bh * Lq + rows
     n_groups = (Lk + 15) // 16
@@ -396,18 +462,16 @@ def _attn_bwd_dq(
         do = do.to(tl.float32)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if INTERPRET:
-        start_n = k_start
-        while start_n < k_end:
-            dq = _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn,
-                          skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_MASK,
-                          HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, BLOCK_N)
-            start_n += BLOCK_N
-    else:
-        for start_n in range(k_start, k_end, BLOCK_N):
-            dq = _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn,
-                          skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_MASK,
-                          HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, BLOCK_N)
+    k_full = k_end
+    if MASKED and BLOCK_N > TAIL:
+        k_full = k_start + (k_end - k_start) // BLOCK_N * BLOCK_N
+    dq = _dq_range(dq, k_start, k_full, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd, svn,
+                   svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_MASK, HAS_DROPOUT,
+                   UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
+    if MASKED and BLOCK_N > TAIL:
+        dq = _dq_range(dq, k_full, k_end, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd,
+                       svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_MASK,
+                       HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, TAIL)
 
     dq = dq * sm_scale
     dq_ptrs = DQ + rows[:, None] * sdqm + offs_d[None, :] * sdqd
@@ -446,7 +510,6 @@ def _attn_bwd_dkdv(
 
     cols, col_own, qlo, qhi, q_start, q_end = _key_tile(pid_n, b, TILES, SEQ_K, CU_Q, CU_K, KV_LEN, KPM, smn, Lq,
                                                         Lk, BLOCK_N, VARLEN, IS_CAUSAL, HAS_MASK)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     col0 = cols - tl.arange(0, BLOCK_N)  # the tile's first column (dropout groups start there)
     col0 = tl.max(col0)
@@ -465,18 +528,16 @@ def _attn_bwd_dkdv(
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    if INTERPRET:
-        start_m = q_start
-        while start_m < q_end:
-            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m,
-                                offs_d, sqm, sqd, sdom, sdod, bh * Lq, n_groups, qk_scale, dropout_p, seed, MASKED,
-                                HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, BLOCK_N)
-            start_m += BLOCK_M
-    else:
-        for start_m in range(q_start, q_end, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m,
-                                offs_d, sqm, sqd, sdom, sdod, bh * Lq, n_groups, qk_scale, dropout_p, seed, MASKED,
-                                HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, BLOCK_N)
+    q_full = q_end
+    if MASKED and BLOCK_M > TAIL:
+        q_full = q_start + (q_end - q_start) // BLOCK_M * BLOCK_M
+    dk, dv = _dkdv_range(dk, dv, q_start, q_full, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo, qhi, offs_d, sqm,
+                         sqd, sdom, sdod, bh * Lq, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_DROPOUT, UPCAST,
+                         DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
+    if MASKED and BLOCK_M > TAIL:
+        dk, dv = _dkdv_range(dk, dv, q_full, q_end, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo, qhi, offs_d,
+                             sqm, sqd, sdom, sdod, bh * Lq, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_DROPOUT,
+                             UPCAST, DOT_PREC, INTERPRET, TAIL, BLOCK_N)
 
     dk = dk * sm_scale
     if HAS_DROPOUT:
