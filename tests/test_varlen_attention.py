@@ -97,6 +97,20 @@ def test_varlen_tilings(config):
     check_varlen(TEXT + [70], TEXT + [40], 1, 32, True, torch.float32, config=config)
 
 
+def test_varlen_strided_views_of_a_fused_qkv():
+    """q, k, v as views of one packed (total, 3, H, D) projection (row stride 3 H D), causal."""
+    lens = [13, 1, 30, 7]
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(sum(lens), 3, 2, 32, generator=g).to(DEVICE)
+    q, k, v = qkv.unbind(1)
+    cu = cu_of(lens)
+    dout = torch.randn(q.shape, generator=g).to(DEVICE)
+    got = run_varlen(q, k, v, cu, cu, dout, True)
+    exact = run_ref(q, k, v, cu, cu, dout, True, torch.float64)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, exact):
+        assert_within(a, e, 1e-5 * max(1.0, e.abs().max().item()), name)
+
+
 def test_varlen_equals_padded_attention():
     """The packed call equals the padded `attention` with a key padding mask on the real rows."""
     lens = [13, 1, 30, 7]
