@@ -188,6 +188,13 @@ def attention_variants():
     """(kernel name, fn, variant, flags, configs) for every attention kernel specialisation audited:
     the dense variants under every autotune config, the packed ones under their fixed blocks."""
     for kind, fn in fa._KERNELS.items():
+        # the second launch over a thin tail (`thin_tail_split`): 16 rows (fwd/dq) or keys (dkdv)
+        m, n, w, st = fa._gpu_configs(kind)[0].kwargs["BLOCK_M"], fa._gpu_configs(kind)[0].kwargs["BLOCK_N"], 4, 3
+        m, n = (16, n) if kind != "dkdv" else (m, 16)
+        tail_cfg = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)]
+        for drop in (False, True):
+            yield kind, fn, "thin-tail" + ("+dropout" if drop else ""), dict(ATTN_BASE, **ATTN_VARIANTS["dense"],
+                                                                            HAS_DROPOUT=drop), tail_cfg
         for vname, flags in ATTN_VARIANTS.items():
             if flags["VARLEN"]:
                 m, n, w, st = fa.VARLEN_BLOCKS[kind]
@@ -294,14 +301,18 @@ def key_columns(n: int, BN: int) -> int:
 def dense_schedule_work(s: Shape, BM: int, BN: int) -> dict:
     """The padded kernel (`attention` at pad_q x pad_k; text with a key padding mask): tiles
     visited by `_attn_fwd`'s loops: key tiles up to the row's last real key (kv_len), or up to the
-    diagonal block when causal, the ragged rest in 16-wide tiles. Bytes: q, o, LSE of every padded row, K/V rows loaded per tile."""
+    diagonal block when causal, the ragged rest in 16-wide tiles; a thin tail of query rows
+    (197 = 3 x 64 + 5) in 16-row tiles of a second launch. Bytes: q, o, LSE of every padded row, K/V rows loaded per tile."""
     computed, kv_rows = 0, 0
     masked = s.pad_k != max(s.lens_k) or len(set(s.lens_k)) > 1
+    tail = fa.TAIL.value if hasattr(fa.TAIL, "value") else fa.TAIL
+    split = fa.thin_tail_split(s.pad_q, BM)  # the rest runs as a second launch of TAIL-row tiles
+    tiles = [(r, BM) for r in range(0, split, BM)] + [(r, tail) for r in range(split, s.pad_q, tail)]
     for lk in s.lens_k:
         kv_len = lk if masked else s.pad_k
-        for pid in range(triton.cdiv(s.pad_q, BM)):
-            hi = min(kv_len, (pid + 1) * BM) if s.causal else kv_len
-            computed += BM * (key_columns(hi, BN) if hi % BN or masked or s.causal else hi)
+        for r0, rows in tiles:
+            hi = min(kv_len, r0 + rows) if s.causal else kv_len
+            computed += rows * (key_columns(hi, BN) if hi % BN or masked or s.causal else hi)
             kv_rows += hi
     e = 2  # bf16
     bytes_fwd = s.H * (s.B * s.pad_q * (2 * s.D * e + 4) + 2 * kv_rows * s.D * e)

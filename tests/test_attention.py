@@ -155,6 +155,14 @@ def test_tilings_where_blocks_differ(config):
     check_against_reference(q, k, v, make_mask("padded", 2, 38), causal=True, config=config)
 
 
+def test_thin_tails_run_as_a_second_launch():
+    """69 queries x 67 keys in 32-wide tiles: 64 + a 5-row (3-key) tail launched with 16-wide
+    tiles (`thin_tail_split`), causal and masked."""
+    assert [fa.thin_tail_split(n, 64) for n in (197, 577, 35, 100, 64, 70)] == [192, 576, 35, 100, 64, 64]
+    q, k, v = make_qkv(2, 1, 69, 67, 32, torch.float32)
+    check_against_reference(q, k, v, make_mask("padded", 2, 67), causal=True, config=(32, 32))
+
+
 def test_custom_scale():
     q, k, v = make_qkv(1, 1, 35, 35, 32, torch.float32)
     check_against_reference(q, k, v, None, False, scale=0.37)

@@ -50,7 +50,8 @@ def test_every_kernel_compiles_to_wgmma_without_spills(audit):
     assert any("varlen" in r["variant"] for r in rows)
     spilling = [(r["kernel"], r["variant"], r["config"], r["spills"]) for r in rows if r["spills"] > THRESHOLDS["spills"]]
     assert not spilling, f"spills: {spilling}"
-    attention = [r for r in rows if r["kernel"] in ("fwd", "dq", "dkdv")]
+    # thin-tail launches (16 rows of 197, `thin_tail_split`) are too narrow for wgmma: mma.sync there
+    attention = [r for r in rows if r["kernel"] in ("fwd", "dq", "dkdv") and "thin-tail" not in r["variant"]]
     not_wgmma = [(r["kernel"], r["variant"], r["config"], r["mma"]) for r in attention if r["mma"] != "wgmma"]
     assert not not_wgmma, f"not on wgmma: {not_wgmma}"
 
@@ -63,7 +64,7 @@ def test_loss_kernels_on_wgmma(audit):
     assert all(r["loop"] > 0 for r in rows), "a main loop was not found in the SASS"
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet: one Philox-4x32-10 per 16 elements still costs 1.4-1.8x "
+@pytest.mark.xfail(strict=True, reason="not met yet: one Philox-4x32-10 per 16 elements still costs 1.4-1.85x "
                    "the loop without dropout (was 3.3-8.5x with tl.rand per element)")
 def test_dropout_loop_cost(audit):
     ratios = {(r["kernel"], r["variant"], r["config"]): r["loop_ratio"] for r in audit["rows"] if r["loop_ratio"]}
@@ -72,8 +73,6 @@ def test_dropout_loop_cost(audit):
     assert not over, f"dropout loops over {THRESHOLDS['dropout_loop_ratio']}x: {over}"
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet: 197 tokens compute 1.37x (64-row query tiles: 256/197 = 1.30, "
-                   "times 208/197 with the 16-wide key tail); 577 is at 1.14x")
 def test_vit_computed_over_useful_work(audit):
     for w in audit["work"]:
         if w["shape"].startswith("vit"):

@@ -88,7 +88,7 @@ def _dropout_keep(seed, row_ids, n_groups, col0, dropout_p, BLOCK_R: tl.constexp
 
 
 @triton.jit
-def _query_tile(pid, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk,
+def _query_tile(pid, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk, first,
                 BLOCK_M: tl.constexpr, VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
     """This program's query rows, which of them it owns, each row's key interval [klo, khi) and the
     tile's key range [k_start, k_end) (k_start a multiple of 16, empty when no row has a key)."""
@@ -103,7 +103,7 @@ def _query_tile(pid, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk,
         if IS_CAUSAL:  # local key position <= local query position
             khi = tl.minimum(khi, klo + rows - tl.load(CU_Q + sid, mask=row_ok, other=0) + 1)
     else:
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = first + pid * BLOCK_M + tl.arange(0, BLOCK_M)  # first > 0: a launch over a thin tail
         row_ok = rows < Lq
         klo = tl.zeros([BLOCK_M], dtype=tl.int32)
         if HAS_MASK:  # keys after the batch row's last real key are never visited
@@ -120,7 +120,7 @@ def _query_tile(pid, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk,
 
 
 @triton.jit
-def _key_tile(pid, b, TILES, SEQ_K, CU_Q, CU_K, KV_LEN, KPM, smn, Lq, Lk,
+def _key_tile(pid, b, TILES, SEQ_K, CU_Q, CU_K, KV_LEN, KPM, smn, Lq, Lk, first,
               BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
     """The dK/dV program's key columns (base a multiple of 16), which it owns (stores), each key's
     query interval [qlo, qhi) and the query range [q_start, q_end) to visit."""
@@ -135,7 +135,7 @@ def _key_tile(pid, b, TILES, SEQ_K, CU_Q, CU_K, KV_LEN, KPM, smn, Lq, Lk,
         if IS_CAUSAL:  # the first query that sees key j has j's local position
             qlo = qlo + cols - tl.load(CU_K + sid, mask=col_own, other=0)
     else:
-        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = first + pid * BLOCK_N + tl.arange(0, BLOCK_N)
         col_own = cols < Lk
         seen = col_own
         if HAS_MASK:
@@ -342,7 +342,7 @@ def _dkdv_range(dk, dv, lo, hi, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo,
 def _attn_fwd(
     Q, K, V, O, LSE, KPM, KV_LEN, TILES, SEQ_Q, CU_Q, CU_K,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smn,
-    H, Lq, Lk, qk_scale, dropout_p, seed,
+    H, Lq, Lk, first, qk_scale, dropout_p, seed,
     LQ_BUCKET, LK_BUCKET, BH_BUCKET,  # only read by the autotuner's key
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
@@ -362,7 +362,7 @@ def _attn_fwd(
     MASKED: tl.constexpr = VARLEN or IS_CAUSAL or HAS_MASK or not EVEN_N
     ROWS_EXACT: tl.constexpr = EVEN_M and not VARLEN
 
-    rows, row_ok, klo, khi, k_start, k_end = _query_tile(pid_m, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk,
+    rows, row_ok, klo, khi, k_start, k_end = _query_tile(pid_m, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk, first,
                                                          BLOCK_M, VARLEN, IS_CAUSAL, HAS_MASK)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ids = bh * Lq + rows  # dropout counters
@@ -415,7 +415,7 @@ def _attn_bwd_dq(
     Q, K, V, O, DO, DQ, LSE, DELTA, KPM, KV_LEN, TILES, SEQ_Q, CU_Q, CU_K,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd, smb, smn,
-    H, Lq, Lk, qk_scale, sm_scale, dropout_p, seed,
+    H, Lq, Lk, first, qk_scale, sm_scale, dropout_p, seed,
     LQ_BUCKET, LK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
@@ -437,7 +437,7 @@ def _attn_bwd_dq(
     MASKED: tl.constexpr = VARLEN or IS_CAUSAL or HAS_MASK or not EVEN_N
     ROWS_EXACT: tl.constexpr = EVEN_M and not VARLEN
 
-    rows, row_ok, klo, khi, k_start, k_end = _query_tile(pid_m, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk,
+    rows, row_ok, klo, khi, k_start, k_end = _query_tile(pid_m, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk, first,
                                                          BLOCK_M, VARLEN, IS_CAUSAL, HAS_MASK)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ids = bh * Lq + rows
@@ -486,7 +486,7 @@ def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smn,
-    H, Lq, Lk, qk_scale, sm_scale, dropout_p, seed,
+    H, Lq, Lk, first, qk_scale, sm_scale, dropout_p, seed,
     LQ_BUCKET, LK_BUCKET, BH_BUCKET,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
@@ -508,8 +508,8 @@ def _attn_bwd_dkdv(
     MASKED: tl.constexpr = VARLEN or IS_CAUSAL or HAS_MASK or not EVEN_M
     COLS_EXACT: tl.constexpr = EVEN_N and not VARLEN
 
-    cols, col_own, qlo, qhi, q_start, q_end = _key_tile(pid_n, b, TILES, SEQ_K, CU_Q, CU_K, KV_LEN, KPM, smn, Lq,
-                                                        Lk, BLOCK_N, VARLEN, IS_CAUSAL, HAS_MASK)
+    cols, col_own, qlo, qhi, q_start, q_end = _key_tile(pid_n, b, TILES, SEQ_K, CU_Q, CU_K, KV_LEN, KPM, smn, Lq, Lk,
+                                                        first, BLOCK_N, VARLEN, IS_CAUSAL, HAS_MASK)
     offs_d = tl.arange(0, HEAD_DIM)
     col0 = cols - tl.arange(0, BLOCK_N)  # the tile's first column (dropout groups start there)
     col0 = tl.max(col0)
@@ -668,6 +668,35 @@ def _launch(kind: str, grid, config, **kwargs):
         _launcher(kind, True)[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](**kwargs)
 
 
+def thin_tail_split(L: int, block: int) -> int:
+    """Rows covered by full `block` tiles when the rest is a thin tail (at most block / 4 rows:
+    197 = 3 x 64 + 5), which a second launch covers in TAIL-row tiles; L otherwise."""
+    rest = L % block
+    return L - rest if L > block and 0 < rest <= block // 4 else L
+
+
+def _launch_dense(kind: str, length: int, along: int, n_heads: int, n_batch: int, config, **kwargs):
+    """Launch kernel `kind` of the padded layout over `length` rows (along=0: query tiles of BLOCK_M) or
+    keys (along=1: key tiles of BLOCK_N), then, when the last tile would be nearly empty, once
+    more over the thin tail with TAIL-wide tiles (they lower to mma.sync, for a few rows), so
+    that 197 tokens compute 208 rows, not 256."""
+    def grid(bm, bn):
+        block = (bm, bn)[along]
+        return (triton.cdiv(thin_tail_split(length, block), block), n_heads, n_batch)
+
+    _launch(kind, grid, config, first=0, **kwargs)
+    if config is None:  # the autotuner's choice for this key
+        best = _launcher(kind, True).best_config
+        blocks, launch = [best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"]], (4, best.num_stages)
+    else:
+        blocks, launch = list(config[:2]), ((4, *config[3:]) if len(config) > 2 else ())
+    split = thin_tail_split(length, blocks[along])
+    if split < length:
+        blocks[along] = TAIL.value if hasattr(TAIL, "value") else TAIL
+        _launch(kind, lambda bm, bn: (triton.cdiv(length - split, blocks[along]), n_heads, n_batch), (*blocks, *launch), first=split,
+                **{k: v for k, v in kwargs.items() if k != "first"})
+
+
 # ---------------------------------------------------------------------------------------------
 # host launchers
 
@@ -743,8 +772,7 @@ def forward(q, k, v, key_padding_mask: Optional[torch.Tensor], causal: bool, dro
     args = _dense_args(q, k, key_padding_mask, causal, dropout_p, seed)
     cfg = _pick_config("fwd", config, args["UPCAST"], False)
     with _device_guard(q):
-        _launch("fwd", lambda bm, bn: (triton.cdiv(Lq, bm), H, B), cfg, Q=q, K=k, V=v, O=out, LSE=lse,
-                SEQ_Q=q, **_strides(q, "sqb sqh sqm sqd"), **_strides(k, "skb skh skn skd"),
+        _launch_dense("fwd", Lq, 0, H, B, cfg, Q=q, K=k, V=v, O=out, LSE=lse, SEQ_Q=q, **_strides(q, "sqb sqh sqm sqd"), **_strides(k, "skb skh skn skd"),
                 **_strides(v, "svb svh svn svd"), **_strides(out, "sob soh som sod"),
                 qk_scale=softmax_scale * LOG2E, **args)
     return out, lse
@@ -766,12 +794,11 @@ def backward(dout, q, k, v, out, lse, key_padding_mask, causal: bool, dropout_p:
     qkv = {**_strides(q, "sqb sqh sqm sqd"), **_strides(k, "skb skh skn skd"), **_strides(v, "svb svh svn svd"),
            **_strides(dout, "sdob sdoh sdom sdod")}
     with _device_guard(q):
-        _launch("dq", lambda bm, bn: (triton.cdiv(Lq, bm), H, B), _pick_config("dq", config, args["UPCAST"], False),
-                Q=q, K=k, V=v, O=out, DO=dout, DQ=dq, LSE=lse, DELTA=delta, SEQ_Q=q, **qkv,
+        _launch_dense("dq", Lq, 0, H, B, _pick_config("dq", config, args["UPCAST"], False), Q=q, K=k, V=v, O=out,
+                      DO=dout, DQ=dq, LSE=lse, DELTA=delta, SEQ_Q=q, **qkv,
                 **_strides(out, "sob soh som sod"), **_strides(dq, "sdqb sdqh sdqm sdqd"), **args)
-        _launch("dkdv", lambda bm, bn: (triton.cdiv(Lk, bn), H, B),
-                _pick_config("dkdv", config, args["UPCAST"], False),
-                Q=q, K=k, V=v, DO=dout, DK=dk, DV=dv, LSE=lse, DELTA=delta, SEQ_K=q, **qkv,
+        _launch_dense("dkdv", Lk, 1, H, B, _pick_config("dkdv", config, args["UPCAST"], False), Q=q, K=k, V=v,
+                      DO=dout, DK=dk, DV=dv, LSE=lse, DELTA=delta, SEQ_K=q, **qkv,
                 **_strides(dk, "sdkb sdkh sdkn sdkd"), **_strides(dv, "sdvb sdvh sdvn sdvd"), **args)
     return dq, dk, dv
 
@@ -841,7 +868,7 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, dr
     bm, bn, *launch = _pick_config("fwd", config, args["UPCAST"], True)
     tiles = varlen_schedule(cu_q, total_q, max_q, bm)
     with _device_guard(q):
-        _launch("fwd", lambda _bm, _bn: (tiles.shape[0], H, 1), (bm, bn, *launch), Q=q, K=k, V=v, O=out,
+        _launch("fwd", lambda _bm, _bn: (tiles.shape[0], H, 1), (bm, bn, *launch), first=0, Q=q, K=k, V=v, O=out,
                 LSE=lse, TILES=tiles, SEQ_Q=_sequence_ids(cu_q, total_q), **_packed_strides(q, "sqb sqh sqm sqd"),
                 **_packed_strides(k, "skb skh skn skd"), **_packed_strides(v, "svb svh svn svd"),
                 **_packed_strides(out, "sob soh som sod"), qk_scale=softmax_scale * LOG2E, **args)
@@ -868,10 +895,10 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int,
     q_tiles = varlen_schedule(cu_q, total_q, max_q, cfg_dq[0])
     k_tiles = varlen_schedule(cu_k, total_k, max_k, cfg_kv[1], align=16)  # dropout groups: 16 keys
     with _device_guard(q):
-        _launch("dq", lambda bm, bn: (q_tiles.shape[0], H, 1), cfg_dq, Q=q, K=k, V=v, O=out, DO=dout, DQ=dq,
+        _launch("dq", lambda bm, bn: (q_tiles.shape[0], H, 1), cfg_dq, first=0, Q=q, K=k, V=v, O=out, DO=dout, DQ=dq,
                 LSE=lse, DELTA=delta, TILES=q_tiles, SEQ_Q=_sequence_ids(cu_q, total_q), **qkv,
                 **_packed_strides(out, "sob soh som sod"), **_packed_strides(dq, "sdqb sdqh sdqm sdqd"), **args)
-        _launch("dkdv", lambda bm, bn: (k_tiles.shape[0], H, 1), cfg_kv, Q=q, K=k, V=v, DO=dout, DK=dk, DV=dv,
+        _launch("dkdv", lambda bm, bn: (k_tiles.shape[0], H, 1), cfg_kv, first=0, Q=q, K=k, V=v, DO=dout, DK=dk, DV=dv,
                 LSE=lse, DELTA=delta, TILES=k_tiles, SEQ_K=_sequence_ids(cu_k, total_k), **qkv,
                 **_packed_strides(dk, "sdkb sdkh sdkn sdkd"), **_packed_strides(dv, "sdvb sdvh sdvn sdvd"), **args)
     return dq, dk, dv
