@@ -218,3 +218,130 @@ def test_attention(benchmark, case, provider, mode):
         p20_ms=p20, p50_ms=p50, p80_ms=p80, peak_mem_mb=mem["mb"],
     )
     benchmark.pedantic(harness.synchronized(run), rounds=1 if DRY else 2, iterations=1, warmup_rounds=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# packed (variable-length) text: blipfast.kernels.varlen_attention against flash-attn's varlen
+# function, xformers' block-diagonal masks, and the padded path (Triton / SDPA with a key padding
+# mask at the padded length 30) on the same real tokens.
+#
+#   pytest benchmarks/bench_attention.py --benchmark-enable -k varlen
+#
+# Lengths: BLIP's caption mix (kernel_audit.caption_lengths: mean about 13 of 30). bytes = the
+# memory floor of the real tokens (no pad token), so every provider's gbps is comparable.
+
+VARLEN_CASES = {  # name: (B, H, D, causal, keys per sequence: None = self-attention)
+    "packed_text_self": (256, 12, 64, False, None),
+    "packed_text_causal": (256, 12, 64, True, None),
+    "packed_cross_x197": (768, 12, 64, False, 197),
+}
+VARLEN_PROVIDERS = ("triton-varlen", "triton-padded", "sdpa-padded", "flash_attn-varlen", "xformers-blockdiag")
+
+
+def varlen_inputs(case: str, seed: int = 0):
+    from kernel_audit import caption_lengths
+
+    B, H, D, causal, lk = VARLEN_CASES[case]
+    if DRY:
+        B, H = 4, 2
+    lens_q = (caption_lengths() * (B // 256 + 1))[:B]
+    lens_k = lens_q if lk is None else [lk] * B
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def cu(lens):
+        return torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device=DEVICE)
+
+    q = torch.randn(sum(lens_q), H, D, generator=g, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(sum(lens_k), H, D, generator=g, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(sum(lens_k), H, D, generator=g, device=DEVICE, dtype=DTYPE)
+    return [x.requires_grad_() for x in (q, k, v)], lens_q, lens_k, cu(lens_q), cu(lens_k), causal
+
+
+def _pad(x, cu, lens, L):
+    """Packed (total, H, D) -> padded (B, H, L, D) (differentiable)."""
+    rows = [torch.nn.functional.pad(x[a:a + n], (0, 0, 0, 0, 0, L - n)) for a, n in zip(cu[:-1].tolist(), lens)]
+    return torch.stack(rows).transpose(1, 2)
+
+
+def varlen_provider(name: str, lens_q, lens_k, cu_q, cu_k, causal) -> Callable:
+    """call(q, k, v) -> packed (total_q, H, D) output (padded providers pad, attend and unpad)."""
+    mq, mk = max(lens_q), max(lens_k)
+    if name == "triton-varlen":
+        if not CUDA:
+            pytest.skip("the Triton kernels need CUDA here (the interpreter is for tests)")
+        from blipfast.kernels import varlen_attention
+        return lambda q, k, v: varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal)
+    if name in ("triton-padded", "sdpa-padded", "reference"):
+        if name == "triton-padded" and not CUDA:
+            pytest.skip("the Triton kernels need CUDA here")
+        Lq, Lk = (30, 30) if mk <= 30 else (30, mk)
+        mask = torch.arange(Lk, device=DEVICE)[None, :] < torch.tensor(lens_k, device=DEVICE)[:, None]
+        keep = torch.cat([torch.arange(a, a + n, device=DEVICE) for a, n in zip(range(0, Lq * len(lens_q), Lq),
+                                                                                 lens_q)])
+        if name == "triton-padded":
+            from blipfast.kernels import attention as attn
+        elif name == "sdpa-padded":
+            attn = make_provider("sdpa-efficient")  # noqa: E731 (SDPA's masked backend)
+        else:
+            attn = make_provider("reference")
+
+        def call(q, k, v):
+            qp, kp, vp = _pad(q, cu_q, lens_q, Lq), _pad(k, cu_k, lens_k, Lk), _pad(v, cu_k, lens_k, Lk)
+            out = attn(qp, kp, vp, mask, causal) if name != "triton-padded" else \
+                attn(qp, kp, vp, key_padding_mask=mask, causal=causal)
+            return out.transpose(1, 2).reshape(-1, *q.shape[1:])[keep]
+        return call
+    if name == "flash_attn-varlen":
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            pytest.skip("flash-attn is not installed")
+        return lambda q, k, v: flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, causal=causal)
+    if name == "xformers-blockdiag":
+        try:
+            from xformers.ops import fmha
+        except ImportError:
+            pytest.skip("xformers is not installed")
+        bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(lens_q, lens_k)
+        if causal:
+            bias = bias.make_causal()
+        return lambda q, k, v: fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", VARLEN_PROVIDERS)
+@pytest.mark.parametrize("case", list(VARLEN_CASES))
+def test_varlen_attention(benchmark, case, provider, mode):
+    if DRY and provider not in ("sdpa-padded",):
+        pytest.skip("dry run: only the padded SDPA path runs on the CPU")
+    qkv, lens_q, lens_k, cu_q, cu_k, causal = varlen_inputs(case)
+    call = varlen_provider(provider, lens_q, lens_k, cu_q, cu_k, causal)
+    with torch.no_grad():
+        out = call(*qkv)
+        exact = varlen_provider("reference", lens_q, lens_k, cu_q, cu_k, causal)(*(x.float() for x in qkv))
+    max_err = (out.float() - exact).abs().max().item()
+    tol = 0.05 if DTYPE == torch.bfloat16 else 1e-4
+    assert max_err <= tol, f"{provider} differs from the fp32 reference by {max_err:.3g} (> {tol})"
+    dout = torch.randn_like(out)
+    run = make_run(lambda q, k, v, _m, _c: call(q, k, v), mode, qkv, None, dout, causal)
+    warmup, iters = (1, 3) if DRY else (3, 10)
+    with harness.peak_memory(DEVICE) as mem:
+        times = harness.time_iterations(run, DEVICE, warmup=warmup, iters=iters, max_seconds=0.5)
+    p20, p50, p80 = harness.quantiles(times)
+    B, H, D = len(lens_q), qkv[0].shape[1], qkv[0].shape[2]
+    e = torch.finfo(DTYPE).bits // 8
+    pairs = sum(min(i + 1, lk) if causal else lk for lq, lk in zip(lens_q, lens_k) for i in range(lq))
+    fwd = 4 * H * pairs * D
+    tq, tk = sum(lens_q), sum(lens_k)
+    fwd_bytes = e * H * D * (2 * tq + 2 * tk) + 4 * H * tq
+    bwd_bytes = e * H * D * (4 * tq + 4 * tk) + 4 * H * tq
+    flops, nbytes = {"fwd": (fwd, fwd_bytes), "bwd": (int(2.5 * fwd), bwd_bytes),
+                     "fwd+bwd": (int(3.5 * fwd), fwd_bytes + bwd_bytes)}[mode]
+    benchmark.extra_info.update(
+        op="varlen_attention", B=B, H=H, Lq=max(lens_q), Lk=max(lens_k), D=D, causal=causal,
+        total_q=tq, total_k=tk, layout="packed", dtype=str(DTYPE).replace("torch.", ""),
+        hbm_peak_gbps=hbm_gbps(), precision="bf16" if DTYPE == torch.bfloat16 else "fp32", flops=flops,
+        bytes=nbytes, p20_ms=p20, p50_ms=p50, p80_ms=p80, peak_mem_mb=mem["mb"],
+    )
+    benchmark.pedantic(harness.synchronized(run), rounds=1 if DRY else 2, iterations=1, warmup_rounds=0)

@@ -2,8 +2,14 @@
 
 Layers: `flash_attention.py` holds the kernels and their launchers; this file validates inputs,
 registers the launchers as PyTorch custom ops (a fake implementation for tracing, an autograd
-formula that calls the backward op), and exposes `attention`, whose semantics are exactly
-`blipfast.kernels.reference.attention`'s.
+formula that calls the backward op), and exposes two functions over the same kernel family:
+
+- `attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, softmax_scale=None)`:
+  padded (B, H, L, D) tensors, semantics exactly `blipfast.kernels.reference.attention`'s;
+- `varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
+  dropout_p=0.0, softmax_scale=None)`, its sibling for packed (total, H, D) sequences with
+  cumulative lengths (self, causal and cross attention without a pad token anywhere), semantics
+  exactly `blipfast.kernels.reference.varlen_attention`'s.
 
 `blipfast.kernels.attention` is the function; this module is `blipfast.kernels.attention` in
 `sys.modules` (use `importlib.import_module` to reach `draw_dropout_seed` and friends).
@@ -19,7 +25,8 @@ from torch import Tensor
 from . import flash_attention as fa
 from .flash_attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, dropout_keep_mask, interpreting
 
-__all__ = ["attention", "draw_dropout_seed", "dropout_keep_mask", "check_inputs"]
+__all__ = ["attention", "varlen_attention", "draw_dropout_seed", "dropout_keep_mask", "check_inputs",
+           "check_varlen_inputs"]
 
 
 def _seed(seed: Optional[Tensor]) -> int:
@@ -146,10 +153,12 @@ def attention(
             attention_mask == 1), False where it is padding and gets no weight.
         causal: query i attends only to keys j <= i (top-left aligned, also when Lq != Lk).
         dropout_p: probability of dropping an attention probability (after the softmax); kept
-            ones are scaled by 1 / (1 - dropout_p). The pattern comes from Philox inside the
-            kernels, seeded by one draw from torch's default CPU generator (`draw_dropout_seed`),
-            and is regenerated identically in the backward; `dropout_keep_mask(seed, shape, p)`
-            returns it as a bool (B, H, Lq, Lk) tensor.
+            ones are scaled by 1 / (1 - p). p is realised in steps of 1/256 (8-bit thresholds:
+            0.1 -> 0.1015625, see `flash_attention.effective_dropout_p`), so the expectation is
+            exact. The pattern comes from Philox inside the kernels, seeded by one draw from
+            torch's default CPU generator (`draw_dropout_seed`), and is regenerated identically
+            in the backward; `dropout_keep_mask(seed, shape, p)` returns it as a bool
+            (B, H, Lq, Lk) tensor.
         softmax_scale: multiplier of q.k; default 1 / sqrt(D).
 
     Returns:
@@ -164,4 +173,158 @@ def attention(
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     seed = draw_dropout_seed() if dropout_p > 0.0 else None
     out, _ = _fwd_op(q, k, v, key_padding_mask, seed, bool(causal), float(dropout_p), scale)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the packed (variable-length) sibling
+
+
+@torch.library.custom_op("blipfast::varlen_attention_fwd", mutates_args=())
+def _varlen_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                   max_seqlen_k: int, seed: Optional[Tensor], causal: bool, dropout_p: float,
+                   softmax_scale: float) -> Tuple[Tensor, Tensor]:
+    return fa.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, dropout_p,
+                             softmax_scale, _seed(seed))
+
+
+@_varlen_fwd_op.register_fake
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal, dropout_p,
+                     softmax_scale):
+    total_q, H, D = q.shape
+    return q.new_empty(total_q, H, D), q.new_empty(H, total_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("blipfast::varlen_attention_bwd", mutates_args=())
+def _varlen_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
+                   cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, seed: Optional[Tensor], causal: bool,
+                   dropout_p: float, softmax_scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return fa.varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              causal, dropout_p, softmax_scale, _seed(seed))
+
+
+@_varlen_bwd_op.register_fake
+def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal,
+                     dropout_p, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, softmax_scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
+    ctx.args = (max_q, max_k, causal, dropout_p, softmax_scale)
+
+
+def _varlen_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
+    max_q, max_k, causal, dropout_p, softmax_scale = ctx.args
+    dq, dk, dv = _varlen_bwd_op(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, seed, causal,
+                                dropout_p, softmax_scale)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+def check_varlen_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                        max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0) -> None:
+    """Raise ValueError (TypeError for non-tensors) naming what `varlen_attention` cannot take.
+
+    Checks needing the values of cu_seqlens (monotone, starting at 0, ending at the totals, max
+    lengths bounding every sequence) run only for CPU tensors outside torch.compile tracing: on a
+    GPU they would cost a host sync."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"varlen_attention: {name} must be a torch.Tensor, got {type(x).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 3:
+            raise ValueError(f"varlen_attention: {name} must be 3-D (total, H, D), got shape {tuple(x.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"varlen_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"varlen_attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
+    devices = {x.device for x in (q, k, v, cu_seqlens_q, cu_seqlens_k)}
+    if len(devices) != 1:
+        raise ValueError(f"varlen_attention: q, k, v and cu_seqlens must be on one device, got {sorted(map(str, devices))}")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
+        raise ValueError(
+            f"varlen_attention: the Triton kernels need CUDA tensors (got {q.device}); CPU tensors run only under "
+            "the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported). On a CPU use "
+            "blipfast.kernels.reference.varlen_attention."
+        )
+    if q.shape[1:] != k.shape[1:] or v.shape[1:] != k.shape[1:]:
+        raise ValueError(f"varlen_attention: q, k, v must share (H, D): q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"varlen_attention: k and v must have the same total length, got {k.shape[0]} and {v.shape[0]}")
+    if q.shape[2] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"varlen_attention: head dim {q.shape[2]} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2 or not cu.is_contiguous():
+            raise ValueError(f"varlen_attention: {name} must be a contiguous int32 (B + 1,) tensor with B >= 1, "
+                             f"got {cu.dtype} of shape {tuple(cu.shape)}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"varlen_attention: cu_seqlens_q and cu_seqlens_k must both be (B + 1,), got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()} entries")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"varlen_attention: {name} must be a non-negative int, got {m!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"varlen_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():  # values: not while tracing
+        for name, cu, total, m in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                   ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+            lens = cu[1:] - cu[:-1]
+            if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lens < 0).any()):
+                raise ValueError(f"varlen_attention: {name} must rise from 0 to the packed length {total}, got "
+                                 f"{cu.tolist()}")
+            if int(lens.max()) > m:
+                raise ValueError(f"varlen_attention: {name} has a sequence of {int(lens.max())} rows, more than "
+                                 f"{name.replace('cu_seqlens', 'max_seqlen')} = {m}")
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+) -> Tensor:
+    """`attention` over packed sequences (no padding anywhere): the same kernels, in the layout of
+    flash-attn's varlen functions. Semantics: `blipfast.kernels.reference.varlen_attention`.
+
+    Args:
+        q: (total_q, H, D) queries of B sequences laid end to end. Any row/head strides, D stride 1
+            or not (the kernels take all strides).
+        k, v: (total_k, H, D) keys and values, packed the same way. For cross-attention of packed
+            text against each image's tokens: cu_seqlens_k = arange(B + 1) * 197.
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) cumulative lengths from 0 to total; query
+            sequence b (rows cu_q[b]:cu_q[b + 1]) attends only to key sequence b.
+        max_seqlen_q, max_seqlen_k: host ints bounding every sequence's length (they size the tile
+            schedule without a host sync; checked against cu_seqlens for CPU tensors only).
+        causal: top-left aligned within each sequence pair (query i sees keys j <= i).
+        dropout_p: as in `attention` (realised in steps of 1/256, see
+            `flash_attention.effective_dropout_p`); the pattern is regenerated in the backward.
+            `flash_attention.varlen_dropout_keep_masks(seed, cu_q, cu_k, H, p)` returns it.
+        softmax_scale: multiplier of q.k; default 1 / sqrt(D).
+
+    Returns:
+        (total_q, H, D) contiguous, in q's dtype. A sequence with no keys returns zeros (zero
+        gradients). Several short sequences share one 64-row query tile (block-diagonal masking),
+        and no program reads or writes a row outside the packed tensors.
+
+    Differentiable in q, k, v; registered as the custom op `blipfast::varlen_attention_fwd`.
+    """
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    seed = draw_dropout_seed() if dropout_p > 0.0 else None
+    out, _ = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), seed,
+                            bool(causal), float(dropout_p), scale)
     return out

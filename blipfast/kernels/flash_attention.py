@@ -1,25 +1,35 @@
 """Flash-attention Triton kernels and their host launchers (forward, backward, dropout mask).
 
 One kernel family serves every attention BLIP runs: bidirectional or causal self-attention and
-cross-attention (Lq != Lk), with an optional key padding mask and in-kernel Philox dropout. The
-variants are `tl.constexpr` specialisations (IS_CAUSAL, HAS_MASK, HAS_DROPOUT, EVEN_M, EVEN_N,
-UPCAST), not copies.
+cross-attention (Lq != Lk), with an optional key padding mask, in-kernel Philox dropout, and two
+layouts: padded (B, H, L, D) tensors and packed variable-length (total, H, D) sequences with
+cumulative lengths. The variants are `tl.constexpr` specialisations (IS_CAUSAL, HAS_MASK, VARLEN,
+HAS_DROPOUT, EVEN_M, EVEN_N, UPCAST), not copies.
 
-Layout: q (B, H, Lq, D), k/v (B, H, Lk, D) with any strides (the model hands over strided views
-of a fused qkv projection); every kernel takes all four strides of every tensor. The output and
-the gradients are allocated (B, L, H, D) in memory and returned as (B, H, L, D) views, which is
-the layout the model merges heads from without a copy.
+Padded layout: q (B, H, Lq, D), k/v (B, H, Lk, D) with any strides (the model hands over strided
+views of a fused qkv projection); every kernel takes all four strides of every tensor. The output
+and the gradients are allocated (B, L, H, D) in memory and returned as (B, H, L, D) views, which is
+the layout the model merges heads from without a copy. With a key padding mask, key tiles after a
+batch row's last real key are not visited.
+
+Packed layout (VARLEN): the same kernels with B = 1, Lq = total_q, Lk = total_k; a host-built
+schedule (`varlen_schedule`, device ops, no sync) gives each program a span of whole sequences, so
+several short captions share one query tile (block-diagonal masking) and no program touches a row
+outside the packed tensors. Masking is by per-row intervals: query row i sees keys [klo_i, khi_i)
+of its own sequence (cut at the diagonal when causal); the dK/dV kernel uses the transposed form.
 
 Numerics: scores, softmax statistics and accumulators are fp32. The softmax runs in base 2
 (qk_scale = softmax_scale * log2(e)); the forward stores LSE2 = m + log2(l) per row, and +inf for
 a row with no allowed key, so that every recomputed probability of such a row is exactly 0
 (output 0, gradients 0: `reference.attention`'s definition).
 
-Dropout: element (b, h, i, j) is kept when `tl.rand(seed, ((b*H + h)*Lq + i)*Lk + j) >= p`; the
-forward and both backward kernels regenerate the same bits, and `dropout_keep_mask` materialises
-them for tests.
+Dropout: element (b, h, i, j) of the (B, H, Lq, Lk) scores (packed: (1, H, total_q, total_k)) is
+kept when byte j % 16 of Philox-4x32-10(seed, ((b*H + h)*Lq + i) * ceil(Lk/16) + j // 16) is >=
+256 p: one Philox call serves 16 elements, p is realised in steps of 1/256
+(`effective_dropout_p`), and the forward and both backward kernels regenerate the same bits;
+`dropout_keep_mask` materialises them for tests.
 
-This module holds no autograd logic; `attention.py` builds the custom op and the public function.
+This module holds no autograd logic; `attention.py` builds the custom ops and the public functions.
 """
 from __future__ import annotations
 
@@ -39,21 +49,9 @@ LOG2E = 1.4426950408889634
 
 
 # ---------------------------------------------------------------------------------------------
-# shared device helpers
-
-
-@triton.jit
-def _allowed(rows, cols, kpm, Lk, CHECK_BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr,
-             IS_CAUSAL: tl.constexpr):
-    """Which (row, col) scores may be attended. rows/cols/kpm broadcast against each other."""
-    ok = cols >= 0  # all True, in the broadcast shape of cols
-    if CHECK_BOUNDS:
-        ok = ok & (cols < Lk)
-    if HAS_MASK:
-        ok = ok & kpm
-    if IS_CAUSAL:
-        ok = ok & (cols <= rows)  # top-left aligned: query i sees keys j <= i
-    return ok
+# shared device helpers. Masking is by intervals: query row i may attend to keys [klo_i, khi_i)
+# (its own sequence's keys, cut at the diagonal when causal), plus the key padding bits in the
+# dense layout; the dK/dV kernel uses the transposed form, key j is seen by queries [qlo_j, qhi_j).
 
 
 @triton.jit
@@ -64,11 +62,93 @@ def _key_mask(KPM, cols, smn, Lk, HAS_MASK: tl.constexpr):
     return cols >= 0
 
 
+DROPOUT_LEVELS = 256  # dropout_p is realised as round(256 p) / 256 (`effective_dropout_p`)
+
+
 @triton.jit
-def _dropout_keep(seed, bh, Lq, Lk, rows, cols, dropout_p):
-    """Keep-bits of elements (bh, rows, cols); rows/cols broadcast (either orientation)."""
-    offsets = (bh.to(tl.int64) * Lq + rows) * Lk + cols  # int64: B*H*Lq*Lk can pass 2**31
-    return tl.rand(seed, offsets) >= dropout_p
+def _dropout_keep(seed, row_ids, n_groups, col0, dropout_p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Keep-bits (BLOCK_R, BLOCK_C) of columns col0 + arange(BLOCK_C) of the rows whose counter
+    index is `row_ids` (int64 (BLOCK_R,)); col0 is a multiple of 16.
+
+    Element (row, col) is kept when byte (col % 16) of Philox-4x32-10(seed, row * n_groups + col // 16)
+    is >= 256 * dropout_p: one Philox call covers 16 elements (tl.rand spends one per element),
+    and the mask depends only on (seed, row, col), never on the tiling, so the forward and both
+    backward kernels regenerate it exactly."""
+    G: tl.constexpr = BLOCK_C // 16
+    tl.static_assert(BLOCK_C % 16 == 0, "dropout tiles need a multiple of 16 columns")
+    groups = (col0 // 16 + tl.arange(0, G)).to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, row_ids[:, None] * n_groups + groups[None, :])  # 4 x uint32 (R, G)
+    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (R, G, 2, 2): word 2 * j + i at [.., i, j]
+    # byte k of a word is >= t exactly when the word shifted left by 24 - 8k is >= t << 24 (the
+    # bits below the byte add less than 2**24): one shift and one compare per element.
+    shifts = (24 - 8 * tl.arange(0, 4)).to(tl.uint32)
+    threshold = tl.cast(dropout_p * 256.0 + 0.5, tl.uint32) << 24  # dropout_p is a multiple of 1/256 here
+    keep = (words[:, :, :, :, None] << shifts[None, None, None, None, :]) >= threshold  # (R, G, 2, 2, 4)
+    return tl.reshape(keep, (BLOCK_R, BLOCK_C))
+
+
+@triton.jit
+def _query_tile(pid, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk, first,
+                BLOCK_M: tl.constexpr, VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """This program's query rows, which of them it owns, each row's key interval [klo, khi) and the
+    tile's key range [k_start, k_end) (k_start a multiple of 16, empty when no row has a key)."""
+    if VARLEN:  # rows = a span of the packed queries from the schedule (whole short sequences)
+        lo = tl.load(TILES + 2 * pid)
+        hi = tl.load(TILES + 2 * pid + 1)
+        rows = lo + tl.arange(0, BLOCK_M)
+        row_ok = rows < hi
+        sid = tl.load(SEQ_Q + rows, mask=row_ok, other=0)
+        klo = tl.load(CU_K + sid, mask=row_ok, other=0)
+        khi = tl.load(CU_K + sid + 1, mask=row_ok, other=0)
+        if IS_CAUSAL:  # local key position <= local query position
+            khi = tl.minimum(khi, klo + rows - tl.load(CU_Q + sid, mask=row_ok, other=0) + 1)
+    else:
+        rows = first + pid * BLOCK_M + tl.arange(0, BLOCK_M)  # first > 0: a launch over a thin tail
+        row_ok = rows < Lq
+        klo = tl.zeros([BLOCK_M], dtype=tl.int32)
+        if HAS_MASK:  # keys after the batch row's last real key are never visited
+            khi = tl.where(row_ok, tl.load(KV_LEN + b), 0)
+        else:
+            khi = tl.where(row_ok, Lk, 0)
+        if IS_CAUSAL:  # top-left aligned: query i sees keys j <= i
+            khi = tl.minimum(khi, rows + 1)
+    khi = tl.maximum(khi, klo)
+    k_start = tl.min(tl.where(khi > klo, klo, 2**30))
+    k_start = k_start - k_start % 16
+    k_end = tl.max(khi)
+    return rows, row_ok, klo, khi, k_start, k_end
+
+
+@triton.jit
+def _key_tile(pid, b, TILES, SEQ_K, CU_Q, CU_K, KV_LEN, KPM, smn, Lq, Lk, first,
+              BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """The dK/dV program's key columns (base a multiple of 16), which it owns (stores), each key's
+    query interval [qlo, qhi) and the query range [q_start, q_end) to visit."""
+    if VARLEN:
+        lo = tl.load(TILES + 2 * pid)
+        hi = tl.load(TILES + 2 * pid + 1)
+        cols = lo - lo % 16 + tl.arange(0, BLOCK_N)  # aligned: the dropout groups are 16 keys
+        col_own = (cols >= lo) & (cols < hi)
+        sid = tl.load(SEQ_K + cols, mask=col_own, other=0)
+        qlo = tl.load(CU_Q + sid, mask=col_own, other=0)
+        qhi = tl.load(CU_Q + sid + 1, mask=col_own, other=0)
+        if IS_CAUSAL:  # the first query that sees key j has j's local position
+            qlo = qlo + cols - tl.load(CU_K + sid, mask=col_own, other=0)
+    else:
+        cols = first + pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_own = cols < Lk
+        seen = col_own
+        if HAS_MASK:
+            seen = seen & _key_mask(KPM, cols, smn, Lk, HAS_MASK)
+        qhi = tl.where(seen, Lq, 0)
+        if IS_CAUSAL:
+            qlo = cols
+        else:
+            qlo = tl.zeros([BLOCK_N], dtype=tl.int32)
+    qlo = tl.minimum(qlo, qhi)
+    q_start = tl.min(tl.where(qhi > qlo, qlo, 2**30))
+    q_end = tl.max(qhi)
+    return cols, col_own, qlo, qhi, q_start, q_end
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,27 +158,34 @@ def _dropout_keep(seed, bh, Lq, Lk, rows, cols, dropout_p):
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, offs_m, offs_n, offs_d, skn, skd, svn, svd, smn,
-              Lq, Lk, bh, qk_scale, dropout_p, seed,
-              IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_N: tl.constexpr):
-    """One key tile of the online softmax: returns the updated (acc, m_i, l_i)."""
-    cols = start_n + offs_n
+def _load_kv(K, V, cols, offs_d, skn, skd, svn, svd, k_end, UPCAST: tl.constexpr, BOUNDED: tl.constexpr):
     k_ptrs = K + cols[:, None] * skn + offs_d[None, :] * skd
     v_ptrs = V + cols[:, None] * svn + offs_d[None, :] * svd
-    if EVEN_N:
+    if BOUNDED:
+        k = tl.load(k_ptrs, mask=cols[:, None] < k_end, other=0.0)
+        v = tl.load(v_ptrs, mask=cols[:, None] < k_end, other=0.0)
+    else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=cols[:, None] < Lk, other=0.0)
-        v = tl.load(v_ptrs, mask=cols[:, None] < Lk, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn, skd, svn, svd,
+              smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
+              MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile of the online softmax: returns the updated (acc, m_i, l_i)."""
+    cols = start_n + offs_n
+    k, v = _load_kv(K, V, cols, offs_d, skn, skd, svn, svd, k_end, UPCAST, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
-    if HAS_MASK or IS_CAUSAL or not EVEN_N:
-        kpm = _key_mask(KPM, cols, smn, Lk, HAS_MASK)
-        ok = _allowed(offs_m[:, None], cols[None, :], kpm[None, :], Lk, not EVEN_N, HAS_MASK, IS_CAUSAL)
+    if MASKED:
+        ok = (cols[None, :] >= klo[:, None]) & (cols[None, :] < khi[:, None])
+        if HAS_MASK:
+            ok = ok & _key_mask(KPM, cols, smn, Lk, HAS_MASK)[None, :]
         s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with no allowed key so far has m_new = -inf: shift by 0 instead (exp2(-inf) = 0).
@@ -107,79 +194,68 @@ def _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, offs_m, offs_n, offs_d, skn,
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, bh, Lq, Lk, offs_m[:, None], cols[None, :], dropout_p)
+        keep = _dropout_keep(seed, row_ids, n_groups, start_n, dropout_p, BLOCK_M, BLOCK_N)
         p = tl.where(keep, p, 0.0)  # the 1 / (1 - p) rescale is applied once, at the end
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, offs_m, offs_n, offs_d, skn, skd, svn, svd, smn,
-             Lq, Lk, bh, qk_scale, dropout_p, seed,
-             IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-             UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_N: tl.constexpr):
+def _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn, skd, svn,
+             svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
+             MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+             UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile of dQ += dS K, with dS = P * (dP - delta) recomputed from the stored LSE."""
     cols = start_n + offs_n
-    k_ptrs = K + cols[:, None] * skn + offs_d[None, :] * skd
-    v_ptrs = V + cols[:, None] * svn + offs_d[None, :] * svd
-    if EVEN_N:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=cols[:, None] < Lk, other=0.0)
-        v = tl.load(v_ptrs, mask=cols[:, None] < Lk, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = _load_kv(K, V, cols, offs_d, skn, skd, svn, svd, k_end, UPCAST, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    # Keys past Lk need no bounds mask here: they were loaded as 0, so they add ds * 0 to dq.
-    if HAS_MASK or IS_CAUSAL:
-        kpm = _key_mask(KPM, cols, smn, Lk, HAS_MASK)
-        ok = _allowed(offs_m[:, None], cols[None, :], kpm[None, :], Lk, False, HAS_MASK, IS_CAUSAL)
+    if MASKED:
+        ok = (cols[None, :] >= klo[:, None]) & (cols[None, :] < khi[:, None])
+        if HAS_MASK:
+            ok = ok & _key_mask(KPM, cols, smn, Lk, HAS_MASK)[None, :]
         s = tl.where(ok, s, float("-inf"))
     p = tl.math.exp2(s - lse[:, None])  # exact probabilities; 0 in rows with lse = +inf
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, bh, Lq, Lk, offs_m[:, None], cols[None, :], dropout_p)
-        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        keep = _dropout_keep(seed, row_ids, n_groups, start_n, dropout_p, BLOCK_M, BLOCK_N)
+        dp = tl.where(keep, dp, 0.0) * (1.0 / (1.0 - dropout_p))  # a scalar reciprocal, not a division per element
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, kpm, Q, DO, LSE, DELTA, start_m, offs_m, offs_n, offs_d, sqm, sqd, sdom, sdod,
-               Lq, Lk, bh, qk_scale, dropout_p, seed,
-               IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_M: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m, offs_d, sqm, sqd,
+               sdom, sdod, row_base, n_groups, qk_scale, dropout_p, seed,
+               MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile of dV += P^T dO and dK += dS^T Q, computed transposed (keys along rows)."""
     rows = start_m + offs_m
     q_ptrs = Q + rows[:, None] * sqm + offs_d[None, :] * sqd
     do_ptrs = DO + rows[:, None] * sdom + offs_d[None, :] * sdod
-    if EVEN_M:
+    if MASKED:
+        q = tl.load(q_ptrs, mask=rows[:, None] < q_end, other=0.0)
+        do = tl.load(do_ptrs, mask=rows[:, None] < q_end, other=0.0)
+        # lse = +inf makes every probability of a query row past the range exactly 0.
+        lse = tl.load(LSE + rows, mask=rows < q_end, other=float("inf"))
+        delta = tl.load(DELTA + rows, mask=rows < q_end, other=0.0)
+    else:
         q = tl.load(q_ptrs)
         do = tl.load(do_ptrs)
         lse = tl.load(LSE + rows)
         delta = tl.load(DELTA + rows)
-    else:
-        q = tl.load(q_ptrs, mask=rows[:, None] < Lq, other=0.0)
-        do = tl.load(do_ptrs, mask=rows[:, None] < Lq, other=0.0)
-        # lse = +inf makes every probability of a query row past Lq exactly 0.
-        lse = tl.load(LSE + rows, mask=rows < Lq, other=float("inf"))
-        delta = tl.load(DELTA + rows, mask=rows < Lq, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
-    # Keys past Lk need no bounds mask: their dK/dV rows are never stored.
-    if HAS_MASK or IS_CAUSAL:
-        ok = _allowed(rows[None, :], offs_n[:, None], kpm[:, None], Lk, False, HAS_MASK, IS_CAUSAL)
+    if MASKED:
+        ok = (rows[None, :] >= qlo[:, None]) & (rows[None, :] < qhi[:, None])
         s_t = tl.where(ok, s_t, float("-inf"))
     p_t = tl.math.exp2(s_t - lse[None, :])
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
     if HAS_DROPOUT:
-        keep_t = _dropout_keep(seed, bh, Lq, Lk, rows[None, :], offs_n[:, None], dropout_p)
-        pd_t = tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0)
-        dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
+        keep_t = tl.trans(_dropout_keep(seed, row_base + rows, n_groups, col0, dropout_p, BLOCK_M, BLOCK_N))
+        pd_t = tl.where(keep_t, p_t, 0.0)  # dV's 1 / (1 - p) is applied once, after the loop
+        dp_t = tl.where(keep_t, dp_t, 0.0) * (1.0 / (1.0 - dropout_p))
     else:
         pd_t = p_t
     dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PREC)
@@ -188,17 +264,87 @@ def _dkdv_step(dk, dv, k, v, kpm, Q, DO, LSE, DELTA, start_m, offs_m, offs_n, of
     return dk, dv
 
 
+TAIL = tl.constexpr(16)  # width of the ragged last tile (197 keys = 3 x 64 + one 16-wide tile, not 4 x 64)
+
+
+@triton.jit
+def _fwd_range(acc, m_i, l_i, lo, hi, q, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd, svn, svd, smn, Lk,
+               row_ids, n_groups, qk_scale, dropout_p, seed, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+               BLOCK_M: tl.constexpr, STEP: tl.constexpr):
+    """Key tiles lo, lo + STEP, ... < hi of the forward."""
+    offs_n = tl.arange(0, STEP)
+    if INTERPRET:
+        start_n = lo
+        while start_n < hi:
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d,
+                                      skn, skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
+                                      MASKED, HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
+            start_n += STEP
+    else:
+        for start_n in range(lo, hi, STEP):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d,
+                                      skn, skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
+                                      MASKED, HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _dq_range(dq, lo, hi, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd, svn, svd, smn,
+              Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+              BLOCK_M: tl.constexpr, STEP: tl.constexpr):
+    """Key tiles lo, lo + STEP, ... < hi of dQ."""
+    offs_n = tl.arange(0, STEP)
+    if INTERPRET:
+        start_n = lo
+        while start_n < hi:
+            dq = _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn,
+                          skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_MASK,
+                          HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
+            start_n += STEP
+    else:
+        for start_n in range(lo, hi, STEP):
+            dq = _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn,
+                          skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_MASK,
+                          HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
+    return dq
+
+
+@triton.jit
+def _dkdv_range(dk, dv, lo, hi, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo, qhi, offs_d, sqm, sqd, sdom, sdod,
+                row_base, n_groups, qk_scale, dropout_p, seed, MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr, STEP: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Query tiles lo, lo + STEP, ... < hi of dK/dV."""
+    offs_m = tl.arange(0, STEP)
+    if INTERPRET:
+        start_m = lo
+        while start_m < hi:
+            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m,
+                                offs_d, sqm, sqd, sdom, sdod, row_base, n_groups, qk_scale, dropout_p, seed, MASKED,
+                                HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N)
+            start_m += STEP
+    else:
+        for start_m in range(lo, hi, STEP):
+            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m,
+                                offs_d, sqm, sqd, sdom, sdod, row_base, n_groups, qk_scale, dropout_p, seed, MASKED,
+                                HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N)
+    return dk, dv
+
+
 # ---------------------------------------------------------------------------------------------
-# forward
+# forward. Grid (query tiles, heads, batch); with VARLEN the batch axis is 1 and the query tiles
+# come from the schedule `TILES` (row spans of the packed (total_q, H, D) queries).
 
 
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def _attn_fwd(
-    Q, K, V, O, LSE, KPM,
+    Q, K, V, O, LSE, KPM, KV_LEN, TILES, SEQ_Q, CU_Q, CU_K,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smn,
-    H, Lq, Lk, qk_scale, dropout_p, seed,
-    LQ_BUCKET, LK_BUCKET,  # only read by the autotuner's key
-    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    H, Lq, Lk, first, qk_scale, dropout_p, seed,
+    LQ_BUCKET, LK_BUCKET, BH_BUCKET,  # only read by the autotuner's key
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
@@ -211,36 +357,38 @@ def _attn_fwd(
     V += b * svb + h * svh
     O += b * sob + h * soh
     KPM += b * smb
+    LSE += bh * Lq
+    # Masks are needed for anything but full tiles of a plain dense call.
+    MASKED: tl.constexpr = VARLEN or IS_CAUSAL or HAS_MASK or not EVEN_N
+    ROWS_EXACT: tl.constexpr = EVEN_M and not VARLEN
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    rows, row_ok, klo, khi, k_start, k_end = _query_tile(pid_m, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk, first,
+                                                         BLOCK_M, VARLEN, IS_CAUSAL, HAS_MASK)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q + offs_m[:, None] * sqm + offs_d[None, :] * sqd
-    if EVEN_M:
+    row_ids = bh * Lq + rows  # dropout counters
+    n_groups = (Lk + 15) // 16
+    q_ptrs = Q + rows[:, None] * sqm + offs_d[None, :] * sqd
+    if ROWS_EXACT:
         q = tl.load(q_ptrs)
     else:
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < Lq, other=0.0)
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    hi = Lk
-    if IS_CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)  # keys past the block's last query are unseen
-    if INTERPRET:
-        start_n = 0
-        while start_n < hi:
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, offs_m, offs_n, offs_d, skn, skd,
-                                      svn, svd, smn, Lq, Lk, bh, qk_scale, dropout_p, seed, IS_CAUSAL,
-                                      HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, EVEN_N)
-            start_n += BLOCK_N
-    else:
-        for start_n in range(0, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, offs_m, offs_n, offs_d, skn, skd,
-                                      svn, svd, smn, Lq, Lk, bh, qk_scale, dropout_p, seed, IS_CAUSAL,
-                                      HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, EVEN_N)
+    # Full BLOCK_N tiles, then the ragged rest in TAIL-wide tiles (the dropout groups stay aligned).
+    k_full = k_end
+    if MASKED and BLOCK_N > TAIL:
+        k_full = k_start + (k_end - k_start) // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _fwd_range(acc, m_i, l_i, k_start, k_full, q, K, V, KPM, k_end, rows, klo, khi, offs_d, skn,
+                               skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED,
+                               HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
+    if MASKED and BLOCK_N > TAIL:
+        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, k_full, k_end, q, K, V, KPM, k_end, rows, klo, khi, offs_d, skn,
+                                   skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED,
+                                   HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, TAIL)
 
     empty = l_i == 0.0  # no allowed key in the whole row
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
@@ -248,13 +396,13 @@ def _attn_fwd(
         inv_l = inv_l / (1.0 - dropout_p)
     out = acc * inv_l[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    o_ptrs = O + offs_m[:, None] * som + offs_d[None, :] * sod
-    if EVEN_M:
+    o_ptrs = O + rows[:, None] * som + offs_d[None, :] * sod
+    if ROWS_EXACT:
         tl.store(o_ptrs, out.to(O.dtype.element_ty))
-        tl.store(LSE + bh * Lq + offs_m, lse)
+        tl.store(LSE + rows, lse)
     else:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < Lq)
-        tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(LSE + rows, lse, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,12 +412,12 @@ def _attn_fwd(
 
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq(
-    Q, K, V, O, DO, DQ, LSE, DELTA, KPM,
+    Q, K, V, O, DO, DQ, LSE, DELTA, KPM, KV_LEN, TILES, SEQ_Q, CU_Q, CU_K,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd, smb, smn,
-    H, Lq, Lk, qk_scale, sm_scale, dropout_p, seed,
-    LQ_BUCKET, LK_BUCKET,
-    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    H, Lq, Lk, first, qk_scale, sm_scale, dropout_p, seed,
+    LQ_BUCKET, LK_BUCKET, BH_BUCKET,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
@@ -284,50 +432,50 @@ def _attn_bwd_dq(
     DO += b * sdob + h * sdoh
     DQ += b * sdqb + h * sdqh
     KPM += b * smb
+    LSE += bh * Lq
+    DELTA += bh * Lq
+    MASKED: tl.constexpr = VARLEN or IS_CAUSAL or HAS_MASK or not EVEN_N
+    ROWS_EXACT: tl.constexpr = EVEN_M and not VARLEN
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    rows, row_ok, klo, khi, k_start, k_end = _query_tile(pid_m, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk, first,
+                                                         BLOCK_M, VARLEN, IS_CAUSAL, HAS_MASK)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Lq
-    q_ptrs = Q + offs_m[:, None] * sqm + offs_d[None, :] * sqd
-    o_ptrs = O + offs_m[:, None] * som + offs_d[None, :] * sod
-    do_ptrs = DO + offs_m[:, None] * sdom + offs_d[None, :] * sdod
-    if EVEN_M:
+    row_ids = bh * Lq + rows
+    n_groups = (Lk + 15) // 16
+    q_ptrs = Q + rows[:, None] * sqm + offs_d[None, :] * sqd
+    o_ptrs = O + rows[:, None] * som + offs_d[None, :] * sod
+    do_ptrs = DO + rows[:, None] * sdom + offs_d[None, :] * sdod
+    if ROWS_EXACT:
         q = tl.load(q_ptrs)
         o = tl.load(o_ptrs)
         do = tl.load(do_ptrs)
-        lse = tl.load(LSE + bh * Lq + offs_m)
+        lse = tl.load(LSE + rows)
     else:
         q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
         o = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0)
         do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
+        lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # (BLOCK_M,) rowsum(dO * O)
-    tl.store(DELTA + bh * Lq + offs_m, delta, mask=row_ok)
+    tl.store(DELTA + rows, delta, mask=row_ok)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    hi = Lk
-    if IS_CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
-    if INTERPRET:
-        start_n = 0
-        while start_n < hi:
-            dq = _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, offs_m, offs_n, offs_d, skn, skd, svn, svd,
-                          smn, Lq, Lk, bh, qk_scale, dropout_p, seed, IS_CAUSAL, HAS_MASK, HAS_DROPOUT,
-                          UPCAST, DOT_PREC, EVEN_N)
-            start_n += BLOCK_N
-    else:
-        for start_n in range(0, hi, BLOCK_N):
-            dq = _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, offs_m, offs_n, offs_d, skn, skd, svn, svd,
-                          smn, Lq, Lk, bh, qk_scale, dropout_p, seed, IS_CAUSAL, HAS_MASK, HAS_DROPOUT,
-                          UPCAST, DOT_PREC, EVEN_N)
+    k_full = k_end
+    if MASKED and BLOCK_N > TAIL:
+        k_full = k_start + (k_end - k_start) // BLOCK_N * BLOCK_N
+    dq = _dq_range(dq, k_start, k_full, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd, svn,
+                   svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_MASK, HAS_DROPOUT,
+                   UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
+    if MASKED and BLOCK_N > TAIL:
+        dq = _dq_range(dq, k_full, k_end, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd,
+                       svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_MASK,
+                       HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, TAIL)
 
     dq = dq * sm_scale
-    dq_ptrs = DQ + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd
-    if EVEN_M:
+    dq_ptrs = DQ + rows[:, None] * sdqm + offs_d[None, :] * sdqd
+    if ROWS_EXACT:
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
     else:
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -335,12 +483,12 @@ def _attn_bwd_dq(
 
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KPM,
+    Q, K, V, DO, DK, DV, LSE, DELTA, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smn,
-    H, Lq, Lk, qk_scale, sm_scale, dropout_p, seed,
-    LQ_BUCKET, LK_BUCKET,
-    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    H, Lq, Lk, first, qk_scale, sm_scale, dropout_p, seed,
+    LQ_BUCKET, LK_BUCKET, BH_BUCKET,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
@@ -357,70 +505,73 @@ def _attn_bwd_dkdv(
     LSE += bh * Lq
     DELTA += bh * Lq
     KPM += b * smb
+    MASKED: tl.constexpr = VARLEN or IS_CAUSAL or HAS_MASK or not EVEN_M
+    COLS_EXACT: tl.constexpr = EVEN_N and not VARLEN
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    cols, col_own, qlo, qhi, q_start, q_end = _key_tile(pid_n, b, TILES, SEQ_K, CU_Q, CU_K, KV_LEN, KPM, smn, Lq, Lk,
+                                                        first, BLOCK_N, VARLEN, IS_CAUSAL, HAS_MASK)
     offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < Lk
-    k_ptrs = K + offs_n[:, None] * skn + offs_d[None, :] * skd
-    v_ptrs = V + offs_n[:, None] * svn + offs_d[None, :] * svd
-    if EVEN_N:
+    col0 = cols - tl.arange(0, BLOCK_N)  # the tile's first column (dropout groups start there)
+    col0 = tl.max(col0)
+    n_groups = (Lk + 15) // 16
+    k_ptrs = K + cols[:, None] * skn + offs_d[None, :] * skd
+    v_ptrs = V + cols[:, None] * svn + offs_d[None, :] * svd
+    if COLS_EXACT:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     else:
-        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        k = tl.load(k_ptrs, mask=col_own[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=col_own[:, None], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    kpm = _key_mask(KPM, offs_n, smn, Lk, HAS_MASK)  # (BLOCK_N,), fixed for the whole program
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    lo = 0
-    if IS_CAUSAL:
-        lo = pid_n * BLOCK_N  # queries before the block's first key see none of its keys
-    if INTERPRET:
-        start_m = lo
-        while start_m < Lq:
-            dk, dv = _dkdv_step(dk, dv, k, v, kpm, Q, DO, LSE, DELTA, start_m, offs_m, offs_n, offs_d, sqm, sqd,
-                                sdom, sdod, Lq, Lk, bh, qk_scale, dropout_p, seed, IS_CAUSAL, HAS_MASK,
-                                HAS_DROPOUT, UPCAST, DOT_PREC, EVEN_M)
-            start_m += BLOCK_M
-    else:
-        for start_m in range(lo, Lq, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, kpm, Q, DO, LSE, DELTA, start_m, offs_m, offs_n, offs_d, sqm, sqd,
-                                sdom, sdod, Lq, Lk, bh, qk_scale, dropout_p, seed, IS_CAUSAL, HAS_MASK,
-                                HAS_DROPOUT, UPCAST, DOT_PREC, EVEN_M)
+    q_full = q_end
+    if MASKED and BLOCK_M > TAIL:
+        q_full = q_start + (q_end - q_start) // BLOCK_M * BLOCK_M
+    dk, dv = _dkdv_range(dk, dv, q_start, q_full, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo, qhi, offs_d, sqm,
+                         sqd, sdom, sdod, bh * Lq, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_DROPOUT, UPCAST,
+                         DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
+    if MASKED and BLOCK_M > TAIL:
+        dk, dv = _dkdv_range(dk, dv, q_full, q_end, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo, qhi, offs_d,
+                             sqm, sqd, sdom, sdod, bh * Lq, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_DROPOUT,
+                             UPCAST, DOT_PREC, INTERPRET, TAIL, BLOCK_N)
 
     dk = dk * sm_scale
-    dk_ptrs = DK + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd
-    dv_ptrs = DV + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd
-    if EVEN_N:
+    if HAS_DROPOUT:
+        dv = dv * (1.0 / (1.0 - dropout_p))
+    dk_ptrs = DK + cols[:, None] * sdkn + offs_d[None, :] * sdkd
+    dv_ptrs = DV + cols[:, None] * sdvn + offs_d[None, :] * sdvd
+    if COLS_EXACT:
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))
     else:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_own[:, None])
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_own[:, None])
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(OUT, H, Lq, Lk, dropout_p, seed,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """OUT: int8 (B, H, Lq, Lk) contiguous, 1 where the attention kernels keep the element."""
+    """OUT: int8 (B, H, Lq, Lk) contiguous, 1 where the attention kernels keep the element (dense
+    layout; the packed layout is the dense one with B = 1, Lq = total_q, Lk = total_k)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(seed, bh, Lq, Lk, rows[:, None], cols[None, :], dropout_p)
+    col0 = pid_n * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, bh * Lq + rows, (Lk + 15) // 16, col0, dropout_p, BLOCK_M, BLOCK_N)
     ptrs = OUT + (bh * Lq + rows[:, None]) * Lk + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < Lq) & (cols[None, :] < Lk))
 
 
 # ---------------------------------------------------------------------------------------------
 # block sizes: one fixed config under the interpreter (its autotuner cannot benchmark), a small
-# autotuned space on a GPU keyed on power-of-2 length buckets, head dim and the variant flags.
+# autotuned space on a GPU keyed on power-of-2 length and batch x heads buckets, head dim and the
+# variant flags. The packed (varlen) layout uses fixed blocks: its tile schedule depends on them.
 
 
 def interpreting() -> bool:
@@ -436,13 +587,19 @@ INTERPRETER_BLOCKS = {"fwd": (64, 64), "dq": (64, 64), "dkdv": (64, 64)}
 # fp32 on a GPU (true fp32 dots on FMA units, not a speed path): one fixed (BLOCK_M, BLOCK_N,
 # warps, stages); small tiles, because ptxas took a minute over a 64 x 64 tile at head dim 128.
 FP32_BLOCKS = {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 4, 2)}
+# The packed layout on a GPU (fp16/bf16): 64-row query tiles hold several short sequences; dK/dV
+# programs own 64 keys and walk 32-query tiles (wgmma wants the keys side >= 64).
+VARLEN_BLOCKS = {"fwd": (64, 64, 4, 3), "dq": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3)}
 
-_TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT"]
+# BH_BUCKET: the same lengths at B*H = 192 and 3072 fill the GPU differently, so a config tuned on
+# one must not be reused for the other (tuning results are also cached on disk, per key).
+_TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "BH_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT"]
 
 
 def _gpu_configs(kind: str):
     """A small space (each config costs a compile per variant). wgmma on Hopper wants the M side
-    of a dot >= 64: fwd/dq tile queries by 64 or 128; dkdv's dots have keys on the M side."""
+    of a dot >= 64: fwd/dq tile queries by 64 or 128; dkdv's dots have keys on the M side.
+    BLOCK_N is a multiple of 16 (one dropout Philox call covers 16 keys)."""
     shapes = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
         "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
         "dq": [(64, 64, 4, 3), (64, 32, 4, 3)],
@@ -478,7 +635,7 @@ _KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
 def _launcher(kind: str, tuned: bool):
     """The kernel wrapped with the EVEN_* heuristics, and with the autotuner when `tuned` (built
     lazily: nothing here may touch a GPU driver at import time). Tuning results are cached on
-    disk (cache_results), so later processes on the same machine skip the search."""
+    disk (cache_results) under the full key, so later processes on the same machine skip the search."""
     fn = triton.heuristics(_EVEN)(_KERNELS[kind])
     if tuned:
         fn = triton.autotune(_gpu_configs(kind), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune},
@@ -486,28 +643,58 @@ def _launcher(kind: str, tuned: bool):
     return fn
 
 
-def _launch(kind: str, grid_rows: int, rows_block: str, n_heads: int, n_batch: int, config, **kwargs):
-    """Launch kernel `kind` over (row blocks, heads, batch).
-
-    `config`: (BLOCK_M, BLOCK_N[, num_warps, num_stages]) to force a tiling, or a dict of them by
+def _pick_config(kind: str, config, upcast: bool, varlen: bool):
+    """`config`: (BLOCK_M, BLOCK_N[, num_warps, num_stages]) to force a tiling, or a dict of them by
     kind ("fwd", "dq", "dkdv"); None picks one: the interpreter's fixed blocks, the fixed fp32
-    blocks, or the autotuner (fp16/bf16 on a GPU).
-    """
+    blocks, the packed layout's blocks, or None = the autotuner (dense fp16/bf16 on a GPU)."""
     if isinstance(config, dict):
         config = config.get(kind)
     if config is None and interpreting():
         config = INTERPRETER_BLOCKS[kind]
-    elif config is None and kwargs["UPCAST"]:
+    elif config is None and upcast:
         config = FP32_BLOCKS[kind]
+    elif config is None and varlen:
+        config = VARLEN_BLOCKS[kind]
+    return config
+
+
+def _launch(kind: str, grid, config, **kwargs):
+    """Launch kernel `kind`. grid(block_m, block_n) -> the launch grid; config from `_pick_config`."""
     if config is not None:
         bm, bn, *launch = config
         launch = dict(zip(("num_warps", "num_stages"), launch))
-        block = {"BLOCK_M": bm, "BLOCK_N": bn}[rows_block]
-        _launcher(kind, False)[(triton.cdiv(grid_rows, block), n_heads, n_batch)](
-            BLOCK_M=bm, BLOCK_N=bn, **launch, **kwargs)
+        _launcher(kind, False)[grid(bm, bn)](BLOCK_M=bm, BLOCK_N=bn, **launch, **kwargs)
     else:
-        grid = lambda meta: (triton.cdiv(grid_rows, meta[rows_block]), n_heads, n_batch)  # noqa: E731
-        _launcher(kind, True)[grid](**kwargs)
+        _launcher(kind, True)[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](**kwargs)
+
+
+def thin_tail_split(L: int, block: int) -> int:
+    """Rows covered by full `block` tiles when the rest is a thin tail (at most block / 4 rows:
+    197 = 3 x 64 + 5), which a second launch covers in TAIL-row tiles; L otherwise."""
+    rest = L % block
+    return L - rest if L > block and 0 < rest <= block // 4 else L
+
+
+def _launch_dense(kind: str, length: int, along: int, n_heads: int, n_batch: int, config, **kwargs):
+    """Launch kernel `kind` of the padded layout over `length` rows (along=0: query tiles of BLOCK_M) or
+    keys (along=1: key tiles of BLOCK_N), then, when the last tile would be nearly empty, once
+    more over the thin tail with TAIL-wide tiles (they lower to mma.sync, for a few rows), so
+    that 197 tokens compute 208 rows, not 256."""
+    def grid(bm, bn):
+        block = (bm, bn)[along]
+        return (triton.cdiv(thin_tail_split(length, block), block), n_heads, n_batch)
+
+    _launch(kind, grid, config, first=0, **kwargs)
+    if config is None:  # the autotuner's choice for this key
+        best = _launcher(kind, True).best_config
+        blocks, launch = [best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"]], (4, best.num_stages)
+    else:
+        blocks, launch = list(config[:2]), ((4, *config[3:]) if len(config) > 2 else ())
+    split = thin_tail_split(length, blocks[along])
+    if split < length:
+        blocks[along] = TAIL.value if hasattr(TAIL, "value") else TAIL
+        _launch(kind, lambda bm, bn: (triton.cdiv(length - split, blocks[along]), n_heads, n_batch), (*blocks, *launch), first=split,
+                **{k: v for k, v in kwargs.items() if k != "first"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,27 +705,47 @@ def _strides(x: torch.Tensor, names: str) -> dict:
     return dict(zip(names.split(), x.stride()))
 
 
-def _common(q, k, key_padding_mask, causal, dropout_p, seed):
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    if key_padding_mask is not None:
-        kpm = key_padding_mask.view(torch.uint8)  # same bytes, a dtype Triton loads everywhere
-        mask_strides = {"smb": kpm.stride(0), "smn": kpm.stride(1)}
-    else:
-        kpm, mask_strides = q, {"smb": 0, "smn": 0}  # dummy pointer, never read (HAS_MASK=False)
+def effective_dropout_p(dropout_p: float) -> float:
+    """The dropout probability the kernels realise: p rounded to a multiple of 1/256 (they compare
+    8 random bits per element against a threshold), at most 255/256. Outputs are scaled by
+    1 / (1 - effective p), so the expectation is exact. p = 0.1 -> 0.1015625."""
+    if dropout_p <= 0.0:
+        return 0.0
+    return min(round(dropout_p * DROPOUT_LEVELS), DROPOUT_LEVELS - 1) / DROPOUT_LEVELS
+
+
+def _common(q, Lq, Lk, B, H, causal, dropout_p, seed, has_mask, varlen):
     # The interpreter computes bf16 wrongly (triton#11584): there bf16 runs in fp32 tiles. fp16 runs
     # the GPU's own path (fp16 operands, fp32 accumulation), which the interpreter gets right.
     upcast = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreting())
+    p = effective_dropout_p(dropout_p)
     return dict(
-        KPM=kpm, **mask_strides, H=H, Lq=Lq, Lk=Lk, dropout_p=float(dropout_p), seed=int(seed),
+        H=H, Lq=Lq, Lk=Lk, dropout_p=p, seed=int(seed),
         LQ_BUCKET=triton.next_power_of_2(Lq), LK_BUCKET=triton.next_power_of_2(Lk),
-        HEAD_DIM=D, IS_CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None,
-        HAS_DROPOUT=dropout_p > 0.0,
+        BH_BUCKET=triton.next_power_of_2(B * H),
+        HEAD_DIM=q.shape[-1], IS_CAUSAL=bool(causal), HAS_MASK=has_mask, VARLEN=varlen,
+        HAS_DROPOUT=p > 0.0,
         UPCAST=upcast,
         INTERPRET=interpreting(),
         # fp32 inputs get true fp32 dots (a GPU's default for fp32 tl.dot is TF32).
         DOT_PREC="ieee" if upcast else "tf32",
     )
+
+
+def _dense_args(q, k, key_padding_mask, causal, dropout_p, seed):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(torch.uint8)  # same bytes, a dtype Triton loads everywhere
+        mask_strides = {"smb": kpm.stride(0), "smn": kpm.stride(1)}
+        # One past each batch row's last real key: key tiles after it are skipped (no sync: a device op).
+        pos = torch.arange(1, Lk + 1, device=q.device, dtype=torch.int32)
+        kv_len = (key_padding_mask.to(torch.int32) * pos).amax(1).to(torch.int32) if Lk else pos.new_zeros(B)
+    else:
+        kpm, kv_len, mask_strides = q, q, {"smb": 0, "smn": 0}  # dummy pointers, never read (HAS_MASK=False)
+    varlen_dummies = dict(TILES=q, CU_Q=q, CU_K=q)  # never read (VARLEN=False)
+    args = _common(q, Lq, Lk, B, H, causal, dropout_p, seed, key_padding_mask is not None, False)
+    return dict(KPM=kpm, KV_LEN=kv_len, **mask_strides, **varlen_dummies, **args)
 
 
 def empty_blhd(B: int, H: int, L: int, D: int, like: torch.Tensor) -> torch.Tensor:
@@ -555,17 +762,17 @@ def forward(q, k, v, key_padding_mask: Optional[torch.Tensor], causal: bool, dro
             softmax_scale: float, seed: int, config=None):
     """Launch the forward kernel on validated inputs. Returns (out (B, H, Lq, D), lse2 fp32 (B, H, Lq)).
 
-    `config` (see `_launch`) bypasses the autotuner: tests use it to vary the tiling.
+    `config` (see `_pick_config`) bypasses the autotuner: tests use it to vary the tiling.
     """
     B, H, Lq, D = q.shape
     out = empty_blhd(B, H, Lq, D, q)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    args = _common(q, k, key_padding_mask, causal, dropout_p, seed)
+    args = _dense_args(q, k, key_padding_mask, causal, dropout_p, seed)
+    cfg = _pick_config("fwd", config, args["UPCAST"], False)
     with _device_guard(q):
-        _launch("fwd", Lq, "BLOCK_M", H, B, config, Q=q, K=k, V=v, O=out, LSE=lse,
-                **_strides(q, "sqb sqh sqm sqd"), **_strides(k, "skb skh skn skd"),
+        _launch_dense("fwd", Lq, 0, H, B, cfg, Q=q, K=k, V=v, O=out, LSE=lse, SEQ_Q=q, **_strides(q, "sqb sqh sqm sqd"), **_strides(k, "skb skh skn skd"),
                 **_strides(v, "svb svh svn svd"), **_strides(out, "sob soh som sod"),
                 qk_scale=softmax_scale * LOG2E, **args)
     return out, lse
@@ -582,24 +789,131 @@ def backward(dout, q, k, v, out, lse, key_padding_mask, causal: bool, dropout_p:
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    args = _common(q, k, key_padding_mask, causal, dropout_p, seed)
+    args = _dense_args(q, k, key_padding_mask, causal, dropout_p, seed)
     args.update(qk_scale=softmax_scale * LOG2E, sm_scale=softmax_scale)
     qkv = {**_strides(q, "sqb sqh sqm sqd"), **_strides(k, "skb skh skn skd"), **_strides(v, "svb svh svn svd"),
            **_strides(dout, "sdob sdoh sdom sdod")}
     with _device_guard(q):
-        _launch("dq", Lq, "BLOCK_M", H, B, config, Q=q, K=k, V=v, O=out, DO=dout, DQ=dq, LSE=lse,
-                DELTA=delta, **qkv, **_strides(out, "sob soh som sod"), **_strides(dq, "sdqb sdqh sdqm sdqd"),
-                **args)
-        _launch("dkdv", Lk, "BLOCK_N", H, B, config, Q=q, K=k, V=v, DO=dout, DK=dk, DV=dv, LSE=lse,
-                DELTA=delta, **qkv, **_strides(dk, "sdkb sdkh sdkn sdkd"),
-                **_strides(dv, "sdvb sdvh sdvn sdvd"), **args)
+        _launch_dense("dq", Lq, 0, H, B, _pick_config("dq", config, args["UPCAST"], False), Q=q, K=k, V=v, O=out,
+                      DO=dout, DQ=dq, LSE=lse, DELTA=delta, SEQ_Q=q, **qkv,
+                **_strides(out, "sob soh som sod"), **_strides(dq, "sdqb sdqh sdqm sdqd"), **args)
+        _launch_dense("dkdv", Lk, 1, H, B, _pick_config("dkdv", config, args["UPCAST"], False), Q=q, K=k, V=v,
+                      DO=dout, DK=dk, DV=dv, LSE=lse, DELTA=delta, SEQ_K=q, **qkv,
+                **_strides(dk, "sdkb sdkh sdkn sdkd"), **_strides(dv, "sdvb sdvh sdvn sdvd"), **args)
     return dq, dk, dv
 
 
-def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch.Tensor:
-    """The keep-mask (bool (B, H, Lq, Lk), True = kept) the kernels use for `seed` and `dropout_p`.
+# ---------------------------------------------------------------------------------------------
+# the packed (variable-length) layout: the same kernels with VARLEN=True, B = 1, Lq = total_q,
+# Lk = total_k, and a schedule of row spans per program.
 
-    Pass it to `reference.attention(..., dropout_mask=...)` to reproduce a kernel call exactly.
+
+def varlen_schedule(cu: torch.Tensor, total: int, max_len: int, block: int, align: int = 1) -> torch.Tensor:
+    """Row spans (n_tiles, 2) int32 [lo, hi) of the packed rows, one per program, never splitting
+    a sequence of at most `block` rows, built with device ops (no host sync).
+
+    Packing: the sequences that start in window t of W = block - (align - 1) - max_len + 1 rows
+    share tile t, which then spans at most `block` rows from `lo` rounded down to `align` (so a
+    13-token caption does not hold a 64-row tile alone). Chunking: each sequence is cut into
+    `block`-row spans, starting at its first row rounded down to `align`. The schedule with fewer
+    tiles is used; spans may be empty (their program does nothing). `max_len` must bound every
+    sequence's length (the callers check it)."""
+    B = cu.numel() - 1
+    cu = cu.to(torch.int64)
+    W = block - (align - 1) - max_len + 1
+    n_chunks = triton.cdiv(max_len + align - 1, block)
+    if W >= 1 and triton.cdiv(total, W) <= B * n_chunks:
+        n = max(1, triton.cdiv(total, W))
+        first = torch.searchsorted(cu[:-1].contiguous(), torch.arange(n + 1, device=cu.device) * W)
+        bounds = cu[first]  # first = B (no sequence left) gives cu[B] = total
+        tiles = torch.stack((bounds[:-1], bounds[1:]), 1)
+    else:
+        starts, ends = cu[:-1, None], cu[1:, None]
+        base = starts - starts % align
+        c = torch.arange(max(n_chunks, 1), device=cu.device)[None, :]
+        lo = torch.maximum(starts, base + c * block)
+        hi = torch.maximum(torch.minimum(ends, base + (c + 1) * block), lo)
+        tiles = torch.stack((lo, hi), -1).reshape(-1, 2)
+    return tiles.to(torch.int32).contiguous()
+
+
+def _sequence_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
+    """int32 (total,): the sequence each packed row belongs to."""
+    rows = torch.arange(total, device=cu.device, dtype=cu.dtype)
+    return torch.searchsorted(cu[1:].contiguous(), rows, right=True).to(torch.int32)
+
+
+def _varlen_args(q, k, cu_q, cu_k, causal, dropout_p, seed):
+    total_q, H, D = q.shape
+    total_k = k.shape[0]
+    args = _common(q, total_q, total_k, 1, H, causal, dropout_p, seed, False, True)
+    return dict(CU_Q=cu_q, CU_K=cu_k, KPM=q, KV_LEN=q, smb=0, smn=0, **args)
+
+
+def _packed_strides(x: torch.Tensor, names: str) -> dict:
+    """(total, H, D) seen as (1, H, total, D): batch stride 0."""
+    b, h, m, d = names.split()
+    return {b: 0, h: x.stride(1), m: x.stride(0), d: x.stride(2)}
+
+
+def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, dropout_p: float,
+                   softmax_scale: float, seed: int, config=None):
+    """Forward over packed sequences. Returns (out (total_q, H, D), lse2 fp32 (H, total_q))."""
+    total_q, H, D = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(H, total_q, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    args = _varlen_args(q, k, cu_q, cu_k, causal, dropout_p, seed)
+    bm, bn, *launch = _pick_config("fwd", config, args["UPCAST"], True)
+    tiles = varlen_schedule(cu_q, total_q, max_q, bm)
+    with _device_guard(q):
+        _launch("fwd", lambda _bm, _bn: (tiles.shape[0], H, 1), (bm, bn, *launch), first=0, Q=q, K=k, V=v, O=out,
+                LSE=lse, TILES=tiles, SEQ_Q=_sequence_ids(cu_q, total_q), **_packed_strides(q, "sqb sqh sqm sqd"),
+                **_packed_strides(k, "skb skh skn skd"), **_packed_strides(v, "svb svh svn svd"),
+                **_packed_strides(out, "sob soh som sod"), qk_scale=softmax_scale * LOG2E, **args)
+    return out, lse
+
+
+def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, dropout_p: float,
+                    softmax_scale: float, seed: int, config=None):
+    """dQ then dK/dV over packed sequences. Returns (dq, dk, dv), shaped like q, k, v."""
+    total_q, H, D = q.shape
+    total_k = k.shape[0]
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq, dk, dv
+    delta = torch.empty(H, total_q, dtype=torch.float32, device=q.device)
+    args = _varlen_args(q, k, cu_q, cu_k, causal, dropout_p, seed)
+    args.update(qk_scale=softmax_scale * LOG2E, sm_scale=softmax_scale)
+    qkv = {**_packed_strides(q, "sqb sqh sqm sqd"), **_packed_strides(k, "skb skh skn skd"),
+           **_packed_strides(v, "svb svh svn svd"), **_packed_strides(dout, "sdob sdoh sdom sdod")}
+    cfg_dq = _pick_config("dq", config, args["UPCAST"], True)
+    cfg_kv = _pick_config("dkdv", config, args["UPCAST"], True)
+    q_tiles = varlen_schedule(cu_q, total_q, max_q, cfg_dq[0])
+    k_tiles = varlen_schedule(cu_k, total_k, max_k, cfg_kv[1], align=16)  # dropout groups: 16 keys
+    with _device_guard(q):
+        _launch("dq", lambda bm, bn: (q_tiles.shape[0], H, 1), cfg_dq, first=0, Q=q, K=k, V=v, O=out, DO=dout, DQ=dq,
+                LSE=lse, DELTA=delta, TILES=q_tiles, SEQ_Q=_sequence_ids(cu_q, total_q), **qkv,
+                **_packed_strides(out, "sob soh som sod"), **_packed_strides(dq, "sdqb sdqh sdqm sdqd"), **args)
+        _launch("dkdv", lambda bm, bn: (k_tiles.shape[0], H, 1), cfg_kv, first=0, Q=q, K=k, V=v, DO=dout, DK=dk, DV=dv,
+                LSE=lse, DELTA=delta, TILES=k_tiles, SEQ_K=_sequence_ids(cu_k, total_k), **qkv,
+                **_packed_strides(dk, "sdkb sdkh sdkn sdkd"), **_packed_strides(dv, "sdvb sdvh sdvn sdvd"), **args)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout masks for tests
+
+
+def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch.Tensor:
+    """The keep-mask (bool (B, H, Lq, Lk), True = kept) the kernels use for `seed` and `dropout_p`
+    (realised at `effective_dropout_p(dropout_p)`).
+
+    Pass it to `reference.attention(..., dropout_p=effective_dropout_p(p), dropout_mask=...)` to
+    reproduce a kernel call exactly.
     """
     B, H, Lq, Lk = shape
     out = torch.empty(B, H, Lq, Lk, dtype=torch.int8, device=device)
@@ -607,8 +921,18 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch
         bm, bn = 32, 32
         with _device_guard(out):
             _dropout_mask_kernel[(triton.cdiv(Lq, bm), triton.cdiv(Lk, bn), B * H)](
-                out, H, Lq, Lk, float(dropout_p), int(seed), BLOCK_M=bm, BLOCK_N=bn)
+                out, H, Lq, Lk, effective_dropout_p(dropout_p), int(seed), BLOCK_M=bm, BLOCK_N=bn)
     return out.bool()
+
+
+def varlen_dropout_keep_masks(seed: int, cu_q: torch.Tensor, cu_k: torch.Tensor, n_heads: int,
+                              dropout_p: float) -> list:
+    """The packed layout's keep-masks, one bool (H, Lq_b, Lk_b) per sequence (the form
+    `reference.varlen_attention(dropout_masks=...)` takes). Materialises (H, total_q, total_k):
+    for tests at small sizes."""
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    full = dropout_keep_mask(seed, (1, n_heads, cq[-1], ck[-1]), dropout_p, device=cu_q.device)[0]
+    return [full[:, cq[b]:cq[b + 1], ck[b]:ck[b + 1]] for b in range(len(cq) - 1)]
 
 
 def default_scale(head_dim: int) -> float:

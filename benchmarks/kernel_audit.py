@@ -1,0 +1,424 @@
+"""Static audit of blipfast's Triton kernels on Hopper, with no GPU: compile every kernel variant and
+autotune config for sm_90 with the installed Triton, then read what the compiler produced.
+
+    python benchmarks/kernel_audit.py                 # the full table (every config)
+    python benchmarks/kernel_audit.py --quick         # the first config of each kernel only
+    python benchmarks/kernel_audit.py --json out.json
+
+Per compiled kernel it reports:
+  regs, spills      registers per thread and spill bytes (STACK + LOCAL) from `cuobjdump -res-usage`
+                    (the cuobjdump that ships inside the triton wheel, triton/backends/nvidia/bin);
+  smem              shared memory bytes from the kernel's metadata;
+  occ               an occupancy estimate on an sm_90 SM (64K registers, 228 KiB shared memory,
+                    64 warps, 32 CTAs): resident warps / 64;
+  mma               wgmma (Hopper's warpgroup MMA) or mma.sync (the Ampere path), read from the PTX;
+  loop              SASS instructions of the main loop body per iteration (the longest backward
+                    branch span that holds an MMA), and with dropout its ratio to the same kernel
+                    without dropout.
+Compilation follows what `triton.jit` does at a launch: strides of 1 become constants, pointers and
+strides are given 16-divisibility (the layouts the model hands over have it).
+
+Then a work model at BLIP's shapes (B = 256, 12 heads, d = 64): for each kernel schedule (tiles
+visited, as the kernels' loop bounds decide them) the computed score elements over the useful ones
+(allowed (query, key) pairs), and the HBM bytes the forward moves (each tile load counted once,
+K/V re-read per query tile) over the floor of the real tokens (q, k, v, o once each, LSE).
+Text uses BLIP's caption-length mix (`caption_lengths`: mean about 13 of 30 tokens).
+
+The thresholds CI enforces (tests/test_kernel_audit.py) are in THRESHOLDS. Figures differ between
+triton versions (registers by up to ~60 per thread): read them under the GPU machine's triton.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)  # the audit compiles real GPU code (set before triton loads)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+fa = importlib.import_module("blipfast.kernels.flash_attention")
+
+TARGET = GPUTarget("cuda", 90, 32)
+THRESHOLDS = {
+    "spills": 0,                 # bytes, every kernel
+    "dropout_loop_ratio": 1.35,  # SASS loop instructions with dropout / without
+    "vit_work_ratio": 1.3,       # computed / useful score elements, ViT 197 and 577
+    "text_bytes_ratio": 1.2,     # forward HBM bytes / floor of the real tokens, packed text and cross
+}
+SM90 = dict(regs=65536, smem=233472, warps=64, ctas=32, smem_per_cta_reserved=1024)
+
+
+# ---------------------------------------------------------------------------------------------
+# compiling
+
+
+def _cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p", "alpha"}
+ITC_POINTERS = {"q_ptr": "*bf16", "qm_ptr": "*bf16", "k_ptr": "*bf16", "queue_ptr": "*bf16", "idx_ptr": "*i64",
+                "idxq_ptr": "*i64"}
+INT64_ARGS = {"seed"}
+POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "OUT": "*i8", "CU_Q": "*i32", "CU_K": "*i32",
+                 "SEQ_Q": "*i32", "SEQ_K": "*i32", "TILES": "*i32", "KV_LEN": "*i32"}
+
+
+def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, elem="bf16"):
+    """Compile `fn` for sm_90 as a launch with contiguous-head-dim bf16 tensors would."""
+    sig, consts, attrs = {}, dict(constexprs), {}
+    ptr_suffix = any(n.endswith("_ptr") for n in fn.arg_names)  # the loss kernels name pointers x_ptr
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ITC_POINTERS or name.endswith("_ptr"):
+            sig[name] = ITC_POINTERS.get(name, "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif not ptr_suffix and (name in "QKVO" or (name.isupper() and len(name) > 1
+                                                    and not name.endswith("BUCKET"))):  # attention pointers
+            sig[name] = POINTER_TYPES.get(name, f"*{elem}")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name in INT64_ARGS:
+            sig[name] = "i64"
+        elif re.fullmatch(r"s\w*d", name):  # head-dim strides: 1 (triton.jit makes 1 a constant)
+            sig[name], consts[name] = "constexpr", 1
+        else:
+            sig[name] = "i32"
+            if re.fullmatch(r"s\w+", name) and name != "splits_b":  # other strides: multiples of 16 elements
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _res_usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    return dict(regs=int(fields["REG"]), spills=int(fields["STACK"]) + int(fields["LOCAL"]), sass=sass)
+
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def loop_instructions(sass: str) -> int:
+    """Instructions (NOPs excluded) of the main loop body: among backward branches, the longest
+    span that contains an MMA (HGMMA / HMMA)."""
+    instrs = [(int(a, 16), op, rest) for a, _, op, rest in _INSTR.findall(sass)]
+    best = 0
+    for addr, op, rest in instrs:
+        if op != "BRA":
+            continue
+        m = re.search(r"0x([0-9a-f]+)", rest)
+        target = int(m.group(1), 16) if m else addr
+        if target >= addr:
+            continue
+        body = [o for a, o, _ in instrs if target <= a <= addr and o != "NOP"]
+        if any(o.startswith(("HGMMA", "HMMA")) for o in body):
+            best = max(best, len(body))
+    return best
+
+
+def occupancy(regs: int, smem: int, num_warps: int) -> float:
+    """Resident warps / 64 on an sm_90 SM (registers allocated per warp in units of 256)."""
+    regs_per_warp = math.ceil(regs * 32 / 256) * 256
+    by_regs = SM90["regs"] // (regs_per_warp * num_warps)
+    by_smem = SM90["smem"] // (smem + SM90["smem_per_cta_reserved"]) if smem else SM90["ctas"]
+    by_warps = SM90["warps"] // num_warps
+    ctas = min(by_regs, by_smem, by_warps, SM90["ctas"])
+    return ctas * num_warps / SM90["warps"]
+
+
+@dataclasses.dataclass
+class Row:
+    kernel: str
+    variant: str
+    config: str
+    regs: int
+    spills: int
+    smem: int
+    occ: float
+    mma: str
+    loop: int
+    loop_ratio: Optional[float] = None  # with dropout: loop / the same kernel's loop without
+
+
+def audit_kernel(name: str, fn, constexprs: dict, num_warps: int, num_stages: int, variant: str,
+                 config: str) -> Row:
+    k = compile_sm90(fn, constexprs, num_warps, num_stages)
+    usage = _res_usage(k.asm["cubin"])
+    ptx = k.asm["ptx"]
+    mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")
+    smem = k.metadata.shared
+    return Row(name, variant, config, usage["regs"], usage["spills"], smem, occupancy(usage["regs"], smem, num_warps),
+               mma, loop_instructions(usage["sass"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernels and their variants
+
+
+ATTN_BASE = dict(HEAD_DIM=64, UPCAST=False, DOT_PREC="tf32", INTERPRET=False, EVEN_M=False, EVEN_N=False)
+# (variant name, flags). Each is compiled with and without dropout.
+ATTN_VARIANTS = {
+    "dense": dict(IS_CAUSAL=False, HAS_MASK=False, VARLEN=False),
+    "causal+kpm": dict(IS_CAUSAL=True, HAS_MASK=True, VARLEN=False),
+    "varlen": dict(IS_CAUSAL=False, HAS_MASK=False, VARLEN=True),
+    "varlen+causal": dict(IS_CAUSAL=True, HAS_MASK=False, VARLEN=True),
+}
+
+
+def attention_variants():
+    """(kernel name, fn, variant, flags, configs) for every attention kernel specialisation audited:
+    the dense variants under every autotune config, the packed ones under their fixed blocks."""
+    for kind, fn in fa._KERNELS.items():
+        # the second launch over a thin tail (`thin_tail_split`): 16 rows (fwd/dq) or keys (dkdv)
+        m, n, w, st = fa._gpu_configs(kind)[0].kwargs["BLOCK_M"], fa._gpu_configs(kind)[0].kwargs["BLOCK_N"], 4, 3
+        m, n = (16, n) if kind != "dkdv" else (m, 16)
+        tail_cfg = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)]
+        for drop in (False, True):
+            yield kind, fn, "thin-tail" + ("+dropout" if drop else ""), dict(ATTN_BASE, **ATTN_VARIANTS["dense"],
+                                                                            HAS_DROPOUT=drop), tail_cfg
+        for vname, flags in ATTN_VARIANTS.items():
+            if flags["VARLEN"]:
+                m, n, w, st = fa.VARLEN_BLOCKS[kind]
+                configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)]
+            else:
+                configs = fa._gpu_configs(kind)
+            for drop in (False, True):
+                yield kind, fn, vname + ("+dropout" if drop else ""), dict(ATTN_BASE, **flags, HAS_DROPOUT=drop), configs
+
+
+def run_compile_audit(quick: bool = False, log=None) -> List[Row]:
+    if fa.interpreting():
+        raise RuntimeError("kernel_audit: the kernels were defined under TRITON_INTERPRET=1; run the audit in a "
+                           "process without it (python benchmarks/kernel_audit.py)")
+    rows: List[Row] = []
+    for kind, fn, variant, flags, configs in attention_variants():
+        for c in configs[:1] if quick else configs:
+            cfg = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+            row = audit_kernel(kind, fn, dict(flags, **c.kwargs), c.num_warps, c.num_stages, variant, cfg)
+            rows.append(row)
+            if log:
+                log(row)
+    rows += itc_rows(log)
+    base = {(r.kernel, r.variant, r.config): r.loop for r in rows if "dropout" not in r.variant}
+    for r in rows:
+        if "dropout" in r.variant:
+            ref_loop = base.get((r.kernel, r.variant.replace("+dropout", ""), r.config))
+            r.loop_ratio = r.loop / ref_loop if ref_loop else None
+    return rows
+
+
+def itc_rows(log=None) -> List[Row]:
+    """The fused ITC loss kernels at their 16-bit GPU defaults (E = 256 features), plus the
+    gradient kernel with 64-row tiles (wgmma; the default's 32 rows lower to mma.sync) as a
+    "candidate" row: it spills in this audit (208 B under triton 3.6, 624 B under 3.9), so it is
+    not the default."""
+    import torch
+
+    itc = importlib.import_module("blipfast.kernels.itc")
+    cfg = itc.ItcKernelConfig().resolved(torch.bfloat16, False)
+    base = dict(TILES_PER_SPLIT=8, HAS_IDX=False, UPCAST=False, PRECISION="tf32", BLOCK_N=cfg.block_n, BLOCK_E=256)
+    out = []
+    for name, fn, bm, extra in (("itc_st", itc._itc_stats_kernel, cfg.block_m, dict(WRITE_SIMS=True)),
+                                ("itc_gr", itc._itc_grad_kernel, cfg.block_m_grad, {}),
+                                ("itc_gr", itc._itc_grad_kernel, 64, {})):
+        variant = "default" if (name == "itc_st" or bm == cfg.block_m_grad) else "candidate"
+        row = audit_kernel(name, fn, dict(base, BLOCK_M=bm, **extra), cfg.num_warps, cfg.num_stages, variant,
+                           f"{bm}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}")
+        out.append(row)
+        if log:
+            log(row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# work model at BLIP's shapes
+
+
+def caption_lengths(B: int = 256, max_len: int = 30) -> List[int]:
+    """A fixed caption-length mix like COCO's after BLIP's tokenizer ([CLS]/[DEC] + words + [SEP]):
+    mean about 13, between 5 and max_len (deterministic: the audit must not drift)."""
+    import random
+
+    rng = random.Random(13)
+    return [min(max_len, max(5, round(rng.gauss(13.0, 3.5)))) for _ in range(B)]
+
+
+@dataclasses.dataclass
+class Shape:
+    name: str
+    B: int
+    H: int
+    D: int
+    lens_q: List[int]  # real query rows per sequence
+    lens_k: List[int]  # real keys per sequence
+    causal: bool
+    pad_q: int  # the padded length a dense (B, H, L, D) call runs at
+    pad_k: int
+
+
+def blip_shapes(B: int = 256, H: int = 12, D: int = 64) -> List[Shape]:
+    text = caption_lengths(B)
+    return [
+        Shape("vit_197", B, H, D, [197] * B, [197] * B, False, 197, 197),
+        Shape("vit_577", B // 4, H, D, [577] * (B // 4), [577] * (B // 4), False, 577, 577),
+        Shape("text_self", B, H, D, text, text, False, 30, 30),
+        Shape("text_causal", B, H, D, text, text, True, 30, 30),
+        Shape("cross_text_x197", B, H, D, text, [197] * B, False, 30, 197),
+    ]
+
+
+def _useful(s: Shape) -> int:
+    if s.causal:
+        return sum(sum(min(i + 1, lk) for i in range(lq)) for lq, lk in zip(s.lens_q, s.lens_k)) * s.H
+    return sum(lq * lk for lq, lk in zip(s.lens_q, s.lens_k)) * s.H
+
+
+def key_columns(n: int, BN: int) -> int:
+    """Key columns the loops compute for a range of n keys: full BN tiles, then 16-wide tail tiles."""
+    tail = fa.TAIL.value if hasattr(fa.TAIL, "value") else fa.TAIL
+    return n // BN * BN + triton.cdiv(n % BN, tail) * tail
+
+
+def dense_schedule_work(s: Shape, BM: int, BN: int) -> dict:
+    """The padded kernel (`attention` at pad_q x pad_k; text with a key padding mask): tiles
+    visited by `_attn_fwd`'s loops: key tiles up to the row's last real key (kv_len), or up to the
+    diagonal block when causal, the ragged rest in 16-wide tiles; a thin tail of query rows
+    (197 = 3 x 64 + 5) in 16-row tiles of a second launch. Bytes: q, o, LSE of every padded row, K/V rows loaded per tile."""
+    computed, kv_rows = 0, 0
+    masked = s.pad_k != max(s.lens_k) or len(set(s.lens_k)) > 1
+    tail = fa.TAIL.value if hasattr(fa.TAIL, "value") else fa.TAIL
+    split = fa.thin_tail_split(s.pad_q, BM)  # the rest runs as a second launch of TAIL-row tiles
+    tiles = [(r, BM) for r in range(0, split, BM)] + [(r, tail) for r in range(split, s.pad_q, tail)]
+    for lk in s.lens_k:
+        kv_len = lk if masked else s.pad_k
+        for r0, rows in tiles:
+            hi = min(kv_len, r0 + rows) if s.causal else kv_len
+            computed += rows * (key_columns(hi, BN) if hi % BN or masked or s.causal else hi)
+            kv_rows += hi
+    e = 2  # bf16
+    bytes_fwd = s.H * (s.B * s.pad_q * (2 * s.D * e + 4) + 2 * kv_rows * s.D * e)
+    return dict(computed=computed * s.H, bytes=bytes_fwd)
+
+
+def varlen_schedule_work(s: Shape, BM: int, BN: int) -> dict:
+    """The packed kernel (`varlen_attention`): the real schedule (`varlen_schedule`), and per query
+    tile the key range `_query_tile` computes (first key rounded down to 16, to the last allowed
+    key). Bytes: q, o, LSE of real rows only, K/V rows in each tile's key range."""
+    import torch
+
+    cu_q = [0]
+    for n in s.lens_q:
+        cu_q.append(cu_q[-1] + n)
+    cu_k = [0]
+    for n in s.lens_k:
+        cu_k.append(cu_k[-1] + n)
+    tiles = fa.varlen_schedule(torch.tensor(cu_q, dtype=torch.int32), cu_q[-1], max(s.lens_q), BM).tolist()
+    seq_of = [b for b, n in enumerate(s.lens_q) for _ in range(n)]
+    computed, kv_rows = 0, 0
+    for lo, hi in tiles:
+        spans = []
+        for r in range(lo, hi):
+            b = seq_of[r]
+            klo, khi = cu_k[b], cu_k[b + 1]
+            if s.causal:
+                khi = min(khi, klo + r - cu_q[b] + 1)
+            if khi > klo:
+                spans.append((klo, khi))
+        if not spans:
+            continue
+        k_start = min(a for a, _ in spans)
+        k_start -= k_start % 16
+        k_end = max(b for _, b in spans)
+        computed += BM * key_columns(k_end - k_start, BN)
+        kv_rows += k_end - k_start
+    e = 2
+    bytes_fwd = s.H * (cu_q[-1] * (2 * s.D * e + 4) + 2 * kv_rows * s.D * e)
+    return dict(computed=computed * s.H, bytes=bytes_fwd)
+
+
+def work_floor_bytes(s: Shape) -> int:
+    e = 2
+    return s.H * (sum(s.lens_q) * (2 * s.D * e + 4) + sum(s.lens_k) * 2 * s.D * e)
+
+
+def work_table() -> List[dict]:
+    """Per BLIP shape and path (padded `attention` under its default GPU tile, packed
+    `varlen_attention` under its fixed blocks): computed / useful, forward bytes / floor."""
+    out = []
+    dense_bm, dense_bn = fa._gpu_configs("fwd")[0].kwargs.values()
+    var_bm, var_bn = fa.VARLEN_BLOCKS["fwd"][:2]
+    for s in blip_shapes():
+        useful = _useful(s)
+        floor = work_floor_bytes(s)
+        paths = [("padded", dense_schedule_work(s, dense_bm, dense_bn), f"{dense_bm}x{dense_bn}")]
+        if s.name.startswith(("text", "cross")):
+            paths.append(("packed", varlen_schedule_work(s, var_bm, var_bn), f"{var_bm}x{var_bn}"))
+        for path, d, tile in paths:
+            out.append(dict(shape=s.name, path=path, tile=tile, work_ratio=d["computed"] / useful,
+                            bytes_ratio=d["bytes"] / floor))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def format_rows(rows: List[Row]) -> str:
+    head = f"{'kernel':6} {'variant':22} {'config':16} {'regs':>4} {'spill':>5} {'smem':>6} {'occ':>5} {'mma':8} " \
+           f"{'loop':>5} {'x':>5}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ratio = f"{r.loop_ratio:.2f}" if r.loop_ratio else ""
+        lines.append(f"{r.kernel:6} {r.variant:22} {r.config:16} {r.regs:4d} {r.spills:5d} {r.smem:6d} "
+                     f"{r.occ:5.3f} {r.mma:8} {r.loop:5d} {ratio:>5}")
+    return "\n".join(lines)
+
+
+def format_work(work: List[dict]) -> str:
+    head = f"{'shape':16} {'path':14} {'tile':8} {'computed/useful':>15} {'fwd bytes/floor':>15}"
+    lines = [head, "-" * len(head)]
+    for w in work:
+        lines.append(f"{w['shape']:16} {w['path']:14} {w['tile']:8} {w['work_ratio']:15.2f} {w['bytes_ratio']:15.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="first autotune config of each kernel only")
+    ap.add_argument("--json", help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+    rows = run_compile_audit(quick=args.quick)
+    work = work_table()
+    print(f"# kernel audit: triton {triton.__version__}, target sm_90 (compiled without a GPU)")
+    print(format_rows(rows))
+    print()
+    print("# work at BLIP shapes (B=256, H=12, d=64; text: caption lengths mean "
+          f"{sum(caption_lengths()) / 256:.1f} of 30)")
+    print(format_work(work))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(triton=triton.__version__, rows=[dataclasses.asdict(r) for r in rows], work=work), f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
