@@ -120,9 +120,7 @@ class TritonAttention(AttentionBackend):
 
         self._dtypes, self._head_dims = SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 
-    def __call__(self, q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0):
-        from blipfast.kernels import attention
-
+    def _check(self, q) -> None:
         if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
             raise BackendUnsupported(
                 f"attention backend 'triton' got {q.device} tensors: it runs on CUDA (or on the CPU under "
@@ -134,22 +132,21 @@ class TritonAttention(AttentionBackend):
             )
         if q.dtype not in self._dtypes:
             raise BackendUnsupported(f"attention backend 'triton' supports {self._dtypes}, got {q.dtype}")
+
+    def __call__(self, q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0):
+        from blipfast.kernels import attention
+
+        self._check(q)
         return attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p)
 
     def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                causal=False, dropout_p=0.0):
-        return _triton_varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              causal, dropout_p)
+        """The packed kernel (`blipfast.kernels.varlen_attention`): no work on padding at all."""
+        from blipfast.kernels import varlen_attention
 
-
-def _triton_varlen(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                   causal: bool, dropout_p: float):
-    """Packed attention on the Triton backend. For now it pads around the padded Triton kernel.
-    On merge, the lead switches this one function to the packed kernel:
-    `blipfast.kernels.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-    max_seqlen_k, causal=causal, dropout_p=dropout_p)` (same semantics and arguments)."""
-    return _padded_varlen(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                          causal, dropout_p)
+        self._check(q)
+        return varlen_attention(q, k, v, cu_seqlens_q.int(), cu_seqlens_k.int(), max_seqlen_q, max_seqlen_k,
+                                causal=causal, dropout_p=dropout_p)
 
 
 def _allowed_and_empty(key_padding_mask, causal, Lq, Lk, device):
