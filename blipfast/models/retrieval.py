@@ -21,7 +21,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from blipfast.config import BlipConfig
-from blipfast.kernels import reference as ref
 from blipfast.ops import resolve_losses
 from blipfast.ops.packing import Packing
 
@@ -137,11 +136,10 @@ class BlipForRetrieval(MomentumModel):
         packing = Packing.from_mask(attention_mask) if self.config.exact_work else None
         image_embeds, image_feat, text_feat, image_feat_m, text_feat_m = self.itc_features(
             images, input_ids, attention_mask, packing)
-        # fp32 with autocast off, as pre-training's ITC: logits reach 1/temp = 1000, where bf16 rounds.
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            f32 = [t.float() for t in (image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
-                                       self.text_queue)]
-            loss_itc = ref.itc_loss_retrieval(*f32, idx, self.idx_queue.reshape(-1), self.temp.float(), alpha)
+        # Through the loss backend (the fused ITC on GPUs), in fp32 with autocast off as in pre-training.
+        loss_itc, _, _ = self.losses.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
+                                              self.text_queue, self.temp, alpha, idx=idx,
+                                              idx_queue=self.idx_queue.reshape(-1))
         idx_world = concat_all_gather(idx)
 
         # ITM negatives from the world batch (or the local one), same image id excluded.
