@@ -17,7 +17,8 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from blipfast.config import BlipConfig, from_dict, load_yaml
+from blipfast.config import BlipConfig, from_dict, load_model_section, load_yaml
+from blipfast.models.registry import build_model
 
 from .layouts import (HF_ARCHITECTURES, LayoutError, canonical_task, check_task_fits, check_token_ids,
                       detect_layout, detect_task, file_layout, infer_config, read_weights_file)
@@ -89,32 +90,11 @@ def token_ids(tok) -> dict:
     return ids
 
 
-def build_model(task: str, cfg: BlipConfig, tok):
-    from blipfast.models import BlipForCaptioning, BlipForPretraining, BlipForRetrieval, BlipForVQA
-
-    if task == "pretrain":
-        return BlipForPretraining(cfg)
-    if task == "retrieval":
-        return BlipForRetrieval(cfg)
-    if task == "caption":
-        return BlipForCaptioning(cfg, tokenizer=tok)
-    return BlipForVQA(cfg, tokenizer=tok)
-
-
 def _model_config(config: Union[BlipConfig, PathLike]) -> BlipConfig:
     """A BlipConfig from an object, a model YAML, a run YAML (its `model` section) or a run directory."""
     if isinstance(config, BlipConfig):
         return config
-    path = os.fspath(config)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.yaml")
-    data = load_yaml(path)
-    section = data.get("model", data)
-    if isinstance(section, str):  # a run YAML naming its model file
-        return _model_config(os.path.join(os.path.dirname(os.path.abspath(path)), section))
-    cfg = from_dict(BlipConfig, section, where=path)
-    cfg.validate(path)
-    return cfg
+    return load_model_section(os.fspath(config), os.getcwd(), "config", {})
 
 
 def _load_state(model, sd, same_task: bool):

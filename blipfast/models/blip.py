@@ -53,8 +53,8 @@ class BlipForPretraining(MomentumModel):
 
     MOMENTUM_STATE = MOMENTUM_STATE
 
-    def __init__(self, config: BlipConfig):
-        super().__init__()
+    def __init__(self, config: BlipConfig, nonfinite_negatives: str = "raise", **momentum_kwargs):
+        super().__init__(**momentum_kwargs)
         config.validate()
         self.config = config
         vc, tc = config.vision, config.text
@@ -70,7 +70,7 @@ class BlipForPretraining(MomentumModel):
 
         self._build_momentum(config, ab)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self.losses = resolve_losses(config.loss_backend)
+        self.losses = resolve_losses(config.loss_backend, nonfinite_negatives=nonfinite_negatives)
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:

@@ -22,16 +22,16 @@ from blipfast.ops.packing import Packing
 class MomentumModel(nn.Module):
     MOMENTUM_STATE: Tuple[str, ...] = ()
 
-    def __init__(self):
+    def __init__(self, momentum_context: Optional[Callable[[List[nn.Parameter]], contextlib.AbstractContextManager]] = None,
+                 update_momentum_in_forward: bool = True):
+        """momentum_context: wraps the EMA update's reads of the online weights (a trainer under
+        ZeRO-3 passes one that gathers the partitioned parameters); update_momentum_in_forward:
+        False for a trainer that runs `momentum_update()` itself before each forward (outside
+        DeepSpeed's ZeRO-3 hooks; the online weights do not change in between, so the result is
+        the same)."""
         super().__init__()
-        # Trainers under ZeRO-3 replace this with a context that gathers partitioned parameters.
-        self.momentum_context: Callable[[List[nn.Parameter]], contextlib.AbstractContextManager] = (
-            lambda params: contextlib.nullcontext()
-        )
-        # A trainer that runs `momentum_update()` itself before each forward (outside DeepSpeed's
-        # ZeRO-3 hooks) sets this to False; the online weights do not change in between, so the
-        # result is the same.
-        self.update_momentum_in_forward = True
+        self.momentum_context = momentum_context or (lambda params: contextlib.nullcontext())
+        self.update_momentum_in_forward = update_momentum_in_forward
 
     def _build_momentum(self, config, attention_backend: str) -> None:
         """Create the momentum towers as copies of the online ones, initialise the ITC/ITM heads

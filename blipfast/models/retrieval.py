@@ -59,8 +59,9 @@ class BlipForRetrieval(MomentumModel):
 
     MOMENTUM_STATE = RETRIEVAL_MOMENTUM_STATE
 
-    def __init__(self, config: BlipConfig, negative_all_rank: bool = True):
-        super().__init__()
+    def __init__(self, config: BlipConfig, negative_all_rank: bool = True, nonfinite_negatives: str = "raise",
+                 **momentum_kwargs):
+        super().__init__(**momentum_kwargs)
         config.validate()
         self.config = config
         self.negative_all_rank = negative_all_rank
@@ -76,7 +77,7 @@ class BlipForRetrieval(MomentumModel):
         Q = config.queue_size
         self.register_buffer("idx_queue", torch.full((1, Q), -100, dtype=torch.long))
         self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
-        self.losses = resolve_losses(config.loss_backend)
+        self.losses = resolve_losses(config.loss_backend, nonfinite_negatives=nonfinite_negatives)
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,

@@ -139,7 +139,59 @@ def register_loss_backend(name: str, factory: Callable[[], LossBackend]) -> None
     LOSS_BACKENDS[name] = factory
 
 
-def resolve_losses(name: Optional[str] = "auto") -> LossBackend:
+class NonRaisingNegatives:
+    """A loss backend whose hard-negative sampling never raises on non-finite similarities (a
+    corrupt batch or divergence): it returns the next sample as the negative instead. A trainer
+    asks for it (`resolve_losses(..., nonfinite_negatives="next")`, through the model's
+    constructor) so that every rank finishes its forward (ZeRO-3 gathers parameters collectively
+    inside it, so a rank that raised half-way would deadlock the others) and its all-reduced
+    non-finite check stops or skips on all ranks together. The non-finite values still reach the
+    ITC loss, which is where the trainer sees them."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def sample_hard_negatives(self, sim_i2t, sim_t2i, *args, **kwargs):
+        try:
+            return self.inner.sample_hard_negatives(sim_i2t, sim_t2i, *args, **kwargs)
+        except ValueError as e:
+            if "non-finite" not in str(e):
+                raise
+            B = sim_i2t.shape[0]
+            nxt = (torch.arange(B, device=sim_i2t.device) + 1) % B
+            return nxt, nxt.clone()
+
+    def sample_retrieval_negatives(self, sim_i2t, sim_t2i, *args, **kwargs):
+        try:
+            return self.inner.sample_retrieval_negatives(sim_i2t, sim_t2i, *args, **kwargs)
+        except ValueError as e:
+            if "non-finite" not in str(e):
+                raise
+            B, C = sim_i2t.shape  # any valid columns: the loss is non-finite, the step is skipped or stopped
+            nxt = (torch.arange(B, device=sim_i2t.device) + 1) % C
+            return nxt, nxt.clone()
+
+    def __repr__(self) -> str:
+        return f"NonRaisingNegatives({self.inner!r})"
+
+
+NONFINITE_NEGATIVES = ("raise", "next")
+
+
+def resolve_losses(name: Optional[str] = "auto", nonfinite_negatives: str = "raise"):
+    """The loss backend `name` (auto | reference | triton; BLIPFAST_LOSS_BACKEND overrides).
+    nonfinite_negatives: 'raise' (a ValueError from hard-negative sampling on non-finite
+    similarities, where the backend checks) or 'next' (see NonRaisingNegatives)."""
+    if nonfinite_negatives not in NONFINITE_NEGATIVES:
+        raise ValueError(f"nonfinite_negatives must be one of {NONFINITE_NEGATIVES}, got {nonfinite_negatives!r}")
+    backend = _resolve_backend(name)
+    return NonRaisingNegatives(backend) if nonfinite_negatives == "next" else backend
+
+
+def _resolve_backend(name: Optional[str]) -> LossBackend:
     name = os.environ.get(ENV_VAR) or name or "auto"
     if name == "auto":
         if torch.cuda.is_available() and "triton" in LOSS_BACKENDS:

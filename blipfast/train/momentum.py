@@ -19,19 +19,32 @@ import torch.distributed as dist
 import torch.nn as nn
 
 
+def momentum_model_kwargs(task, zero_stage: int) -> dict:
+    """What the trainer builds a momentum model with (constructor arguments, so nothing patches the
+    model afterwards): the EMA update runs in the trainer (MomentumState), under ZeRO-3 inside a
+    read-only gather of the partitioned online weights, and hard-negative sampling does not raise
+    on non-finite similarities (every rank must finish its forward; the trainer's all-reduced
+    check decides)."""
+    if not task.has_momentum:
+        return {}
+    kw = {"update_momentum_in_forward": False, "nonfinite_negatives": "next"}
+    if zero_stage == 3:
+        import deepspeed
+
+        # modifier_rank=None: nothing of the online weights is written, so nothing is broadcast back
+        kw["momentum_context"] = lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return kw
+
+
 class MomentumState:
     """Owns the detached EMA state of a BlipForPretraining (call before deepspeed.initialize)."""
 
     def __init__(self, model: nn.Module, zero_stage: int, device: torch.device):
         self.model = model
         self.module = model.detach_momentum().float().to(device)
-        model.update_momentum_in_forward = False
-        if zero_stage == 3:
-            import deepspeed
-
-            # Read-only gather of the partitioned online weights (modifier_rank=None: nothing of
-            # theirs is written, so nothing is broadcast back).
-            model.momentum_context = lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        if model.update_momentum_in_forward:
+            raise ValueError("MomentumState runs the EMA update itself: build the model with "
+                             "momentum_model_kwargs(task, zero_stage)")
 
     def broadcast_from_rank0(self) -> None:
         """Make every rank's copy identical to rank 0's (DeepSpeed broadcasts only what it wraps)."""

@@ -50,7 +50,7 @@ class Task:
     def __init__(self, run=None):
         self.run = run  # the RunConfig (task options live in run.train); None: the defaults
 
-    def build_model(self, model_config, tokenizer):
+    def build_model(self, model_config, tokenizer, **model_kwargs):
         raise NotImplementedError
 
     def build_loader(self, trainer):
@@ -99,8 +99,8 @@ class PretrainTask(Task):
     name = "pretrain"
     loss_names = ("loss_itc", "loss_itm", "loss_lm")
 
-    def build_model(self, model_config, tokenizer):
-        return build_model("pretrain", model_config)
+    def build_model(self, model_config, tokenizer, **model_kwargs):
+        return build_model("pretrain", model_config, **model_kwargs)
 
     def forward(self, engine, batch, alpha, negatives, trainer):
         out = engine(batch["images"], batch["input_ids"], batch["attention_mask"], alpha=alpha, negatives=negatives)
@@ -127,9 +127,9 @@ class RetrievalTask(Task):
     init_ignore = ("text_decoder",) + _QUEUES
     init_allow_missing = ("image_queue", "text_queue", "idx_queue", "ptr_queue")
 
-    def build_model(self, model_config, tokenizer):
+    def build_model(self, model_config, tokenizer, **model_kwargs):
         all_rank = self.run.train.negative_all_rank if self.run is not None else True
-        return build_model("retrieval", model_config, negative_all_rank=all_rank)
+        return build_model("retrieval", model_config, negative_all_rank=all_rank, **model_kwargs)
 
     def forward(self, engine, batch, alpha, negatives, trainer):
         idx = batch["index"]
@@ -159,8 +159,8 @@ class CaptionTask(Task):
     has_momentum = False
     init_ignore = ("text_encoder", "vision_proj", "text_proj", "itm_head", "temp") + _PRETRAIN_MOMENTUM + _QUEUES
 
-    def build_model(self, model_config, tokenizer):
-        return build_model("caption", model_config, tokenizer, where="task")
+    def build_model(self, model_config, tokenizer, **model_kwargs):
+        return build_model("caption", model_config, tokenizer, where="task", **model_kwargs)
 
     @staticmethod
     def with_prompt(model, ids: torch.Tensor, mask: torch.Tensor):
@@ -203,8 +203,8 @@ class VqaTask(Task):
     # The original initialises text_encoder and text_decoder from the pre-training ones.
     init_ignore = ("vision_proj", "text_proj", "itm_head", "temp") + _PRETRAIN_MOMENTUM + _QUEUES
 
-    def build_model(self, model_config, tokenizer):
-        return build_model("vqa", model_config, tokenizer, where="task")
+    def build_model(self, model_config, tokenizer, **model_kwargs):
+        return build_model("vqa", model_config, tokenizer, where="task", **model_kwargs)
 
     def build_loader(self, trainer):
         from blipfast.data.vqa import build_vqa_loader

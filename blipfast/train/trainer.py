@@ -35,7 +35,8 @@ from .config import RunConfig, build_deepspeed_config, save_resolved
 from blipfast import flops as flop_formulas
 
 from .logging import RunLogger, peak_flops, truncate_metrics
-from .momentum import MomentumState, NoMomentum, autocast_context, register_zero3_external_params
+from .momentum import (MomentumState, NoMomentum, autocast_context, momentum_model_kwargs,
+                       register_zero3_external_params)
 from .tasks import first_caption as _first_caption
 from .tasks import get_task
 
@@ -80,43 +81,6 @@ def init_distributed() -> Tuple[int, int, int]:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(verbose=False)
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-
-
-class _NonRaisingNegatives:
-    """Wraps the model's loss backend so hard-negative sampling never raises on non-finite
-    similarities (a corrupt batch or divergence): it returns the next sample as the negative
-    instead. Every rank then finishes its forward (ZeRO-3 gathers parameters collectively inside
-    it, so a rank that raised half-way would deadlock the others) and the trainer's all-reduced
-    non-finite check stops or skips on all ranks together."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def sample_hard_negatives(self, sim_i2t, sim_t2i, *args, **kwargs):
-        try:
-            return self.inner.sample_hard_negatives(sim_i2t, sim_t2i, *args, **kwargs)
-        except ValueError as e:
-            if "non-finite" not in str(e):
-                raise
-            B = sim_i2t.shape[0]
-            nxt = (torch.arange(B, device=sim_i2t.device) + 1) % B
-            return nxt, nxt.clone()
-
-    def sample_retrieval_negatives(self, sim_i2t, sim_t2i, *args, **kwargs):
-        try:
-            return self.inner.sample_retrieval_negatives(sim_i2t, sim_t2i, *args, **kwargs)
-        except ValueError as e:
-            if "non-finite" not in str(e):
-                raise
-            B, C = sim_i2t.shape  # any valid columns: the loss is non-finite, the step is skipped or stopped
-            nxt = (torch.arange(B, device=sim_i2t.device) + 1) % C
-            return nxt, nxt.clone()
-
-    def __repr__(self) -> str:
-        return f"NonRaisingNegatives({self.inner!r})"
 
 
 @dataclass
@@ -187,14 +151,12 @@ class Trainer:
 
         # Same seed on every rank for the weights (the momentum copy and the queues are not
         # broadcast by DeepSpeed), then seed + rank for everything random in training.
-        seed_everything(cfg.seed)
-        model = self.task.build_model(run.model, self.tokenizer)
-        if cfg.init_from:
-            self._init_from(model, cfg.init_from)
-        if self.task.has_momentum:
-            model.losses = _NonRaisingNegatives(model.losses)
         self.ds_config = build_deepspeed_config(run, self.world)
         self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+        seed_everything(cfg.seed)
+        model = self.task.build_model(run.model, self.tokenizer, **momentum_model_kwargs(self.task, self.stage))
+        if cfg.init_from:
+            self._init_from(model, cfg.init_from)
         self.momentum = (MomentumState(model, self.stage, self.device) if self.task.has_momentum
                          else NoMomentum())
         if self.stage == 3 and hasattr(model, "text_decoder"):
