@@ -12,6 +12,10 @@ and the gradients are allocated (B, L, H, D) in memory and returned as (B, H, L,
 the layout the model merges heads from without a copy. With a key padding mask, key tiles after a
 batch row's last real key are not visited.
 
+Tiles: loops run full BLOCK tiles, then the ragged rest in 16-wide tiles (TAIL); a thin tail of
+rows (197 = 3 x 64 + 5; `thin_tail_split`) is a second launch with 16-row tiles, so ViT's 197
+tokens compute 208 x 208, not 256 x 256. Masks are applied only where a tile needs them.
+
 Packed layout (VARLEN): the same kernels with B = 1, Lq = total_q, Lk = total_k; a host-built
 schedule (`varlen_schedule`, device ops, no sync) gives each program a span of whole sequences, so
 several short captions share one query tile (block-diagonal masking) and no program touches a row
