@@ -12,6 +12,10 @@ and the gradients are allocated (B, L, H, D) in memory and returned as (B, H, L,
 the layout the model merges heads from without a copy. With a key padding mask, key tiles after a
 batch row's last real key are not visited.
 
+Tiles: loops run full BLOCK tiles, then the ragged rest in 16-wide tiles (TAIL); a thin tail of
+rows (197 = 3 x 64 + 5; `thin_tail_split`) is a second launch with 16-row tiles, so ViT's 197
+tokens compute 208 x 208, not 256 x 256. Masks are applied only where a tile needs them.
+
 Packed layout (VARLEN): the same kernels with B = 1, Lq = total_q, Lk = total_k; a host-built
 schedule (`varlen_schedule`, device ops, no sync) gives each program a span of whole sequences, so
 several short captions share one query tile (block-diagonal masking) and no program touches a row
@@ -174,19 +178,34 @@ def _load_kv(K, V, cols, offs_d, skn, skd, svn, svd, k_end, UPCAST: tl.constexpr
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn, skd, svn, svd,
-              smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
-              MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One key tile of the online softmax: returns the updated (acc, m_i, l_i)."""
-    cols = start_n + offs_n
-    k, v = _load_kv(K, V, cols, offs_d, skn, skd, svn, svd, k_end, UPCAST, MASKED)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
-    if MASKED:
+def _mask_scores(s, cols, klo, khi, KPM, smn, Lk, k_end, INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                 BOUNDS: tl.constexpr):
+    """-inf where query rows may not see key `cols`: per-row intervals (packed sequences, causal)
+    as a 2-D test; padding bits and the key range as a cheaper per-column test (the same for
+    every row of a padded call). Full tiles of a plain call need nothing."""
+    if INTERVAL:
         ok = (cols[None, :] >= klo[:, None]) & (cols[None, :] < khi[:, None])
         if HAS_MASK:
             ok = ok & _key_mask(KPM, cols, smn, Lk, HAS_MASK)[None, :]
         s = tl.where(ok, s, float("-inf"))
+    elif HAS_MASK or BOUNDS:
+        ok_col = _key_mask(KPM, cols, smn, Lk, HAS_MASK)
+        if BOUNDS:
+            ok_col = ok_col & (cols < k_end)
+        s = tl.where(ok_col[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn, skd, svn, svd,
+              smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
+              INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr, BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile of the online softmax: returns the updated (acc, m_i, l_i)."""
+    cols = start_n + offs_n
+    k, v = _load_kv(K, V, cols, offs_d, skn, skd, svn, svd, k_end, UPCAST, BOUNDS)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
+    s = _mask_scores(s, cols, klo, khi, KPM, smn, Lk, k_end, INTERVAL, HAS_MASK, BOUNDS)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with no allowed key so far has m_new = -inf: shift by 0 instead (exp2(-inf) = 0).
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -203,17 +222,13 @@ def _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn, skd, svn,
              svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
-             MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+             INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr, BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile of dQ += dS K, with dS = P * (dP - delta) recomputed from the stored LSE."""
     cols = start_n + offs_n
-    k, v = _load_kv(K, V, cols, offs_d, skn, skd, svn, svd, k_end, UPCAST, MASKED)
+    k, v = _load_kv(K, V, cols, offs_d, skn, skd, svn, svd, k_end, UPCAST, BOUNDS)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    if MASKED:
-        ok = (cols[None, :] >= klo[:, None]) & (cols[None, :] < khi[:, None])
-        if HAS_MASK:
-            ok = ok & _key_mask(KPM, cols, smn, Lk, HAS_MASK)[None, :]
-        s = tl.where(ok, s, float("-inf"))
+    s = _mask_scores(s, cols, klo, khi, KPM, smn, Lk, k_end, INTERVAL, HAS_MASK, BOUNDS)
     p = tl.math.exp2(s - lse[:, None])  # exact probabilities; 0 in rows with lse = +inf
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     if HAS_DROPOUT:
@@ -226,13 +241,13 @@ def _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, o
 @triton.jit
 def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m, offs_d, sqm, sqd,
                sdom, sdod, row_base, n_groups, qk_scale, dropout_p, seed,
-               MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr, BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile of dV += P^T dO and dK += dS^T Q, computed transposed (keys along rows)."""
     rows = start_m + offs_m
     q_ptrs = Q + rows[:, None] * sqm + offs_d[None, :] * sqd
     do_ptrs = DO + rows[:, None] * sdom + offs_d[None, :] * sdod
-    if MASKED:
+    if BOUNDS:
         q = tl.load(q_ptrs, mask=rows[:, None] < q_end, other=0.0)
         do = tl.load(do_ptrs, mask=rows[:, None] < q_end, other=0.0)
         # lse = +inf makes every probability of a query row past the range exactly 0.
@@ -247,9 +262,11 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo,
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
-    if MASKED:
+    if INTERVAL:
         ok = (rows[None, :] >= qlo[:, None]) & (rows[None, :] < qhi[:, None])
         s_t = tl.where(ok, s_t, float("-inf"))
+    elif HAS_MASK:  # padding keys (qhi = 0) get no probability: a per-key test
+        s_t = tl.where((qhi > qlo)[:, None], s_t, float("-inf"))
     p_t = tl.math.exp2(s_t - lse[None, :])
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
     if HAS_DROPOUT:
@@ -269,8 +286,8 @@ TAIL = tl.constexpr(16)  # width of the ragged last tile (197 keys = 3 x 64 + on
 
 @triton.jit
 def _fwd_range(acc, m_i, l_i, lo, hi, q, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd, svn, svd, smn, Lk,
-               row_ids, n_groups, qk_scale, dropout_p, seed, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
-               HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+               row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr,
+               BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
                BLOCK_M: tl.constexpr, STEP: tl.constexpr):
     """Key tiles lo, lo + STEP, ... < hi of the forward."""
     offs_n = tl.arange(0, STEP)
@@ -279,20 +296,20 @@ def _fwd_range(acc, m_i, l_i, lo, hi, q, K, V, KPM, k_end, rows, klo, khi, offs_
         while start_n < hi:
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d,
                                       skn, skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
-                                      MASKED, HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
+                                      INTERVAL, HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
             start_n += STEP
     else:
         for start_n in range(lo, hi, STEP):
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d,
                                       skn, skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
-                                      MASKED, HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
+                                      INTERVAL, HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _dq_range(dq, lo, hi, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd, svn, svd, smn,
-              Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
-              HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+              Lk, row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr,
+              BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
               BLOCK_M: tl.constexpr, STEP: tl.constexpr):
     """Key tiles lo, lo + STEP, ... < hi of dQ."""
     offs_n = tl.arange(0, STEP)
@@ -300,20 +317,21 @@ def _dq_range(dq, lo, hi, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, o
         start_n = lo
         while start_n < hi:
             dq = _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn,
-                          skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_MASK,
-                          HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
+                          skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK,
+                          BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
             start_n += STEP
     else:
         for start_n in range(lo, hi, STEP):
             dq = _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn,
-                          skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_MASK,
-                          HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
+                          skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK,
+                          BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
     return dq
 
 
 @triton.jit
 def _dkdv_range(dk, dv, lo, hi, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo, qhi, offs_d, sqm, sqd, sdom, sdod,
-                row_base, n_groups, qk_scale, dropout_p, seed, MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                row_base, n_groups, qk_scale, dropout_p, seed, INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr, STEP: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     """Query tiles lo, lo + STEP, ... < hi of dK/dV."""
@@ -322,14 +340,14 @@ def _dkdv_range(dk, dv, lo, hi, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo,
         start_m = lo
         while start_m < hi:
             dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m,
-                                offs_d, sqm, sqd, sdom, sdod, row_base, n_groups, qk_scale, dropout_p, seed, MASKED,
-                                HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N)
+                                offs_d, sqm, sqd, sdom, sdod, row_base, n_groups, qk_scale, dropout_p, seed, INTERVAL,
+                                HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N)
             start_m += STEP
     else:
         for start_m in range(lo, hi, STEP):
             dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m,
-                                offs_d, sqm, sqd, sdom, sdod, row_base, n_groups, qk_scale, dropout_p, seed, MASKED,
-                                HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N)
+                                offs_d, sqm, sqd, sdom, sdod, row_base, n_groups, qk_scale, dropout_p, seed, INTERVAL,
+                                HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N)
     return dk, dv
 
 
@@ -360,6 +378,9 @@ def _attn_fwd(
     LSE += bh * Lq
     # Masks are needed for anything but full tiles of a plain dense call.
     MASKED: tl.constexpr = VARLEN or IS_CAUSAL or HAS_MASK or not EVEN_N
+    INTERVAL: tl.constexpr = VARLEN or IS_CAUSAL  # per-row key intervals (else per-column tests)
+    HAS_TAIL: tl.constexpr = MASKED and BLOCK_N > TAIL  # full tiles, then TAIL-wide ones
+    MAIN_BOUNDS: tl.constexpr = MASKED and not HAS_TAIL  # the main loop reaches past k_end
     ROWS_EXACT: tl.constexpr = EVEN_M and not VARLEN
 
     rows, row_ok, klo, khi, k_start, k_end = _query_tile(pid_m, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk, first,
@@ -380,15 +401,15 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # Full BLOCK_N tiles, then the ragged rest in TAIL-wide tiles (the dropout groups stay aligned).
     k_full = k_end
-    if MASKED and BLOCK_N > TAIL:
+    if HAS_TAIL:
         k_full = k_start + (k_end - k_start) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _fwd_range(acc, m_i, l_i, k_start, k_full, q, K, V, KPM, k_end, rows, klo, khi, offs_d, skn,
-                               skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED,
-                               HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
-    if MASKED and BLOCK_N > TAIL:
+                               skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL,
+                               HAS_MASK, MAIN_BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
+    if HAS_TAIL:
         acc, m_i, l_i = _fwd_range(acc, m_i, l_i, k_full, k_end, q, K, V, KPM, k_end, rows, klo, khi, offs_d, skn,
-                                   skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED,
-                                   HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, TAIL)
+                                   skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL,
+                                   HAS_MASK, True, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, TAIL)
 
     empty = l_i == 0.0  # no allowed key in the whole row
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
@@ -435,6 +456,9 @@ def _attn_bwd_dq(
     LSE += bh * Lq
     DELTA += bh * Lq
     MASKED: tl.constexpr = VARLEN or IS_CAUSAL or HAS_MASK or not EVEN_N
+    INTERVAL: tl.constexpr = VARLEN or IS_CAUSAL  # per-row key intervals (else per-column tests)
+    HAS_TAIL: tl.constexpr = MASKED and BLOCK_N > TAIL  # full tiles, then TAIL-wide ones
+    MAIN_BOUNDS: tl.constexpr = MASKED and not HAS_TAIL  # the main loop reaches past k_end
     ROWS_EXACT: tl.constexpr = EVEN_M and not VARLEN
 
     rows, row_ok, klo, khi, k_start, k_end = _query_tile(pid_m, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk, first,
@@ -463,14 +487,14 @@ def _attn_bwd_dq(
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     k_full = k_end
-    if MASKED and BLOCK_N > TAIL:
+    if HAS_TAIL:
         k_full = k_start + (k_end - k_start) // BLOCK_N * BLOCK_N
     dq = _dq_range(dq, k_start, k_full, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd, svn,
-                   svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_MASK, HAS_DROPOUT,
-                   UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
-    if MASKED and BLOCK_N > TAIL:
+                   svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK, MAIN_BOUNDS,
+                   HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
+    if HAS_TAIL:
         dq = _dq_range(dq, k_full, k_end, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd,
-                       svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_MASK,
+                       svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK, True,
                        HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, TAIL)
 
     dq = dq * sm_scale
@@ -506,6 +530,9 @@ def _attn_bwd_dkdv(
     DELTA += bh * Lq
     KPM += b * smb
     MASKED: tl.constexpr = VARLEN or IS_CAUSAL or HAS_MASK or not EVEN_M
+    INTERVAL: tl.constexpr = VARLEN or IS_CAUSAL
+    HAS_TAIL: tl.constexpr = MASKED and BLOCK_M > TAIL
+    MAIN_BOUNDS: tl.constexpr = MASKED and not HAS_TAIL
     COLS_EXACT: tl.constexpr = EVEN_N and not VARLEN
 
     cols, col_own, qlo, qhi, q_start, q_end = _key_tile(pid_n, b, TILES, SEQ_K, CU_Q, CU_K, KV_LEN, KPM, smn, Lq, Lk,
@@ -529,15 +556,15 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     q_full = q_end
-    if MASKED and BLOCK_M > TAIL:
+    if HAS_TAIL:
         q_full = q_start + (q_end - q_start) // BLOCK_M * BLOCK_M
     dk, dv = _dkdv_range(dk, dv, q_start, q_full, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo, qhi, offs_d, sqm,
-                         sqd, sdom, sdod, bh * Lq, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_DROPOUT, UPCAST,
-                         DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
-    if MASKED and BLOCK_M > TAIL:
+                         sqd, sdom, sdod, bh * Lq, n_groups, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK, MAIN_BOUNDS,
+                         HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
+    if HAS_TAIL:
         dk, dv = _dkdv_range(dk, dv, q_full, q_end, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo, qhi, offs_d,
-                             sqm, sqd, sdom, sdod, bh * Lq, n_groups, qk_scale, dropout_p, seed, MASKED, HAS_DROPOUT,
-                             UPCAST, DOT_PREC, INTERPRET, TAIL, BLOCK_N)
+                             sqm, sqd, sdom, sdod, bh * Lq, n_groups, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK,
+                             True, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, TAIL, BLOCK_N)
 
     dk = dk * sm_scale
     if HAS_DROPOUT:
