@@ -36,7 +36,10 @@ def _run_audit(tmp_path_factory, extra_path):
 def audit(request, tmp_path_factory):
     if request.param == "3.6":
         if not os.path.isdir(os.path.join(TRITON36, "triton")):
-            pytest.skip(f"triton 3.6 not found at {TRITON36} (scripts/setup_venvs.sh installs it)")
+            msg = f"triton 3.6 not found at {TRITON36} (scripts/setup_venvs.sh installs it)"
+            if os.environ.get("CI"):  # CI must audit the GPU machine's compiler, never skip it
+                pytest.fail(msg, pytrace=False)
+            pytest.skip(msg)
         result = _run_audit(tmp_path_factory, TRITON36)
         assert result["triton"].startswith("3.6"), result["triton"]
         return result
