@@ -86,9 +86,14 @@ def test_retrieval_trains_and_evaluates(tmp_path, tokenizer):
     assert set(tr.momentum.module.idx_queue[0, :4].tolist()) == {0, 1, 2, 3}
     ev = result["eval"]
     assert ev["task"] == "retrieval" and ev["num_images"] == 4
-    for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"):
-        assert 0.0 <= ev["recall"][k] <= 100.0
-    assert ev["recall"]["txt_r5"] == 100.0 and ev["recall"]["img_r5"] == 100.0  # 4 candidates: all in the top 5
+    # the reported recall is the trained weights' (not, say, the initial ones'): recomputed here
+    from blipfast.eval import evaluate as ev_mod
+
+    model = tr.task.build_model(run.model, tokenizer)
+    model.load_state_dict(tr.full_state_dict())
+    ev_set = tr.eval_set if tr.eval_set is not None else tr.task.build_eval_set(tr)
+    want = ev_mod.retrieval(model.eval(), ev_set, torch.device("cpu"), run.train.eval.batch_size, run.train.eval.k_test)
+    assert ev["recall"] == want, (ev["recall"], want)
 
 
 def test_caption_loss_falls_and_evaluates(tmp_path, tokenizer):
@@ -211,7 +216,6 @@ def test_vqa_loss_falls_and_evaluates(tmp_path, tokenizer):
     with open(os.path.join(run.train.output_dir, "vqa_result.json")) as f:  # the server's result file
         assert json.load(f) == [{"question_id": q, "answer": a} for q, a in zip(ev.question_ids, answers)]
     assert out["written"] == ["vqa_result.json"] and "files" not in out
-    assert all(a in ev.answer_list for a in answers)
 
 
 def test_vqa_init_from_pretraining_export(tmp_path, tokenizer):
