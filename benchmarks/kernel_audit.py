@@ -196,12 +196,12 @@ def attention_variants():
             yield kind, fn, "thin-tail" + ("+dropout" if drop else ""), dict(ATTN_BASE, **ATTN_VARIANTS["dense"],
                                                                             HAS_DROPOUT=drop), tail_cfg
         for vname, flags in ATTN_VARIANTS.items():
-            if flags["VARLEN"]:
-                m, n, w, st = fa.VARLEN_BLOCKS[kind]
-                configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)]
-            else:
-                configs = fa._gpu_configs(kind)
             for drop in (False, True):
+                if flags["VARLEN"]:
+                    m, n, w, st = fa.VARLEN_BLOCKS[kind]
+                    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)]
+                else:  # the autotuner's space for this variant (fa._prune drops the same tiles)
+                    configs = [c for c in fa._gpu_configs(kind) if fa.fits_registers(c, drop)]
                 yield kind, fn, vname + ("+dropout" if drop else ""), dict(ATTN_BASE, **flags, HAS_DROPOUT=drop), configs
 
 

@@ -241,12 +241,12 @@ def _spec(v) -> str:
 def attention_units(w: Attn) -> List[List[str]]:
     """For each config index, the compile units (one per kernel: fwd, dq, dkdv) of workload w.
 
-    Computed from meta tensors through the launchers' own helpers (_common, the EVEN_* rules,
+    Computed from meta tensors through the launchers' own helpers (_dense_args, the EVEN_* rules,
     the autotuner's prune function), so it follows the kernels' code, not a copy of it."""
     from blipfast.kernels import flash_attention as fa
 
     q, k, v, mask, dout = make_qkv(w, 2, "meta")
-    args = fa._common(q, k, mask, w.causal, 0.1 if w.dropout else 0.0, 1)
+    args = fa._dense_args(q, k, mask, w.causal, 0.1 if w.dropout else 0.0, 1)
     # what a GPU launch gets, also when this process runs under TRITON_INTERPRET (CI): there
     # only fp32 upcasts (the interpreter also upcasts bf16, a CPU-only workaround)
     args.update(UPCAST=w.dtype == "fp32", DOT_PREC="ieee" if w.dtype == "fp32" else "tf32", INTERPRET=False)
@@ -263,7 +263,8 @@ def attention_units(w: Attn) -> List[List[str]]:
             **fa._strides(dout, "sdob sdoh sdom sdod"), "smb": args["smb"], "smn": args["smn"],
             "H": w.H, "Lq": w.Lq, "Lk": w.Lk, "LQ_BUCKET": args["LQ_BUCKET"], "LK_BUCKET": args["LK_BUCKET"]}
     ints_key = ",".join(f"{k_}={_spec(v_)}" for k_, v_ in sorted(ints.items()))
-    flags = {k_: args[k_] for k_ in ("HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "UPCAST", "DOT_PREC")}
+    flags = {k_: args[k_] for k_ in ("HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "VARLEN", "HAS_DROPOUT", "UPCAST",
+                                     "DOT_PREC")}
     n = max(len(c) for c in per_kind.values())
     jobs = []
     for i in range(n):
@@ -390,8 +391,14 @@ def _compile_sm90(unit: str) -> Tuple[str, bool, float, Optional[str]]:
 
         fn = fa._KERNELS[u["kernel"]]
         consts = {k: u[k] for k in ("HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "UPCAST", "DOT_PREC",
-                                    "EVEN_M", "EVEN_N", "BLOCK_M", "BLOCK_N")}
+                                    "EVEN_M", "EVEN_N", "BLOCK_M", "BLOCK_N") if k in u}
         consts["INTERPRET"] = False
+        consts["VARLEN"] = bool(u.get("VARLEN", False))
+        # constexprs this unit does not name (added to the kernels later) take the audit's values
+        from kernel_audit import ATTN_BASE  # noqa: F401  (benchmarks/ is on sys.path here)
+        for name, value in ATTN_BASE.items():
+            if name in fn.arg_names:
+                consts.setdefault(name, value)
         elem = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[u["dtype"]]
         types = dict(KPM="*u8", LSE="*fp32", DELTA="*fp32", qk_scale="fp32", sm_scale="fp32", dropout_p="fp32",
                      seed="i64")

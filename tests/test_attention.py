@@ -242,7 +242,7 @@ def test_dropout_gradients_use_the_forward_mask(causal, mask_kind, Lq, Lk):
     out.backward(dout)
     torch.manual_seed(42)
     keep = attn_mod.dropout_keep_mask(attn_mod.draw_dropout_seed(), (2, 2, Lq, Lk), p, device=DEVICE)
-    p_eff = fa.effective_dropout_p(p)  # the kernels realise p in steps of 1/256
+    p_eff = fa.effective_dropout_p(p)  # the kernels realise p in steps of 1/65536
     exact = run_reference(q, k, v, dout, mask, causal, torch.float64, dropout_p=p_eff, dropout_mask=keep)
     for name, a, e in zip(("out", "dq", "dk", "dv"), (out.detach(), qq.grad, kk.grad, vv.grad), exact):
         assert_within(a, e, 1e-5 * max(1.0, e.abs().max().item()), name)

@@ -373,7 +373,7 @@ def test_warmup_plan_covers_the_run_and_dedups():
     # every pruned config of each kernel is compiled for the ViT workload
     ws = vit[0].workload
     q, k, v, mask, _ = warmup.make_qkv(ws, 2, "meta")
-    args = fa._common(q, k, mask, False, 0.0, 1)
+    args = fa._dense_args(q, k, mask, False, 0.0, 1)
     for kind in fa._KERNELS:
         want = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                 for c in fa._prune(fa._gpu_configs(kind), dict(args))}

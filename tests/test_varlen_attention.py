@@ -217,23 +217,26 @@ def test_dropout_mask_statistics(p):
         assert abs(c) <= bound, f"{name}: correlation {c:.4f} > {bound:.4f}"
 
 
-def test_dropout_bytes_are_uniform():
-    """The 8-bit draws behind the mask are uniform: the kept fraction at every threshold t/256
-    (t = 1..255 in steps of 17) matches 1 - t/256 (chi-square over the thresholds, 0.1% level)."""
+def test_dropout_draws_are_uniform():
+    """The 16-bit draws behind the mask are uniform: the kept fraction at thresholds t/65536
+    spread over the range (15 of them, the low byte included) matches 1 - t/65536 (chi-square
+    over the thresholds, 0.1% level)."""
     stats = []
-    for t in range(1, 256, 17):
-        keep = attn_mod.dropout_keep_mask(5, (1, 2, 64, 64), t / 256, device=DEVICE)
+    for t in [1 + 4369 * i + 255 * (i % 2) for i in range(15)]:
+        q = t / 65536
+        keep = attn_mod.dropout_keep_mask(5, (1, 2, 64, 64), q, device=DEVICE)
         n, kept = keep.numel(), int(keep.sum())
-        expect = n * (1 - t / 256)
-        stats.append((kept - expect) ** 2 / (expect * (t / 256)))  # binomial variance n p (1 - p)
+        expect = n * (1 - q)
+        stats.append((kept - expect) ** 2 / (n * q * (1 - q)))  # binomial variance n p (1 - p)
     assert sum(stats) < 39.25, f"chi-square {sum(stats):.1f} over {len(stats)} thresholds"  # chi2(15) 99.9%
 
 
 def test_effective_dropout_p():
     assert fa.effective_dropout_p(0.0) == 0.0
-    assert fa.effective_dropout_p(0.1) == 26 / 256
+    assert fa.effective_dropout_p(0.1) == 6554 / 65536  # 0.100006: BERT's rate, not 26/256 = 0.1016
+    assert abs(fa.effective_dropout_p(0.1) - 0.1) < 1e-5
     assert fa.effective_dropout_p(0.25) == 0.25
-    assert fa.effective_dropout_p(0.9999) == 255 / 256
+    assert fa.effective_dropout_p(0.99999) == 65535 / 65536
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,9 +28,9 @@ a row with no allowed key, so that every recomputed probability of such a row is
 (output 0, gradients 0: `reference.attention`'s definition).
 
 Dropout: element (b, h, i, j) of the (B, H, Lq, Lk) scores (packed: (1, H, total_q, total_k)) is
-kept when byte j % 16 of Philox-4x32-10(seed, ((b*H + h)*Lq + i) * ceil(Lk/16) + j // 16) is >=
-256 p: one Philox call serves 16 elements, p is realised in steps of 1/256
-(`effective_dropout_p`), and the forward and both backward kernels regenerate the same bits;
+kept when 16-bit half j % 8 of Philox-4x32-10(seed, ((b*H + h)*Lq + i) * ceil(Lk/8) + j // 8) is
+>= 65536 p: one Philox call serves 8 elements, p is realised in steps of 1/65536 (p = 0.1 runs at
+0.100006; `effective_dropout_p`), and the forward and both backward kernels regenerate the same bits;
 `dropout_keep_mask` materialises them for tests.
 
 This module holds no autograd logic; `attention.py` builds the custom ops and the public functions.
@@ -66,7 +66,9 @@ def _key_mask(KPM, cols, smn, Lk, HAS_MASK: tl.constexpr):
     return cols >= 0
 
 
-DROPOUT_LEVELS = 256  # dropout_p is realised as round(256 p) / 256 (`effective_dropout_p`)
+DROPOUT_BITS = 16  # random bits per element: 8 elements per Philox call
+DROPOUT_LEVELS = 1 << DROPOUT_BITS  # dropout_p is realised as round(65536 p) / 65536 (`effective_dropout_p`)
+DROPOUT_GROUP = 128 // DROPOUT_BITS  # elements per Philox call (4 x 32 bits)
 
 
 @triton.jit
@@ -74,20 +76,21 @@ def _dropout_keep(seed, row_ids, n_groups, col0, dropout_p, BLOCK_R: tl.constexp
     """Keep-bits (BLOCK_R, BLOCK_C) of columns col0 + arange(BLOCK_C) of the rows whose counter
     index is `row_ids` (int64 (BLOCK_R,)); col0 is a multiple of 16.
 
-    Element (row, col) is kept when byte (col % 16) of Philox-4x32-10(seed, row * n_groups + col // 16)
-    is >= 256 * dropout_p: one Philox call covers 16 elements (tl.rand spends one per element),
+    Element (row, col) is kept when 16-bit half (col % 8) of Philox-4x32-10(seed, row * n_groups +
+    col // 8) is >= 65536 * dropout_p: one Philox call covers 8 elements (tl.rand spends one per
+    element; 8-bit draws would cover 16 but could only realise p in steps of 1/256: 0.1 -> 0.1016),
     and the mask depends only on (seed, row, col), never on the tiling, so the forward and both
     backward kernels regenerate it exactly."""
-    G: tl.constexpr = BLOCK_C // 16
+    G: tl.constexpr = BLOCK_C // 8
     tl.static_assert(BLOCK_C % 16 == 0, "dropout tiles need a multiple of 16 columns")
-    groups = (col0 // 16 + tl.arange(0, G)).to(tl.int64)
+    groups = (col0 // 8 + tl.arange(0, G)).to(tl.int64)
     r0, r1, r2, r3 = tl.randint4x(seed, row_ids[:, None] * n_groups + groups[None, :])  # 4 x uint32 (R, G)
     words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (R, G, 2, 2): word 2 * j + i at [.., i, j]
-    # byte k of a word is >= t exactly when the word shifted left by 24 - 8k is >= t << 24 (the
-    # bits below the byte add less than 2**24): one shift and one compare per element.
-    shifts = (24 - 8 * tl.arange(0, 4)).to(tl.uint32)
-    threshold = tl.cast(dropout_p * 256.0 + 0.5, tl.uint32) << 24  # dropout_p is a multiple of 1/256 here
-    keep = (words[:, :, :, :, None] << shifts[None, None, None, None, :]) >= threshold  # (R, G, 2, 2, 4)
+    # half k of a word is >= t exactly when the word shifted left by 16 - 16k is >= t << 16 (the
+    # bits below the half add less than 2**16): one shift and one compare per element.
+    shifts = (16 - 16 * tl.arange(0, 2)).to(tl.uint32)
+    threshold = tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32) << 16  # dropout_p is a multiple of 1/65536 here
+    keep = (words[:, :, :, :, None] << shifts[None, None, None, None, :]) >= threshold  # (R, G, 2, 2, 2)
     return tl.reshape(keep, (BLOCK_R, BLOCK_C))
 
 
@@ -387,7 +390,7 @@ def _attn_fwd(
                                                          BLOCK_M, VARLEN, IS_CAUSAL, HAS_MASK)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ids = bh * Lq + rows  # dropout counters
-    n_groups = (Lk + 15) // 16
+    n_groups = (Lk + 7) // 8  # one dropout Philox call per 8 keys (DROPOUT_GROUP)
     q_ptrs = Q + rows[:, None] * sqm + offs_d[None, :] * sqd
     if ROWS_EXACT:
         q = tl.load(q_ptrs)
@@ -465,7 +468,7 @@ def _attn_bwd_dq(
                                                          BLOCK_M, VARLEN, IS_CAUSAL, HAS_MASK)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ids = bh * Lq + rows
-    n_groups = (Lk + 15) // 16
+    n_groups = (Lk + 7) // 8  # one dropout Philox call per 8 keys (DROPOUT_GROUP)
     q_ptrs = Q + rows[:, None] * sqm + offs_d[None, :] * sqd
     o_ptrs = O + rows[:, None] * som + offs_d[None, :] * sod
     do_ptrs = DO + rows[:, None] * sdom + offs_d[None, :] * sdod
@@ -540,7 +543,7 @@ def _attn_bwd_dkdv(
     offs_d = tl.arange(0, HEAD_DIM)
     col0 = cols - tl.arange(0, BLOCK_N)  # the tile's first column (dropout groups start there)
     col0 = tl.max(col0)
-    n_groups = (Lk + 15) // 16
+    n_groups = (Lk + 7) // 8  # one dropout Philox call per 8 keys (DROPOUT_GROUP)
     k_ptrs = K + cols[:, None] * skn + offs_d[None, :] * skd
     v_ptrs = V + cols[:, None] * svn + offs_d[None, :] * svd
     if COLS_EXACT:
@@ -590,7 +593,7 @@ def _dropout_mask_kernel(OUT, H, Lq, Lk, dropout_p, seed,
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = pid_n * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(seed, bh * Lq + rows, (Lk + 15) // 16, col0, dropout_p, BLOCK_M, BLOCK_N)
+    keep = _dropout_keep(seed, bh * Lq + rows, (Lk + 7) // 8, col0, dropout_p, BLOCK_M, BLOCK_N)
     ptrs = OUT + (bh * Lq + rows[:, None]) * Lk + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < Lq) & (cols[None, :] < Lk))
 
@@ -626,7 +629,7 @@ _TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "BH_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HA
 def _gpu_configs(kind: str):
     """A small space (each config costs a compile per variant). wgmma on Hopper wants the M side
     of a dot >= 64: fwd/dq tile queries by 64 or 128; dkdv's dots have keys on the M side.
-    BLOCK_N is a multiple of 16 (one dropout Philox call covers 16 keys)."""
+    BLOCK_N is a multiple of 16 (one dropout Philox call covers 8 keys)."""
     shapes = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
         "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
         "dq": [(64, 64, 4, 3), (64, 32, 4, 3)],
@@ -635,14 +638,21 @@ def _gpu_configs(kind: str):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
+def fits_registers(config, has_dropout: bool) -> bool:
+    """False for the 128-key dK/dV tile with dropout: it sits at the 255-register cap and spills
+    under triton 3.9 (benchmarks/kernel_audit.py, which skips it too)."""
+    return not (has_dropout and config.kwargs["BLOCK_N"] >= 128)
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles far larger than the sequence (a 128-row tile for 35 queries is mostly padding)
-    and the largest tiles at head dim 128 (register pressure)."""
+    """Drop tiles far larger than the sequence (a 128-row tile for 35 queries is mostly padding),
+    the largest tiles at head dim 128 and the largest dK/dV tile with dropout (register pressure)."""
     args = {**named_args, **kwargs}
     lq, lk, d = args["LQ_BUCKET"], args["LK_BUCKET"], args["HEAD_DIM"]
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(64, lq) and c.kwargs["BLOCK_N"] <= max(64, lk)
-            and not (d >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
+            and not (d >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)
+            and fits_registers(c, bool(args.get("HAS_DROPOUT", False)))]
     return kept or configs[:1]
 
 
@@ -733,9 +743,9 @@ def _strides(x: torch.Tensor, names: str) -> dict:
 
 
 def effective_dropout_p(dropout_p: float) -> float:
-    """The dropout probability the kernels realise: p rounded to a multiple of 1/256 (they compare
-    8 random bits per element against a threshold), at most 255/256. Outputs are scaled by
-    1 / (1 - effective p), so the expectation is exact. p = 0.1 -> 0.1015625."""
+    """The dropout probability the kernels realise: p rounded to a multiple of 1/65536 (they compare
+    16 random bits per element against a threshold), at most 65535/65536. Outputs are scaled by
+    1 / (1 - effective p), so the expectation is exact. p = 0.1 -> 0.100006."""
     if dropout_p <= 0.0:
         return 0.0
     return min(round(dropout_p * DROPOUT_LEVELS), DROPOUT_LEVELS - 1) / DROPOUT_LEVELS

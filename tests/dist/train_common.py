@@ -14,6 +14,9 @@ STEPS = 3
 SEED = 1234
 
 
+EXACT_WORK = os.environ.get("BLIPFAST_TEST_EXACT_WORK", "1") == "1"
+
+
 def tiny_model_config(queue_size: int = 16):
     from blipfast import BlipConfig
 
@@ -22,7 +25,7 @@ def tiny_model_config(queue_size: int = 16):
         "text.hidden_size": 32, "text.num_hidden_layers": 2, "text.num_attention_heads": 2,
         "text.intermediate_size": 64, "text.hidden_dropout_prob": 0.0, "text.attention_probs_dropout_prob": 0.0,
         "embed_dim": 16, "queue_size": queue_size, "max_text_len": 8,
-        "attention_backend": "reference", "loss_backend": "reference",
+        "attention_backend": "reference", "loss_backend": "reference", "exact_work": EXACT_WORK,
     })
     return cfg
 
