@@ -30,15 +30,18 @@ def tiny(cfg, backend):
 
 @torch.no_grad()
 def sharpen_(model, seed=0):
+    """Weights at a scale where attention is sharp (BERT's init makes it nearly uniform), in the
+    parameters' own dtype; momentum copies follow. Shared by the model-level tests."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("temp"):
             p.fill_(0.09)
         elif p.ndim == 1:
-            p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
+            p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
         else:
-            p.copy_(torch.randn(p.shape, generator=g) * (1.5 / math.sqrt(p[0].numel())))
-    model.copy_params()  # momentum encoders start equal to the online ones
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (1.5 / math.sqrt(p[0].numel())))
+    if hasattr(model, "copy_params"):
+        model.copy_params()
 
 
 def inputs(cfg):

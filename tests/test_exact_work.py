@@ -6,7 +6,6 @@ batches of very uneven caption lengths (1 real token up to the padded length), w
 with sampled negatives. Weights are drawn at a scale where attention is sharp (with BERT's init
 a wrong mask would barely move a loss).
 """
-import copy
 import dataclasses
 import math
 
@@ -18,6 +17,8 @@ from blipfast.models.caption import BlipForCaptioning
 from blipfast.models.vqa import BlipForVQA
 from blipfast.models.retrieval import BlipForRetrieval
 from blipfast.ops.packing import Packing
+
+from test_attention_model import sharpen_  # noqa: E402  (the one weight-sharpening helper of the model tests)
 
 # fp64: both paths are exact up to summation order, ~1e-16 relative per op; 1e-10 leaves room
 # for the ~1e3 condition of a few layers and is still ~1e6 below any real difference (the
@@ -32,20 +33,6 @@ def tiny(cfg, exact, backend="reference", dropout=0.0):
                                attention_probs_dropout_prob=dropout, encoder_width=0)
     return dataclasses.replace(cfg, vision=vision, text=text, embed_dim=32, queue_size=12,
                                attention_backend=backend, loss_backend="reference", exact_work=exact)
-
-
-@torch.no_grad()
-def sharpen_(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("temp"):
-            p.fill_(0.09)
-        elif p.ndim == 1:
-            p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-        else:
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (1.5 / math.sqrt(p[0].numel())))
-    if hasattr(model, "copy_params"):
-        model.copy_params()
 
 
 def uneven_batch(cfg, lengths, L, seed=1):
