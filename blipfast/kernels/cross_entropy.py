@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .itc import interpreting
+from ._common import check_device, interpreting
 
 __all__ = ["lm_cross_entropy"]
 
@@ -102,12 +102,7 @@ def _check_inputs(hidden, weight, bias, labels, label_smoothing):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    if hidden.device.type == "cuda":
-        if interpreting():
-            raise ValueError("hidden is on CUDA but TRITON_INTERPRET=1 runs kernels on the CPU")
-    elif hidden.device.type != "cpu" or not interpreting():
-        raise ValueError(f"hidden is on {hidden.device}; the fused LM loss needs CUDA tensors (or CPU "
-                         f"tensors with TRITON_INTERPRET=1)")
+    check_device(hidden, "hidden", "the fused LM loss kernels")
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be (N, C) and weight (V, C); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     V = weight.shape[0]

@@ -47,6 +47,8 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from ._common import interpreting  # noqa: F401  (re-exported: flash_attention.interpreting)
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
@@ -602,13 +604,6 @@ def _dropout_mask_kernel(OUT, H, Lq, Lk, dropout_p, seed,
 # block sizes: one fixed config under the interpreter (its autotuner cannot benchmark), a small
 # autotuned space on a GPU keyed on power-of-2 length and batch x heads buckets, head dim and the
 # variant flags. The packed (varlen) layout uses fixed blocks: its tile schedule depends on them.
-
-
-def interpreting() -> bool:
-    """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_attn_fwd, InterpretedFunction)
 
 
 # (BLOCK_M, BLOCK_N) under the interpreter, whose cost is per tile, not per element: 64 x 64 was the

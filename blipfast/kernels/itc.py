@@ -56,17 +56,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import check_device, interpreting  # noqa: F401  (interpreting re-exported)
+
 __all__ = ["itc_loss", "sample_hard_negatives", "sample_negatives_by_idx", "ItcKernelConfig"]
 
 FLOOR = 1e-4  # the original's additive weight on every off-diagonal in-batch column
 NEG = tl.constexpr(-3.0e38)  # finite "minus infinity" for running maxima (no inf - inf = NaN)
-
-
-def interpreting() -> bool:
-    """True when triton.jit produced interpreter functions (TRITON_INTERPRET=1 at import)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_itc_stats_kernel, InterpretedFunction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,14 +384,7 @@ def _programs_target(device: torch.device) -> int:
 
 
 def _check_device(t: torch.Tensor, what: str) -> None:
-    if t.device.type == "cuda":
-        if interpreting():
-            raise ValueError(f"{what} is on CUDA but TRITON_INTERPRET=1 runs kernels on the CPU")
-    elif t.device.type != "cpu" or not interpreting():
-        raise ValueError(
-            f"{what} is on {t.device}; the Triton loss kernels need CUDA tensors (or CPU tensors "
-            f"with TRITON_INTERPRET=1)"
-        )
+    check_device(t, what, "the Triton loss kernels")
 
 
 def _check_itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
