@@ -70,7 +70,6 @@ def _key_mask(KPM, cols, smn, Lk, HAS_MASK: tl.constexpr):
 
 DROPOUT_BITS = 16  # random bits per element: 8 elements per Philox call
 DROPOUT_LEVELS = 1 << DROPOUT_BITS  # dropout_p is realised as round(65536 p) / 65536 (`effective_dropout_p`)
-DROPOUT_GROUP = 128 // DROPOUT_BITS  # elements per Philox call (4 x 32 bits)
 
 
 @triton.jit
@@ -392,7 +391,7 @@ def _attn_fwd(
                                                          BLOCK_M, VARLEN, IS_CAUSAL, HAS_MASK)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ids = bh * Lq + rows  # dropout counters
-    n_groups = (Lk + 7) // 8  # one dropout Philox call per 8 keys (DROPOUT_GROUP)
+    n_groups = (Lk + 7) // 8  # one dropout Philox call (128 bits) per 8 keys of 16 bits
     q_ptrs = Q + rows[:, None] * sqm + offs_d[None, :] * sqd
     if ROWS_EXACT:
         q = tl.load(q_ptrs)
@@ -470,7 +469,7 @@ def _attn_bwd_dq(
                                                          BLOCK_M, VARLEN, IS_CAUSAL, HAS_MASK)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ids = bh * Lq + rows
-    n_groups = (Lk + 7) // 8  # one dropout Philox call per 8 keys (DROPOUT_GROUP)
+    n_groups = (Lk + 7) // 8  # one dropout Philox call (128 bits) per 8 keys of 16 bits
     q_ptrs = Q + rows[:, None] * sqm + offs_d[None, :] * sqd
     o_ptrs = O + rows[:, None] * som + offs_d[None, :] * sod
     do_ptrs = DO + rows[:, None] * sdom + offs_d[None, :] * sdod
@@ -545,7 +544,7 @@ def _attn_bwd_dkdv(
     offs_d = tl.arange(0, HEAD_DIM)
     col0 = cols - tl.arange(0, BLOCK_N)  # the tile's first column (dropout groups start there)
     col0 = tl.max(col0)
-    n_groups = (Lk + 7) // 8  # one dropout Philox call per 8 keys (DROPOUT_GROUP)
+    n_groups = (Lk + 7) // 8  # one dropout Philox call (128 bits) per 8 keys of 16 bits
     k_ptrs = K + cols[:, None] * skn + offs_d[None, :] * skd
     v_ptrs = V + cols[:, None] * svn + offs_d[None, :] * svd
     if COLS_EXACT:
