@@ -5,6 +5,14 @@
 # parity tests run the original BLIP code from .venv-ref. No re-runs: a first-call failure fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Fresh venvs take ~9.5 GB (.venv-ref holds a CUDA torch: the original code needs torchvision) and
+# a run writes ~1-3 GB of temp files; a full disk fails late and cryptically, so say it up front.
+free_gb() { df -Pk "$1" | awk 'NR==2 {printf "%d", $4 / 1048576}'; }
+echo "[test] free disk: $(free_gb .) GB here, $(free_gb "${TMPDIR:-/tmp}") GB in ${TMPDIR:-/tmp}"
+if [ "$(free_gb .)" -lt 14 ] && [ ! -d .venv-ref ]; then
+  echo "[test] WARNING: under 14 GB free; building the venvs and running the suite may fill the disk"
+fi
 bash scripts/setup_venvs.sh
 
 # The tested environment is the lock, exactly.
