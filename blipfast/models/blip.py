@@ -12,10 +12,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from blipfast.config import BlipConfig
-from blipfast.distributed import concat_all_gather
 from blipfast.ops import resolve_losses
 from blipfast.ops.packing import Packing
 
@@ -72,49 +70,17 @@ class BlipForPretraining(MomentumModel):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.losses = resolve_losses(config.loss_backend, nonfinite_negatives=nonfinite_negatives)
 
-    @torch.no_grad()
     def dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
-        image_feats = concat_all_gather(image_feat_m)
-        text_feats = concat_all_gather(text_feat_m)
-        n = image_feats.shape[0]
-        Q = self.config.queue_size
-        if Q % n:
-            raise ValueError(
-                f"queue_size {Q} is not a multiple of the global batch {n} (per-rank batch x world "
-                f"size): choose a batch that divides it, or drop the last incomplete batch"
-            )
-        # Column indices computed on the device: no host sync to read the pointer.
-        cols = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % Q  # (n,)
-        self.image_queue.index_copy_(1, cols, image_feats.T.to(self.image_queue.dtype))
-        self.text_queue.index_copy_(1, cols, text_feats.T.to(self.text_queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + n) % Q)
+        self._enqueue(self.queue_ptr, image_feat_m, text_feat_m)
 
     # -- forward -------------------------------------------------------------------------------
 
     def _check_inputs(self, images, input_ids, attention_mask, negatives):
-        if input_ids.ndim != 2 or attention_mask is None or attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"input_ids and attention_mask must both be (B, L); got {tuple(input_ids.shape)} and "
-                f"{None if attention_mask is None else tuple(attention_mask.shape)}"
-            )
-        if images.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {input_ids.shape[0]} texts")
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-        # On a GPU this check would wait for it; under torch.compile it would break the graph.
-        if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
-            lo, hi, V = int(input_ids.min()), int(input_ids.max()), self.config.text.vocab_size
-            if lo < 0 or hi >= V:
-                raise ValueError(f"input_ids must be in [0, {V}) (text.vocab_size), got values in [{lo}, {hi}]")
+        self._check_batch(images, input_ids, attention_mask)
         if negatives is None and images.shape[0] < 2:
             raise ValueError("a batch of 1: hard negatives come from the same batch, so it needs at least 2 samples")
         if negatives is not None:
-            B = images.shape[0]
-            if len(negatives) != 2 or any(n.shape != (B,) for n in negatives):
-                raise ValueError("negatives must be a pair of (B,) index tensors (neg image per text, neg text per image)")
-            for n in negatives:
-                if n.dtype not in (torch.int64, torch.int32) or bool(((n < 0) | (n >= B)).any()):
-                    raise ValueError(f"negative indices must be integers in [0, {B})")
+            self._check_negatives(negatives, images.shape[0], images.shape[0])
 
     def forward(self, images, input_ids, attention_mask, alpha: float,
                 negatives: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> BlipPretrainOutput:
@@ -122,7 +88,6 @@ class BlipForPretraining(MomentumModel):
         tc = self.config.text
         with torch.no_grad():
             self.temp.clamp_(TEMP_MIN, TEMP_MAX)
-        B = images.shape[0]
 
         # Exact work (config.exact_work): text on real tokens only, cross-attention keys/values
         # once per image. None: off, or a batch that cannot be packed exactly (the padded path).
@@ -141,26 +106,17 @@ class BlipForPretraining(MomentumModel):
         )
 
         # ITM: B positives, then B texts with a hard-negative image, B images with a hard-negative text.
-        enc_ids = self.with_first_token(input_ids, tc.enc_token_id)
         if negatives is None:
             negatives = self.losses.sample_hard_negatives(sim_i2t, sim_t2i)
         neg_img, neg_txt = (n.long() for n in negatives)
-        ids_all = torch.cat([enc_ids, enc_ids, enc_ids[neg_txt]], dim=0)  # (3B, L)
-        att_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_txt]], dim=0)
+        # Exact work: one projection per image and layer, shared by the 3B pairs and the decoder
+        # (whose cross-attention is the encoder's): the backward sums all four uses into it.
+        image_kv = self.text_encoder.image_kv(image_embeds) if packing is not None else None
+        loss_itm, itm_logits = self.itm_loss(image_embeds, self.with_first_token(input_ids, tc.enc_token_id),
+                                             attention_mask, neg_img, neg_txt, exact=packing is not None,
+                                             image_kv=image_kv)
         dec_ids = self.with_first_token(input_ids, tc.dec_token_id)
         labels = dec_ids.masked_fill(dec_ids == tc.pad_token_id, -100)
-        if packing is None:
-            img_all = torch.cat([image_embeds, image_embeds[neg_img], image_embeds], dim=0)  # (3B, 1+N, Cv)
-            vl = self.text_encoder(ids_all, att_all, image_embeds=img_all)[:, 0, :]  # (3B, C)
-            itm_logits = self.itm_head(vl)
-        else:
-            # One projection per image and layer, shared by the 3B pairs and the decoder (whose
-            # cross-attention is the encoder's): the backward sums all four uses into it.
-            image_kv = self.text_encoder.image_kv(image_embeds)
-            arange = torch.arange(B, device=neg_img.device)
-            itm_logits = self.itm_logits_packed(ids_all, att_all, image_kv, torch.cat([arange, neg_img, arange]))
-        itm_labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(itm_logits.device)
-        loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
 
         # LM: [DEC] first, padding ignored, [SEP] is a target.
         if packing is None:

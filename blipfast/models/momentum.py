@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from blipfast.distributed import concat_all_gather
 from blipfast.ops.packing import Packing
 
 
@@ -125,6 +126,58 @@ class MomentumModel(nn.Module):
             holder.train(mode)  # the original runs the momentum encoders in train mode too
         return self
 
+    # -- input checks and the queues ---------------------------------------------------------
+
+    def _check_batch(self, images, input_ids, attention_mask) -> None:
+        """Clear errors for a malformed batch: (B, L) ids and mask, one image per text, token ids
+        inside the vocabulary (checked on CPU inputs only: on a GPU it would wait for the device)."""
+        if input_ids.ndim != 2 or attention_mask is None or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and attention_mask must both be (B, L); got {tuple(input_ids.shape)} and "
+                f"{None if attention_mask is None else tuple(attention_mask.shape)}"
+            )
+        if images.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {input_ids.shape[0]} texts")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        # under torch.compile the check would break the graph
+        if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
+            lo, hi, V = int(input_ids.min()), int(input_ids.max()), self.config.text.vocab_size
+            if lo < 0 or hi >= V:
+                raise ValueError(f"input_ids must be in [0, {V}) (text.vocab_size), got values in [{lo}, {hi}]")
+
+    @staticmethod
+    def _check_negatives(negatives, B: int, pool: int, where: str = "the batch") -> Tuple[torch.Tensor, torch.Tensor]:
+        """negatives: (neg image per text, neg text per image), two (B,) integer indices into a
+        pool of `pool` samples; returned as int64."""
+        if len(negatives) != 2 or any(n.shape != (B,) for n in negatives):
+            raise ValueError("negatives must be a pair of (B,) index tensors (neg image per text, neg text per image)")
+        for n in negatives:
+            if n.dtype not in (torch.int64, torch.int32) or bool(((n < 0) | (n >= pool)).any()):
+                raise ValueError(f"negative indices must be integers in [0, {pool}) ({where})")
+        return tuple(n.long() for n in negatives)
+
+    @torch.no_grad()
+    def _enqueue(self, ptr: torch.Tensor, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
+                 idx_world: Optional[torch.Tensor] = None) -> None:
+        """Write the world batch's momentum features (and image ids, into `idx_queue`) at the
+        queue pointer `ptr` and advance it."""
+        image_feats = concat_all_gather(image_feat_m)
+        text_feats = concat_all_gather(text_feat_m)
+        n, Q = image_feats.shape[0], self.config.queue_size
+        if Q % n:
+            raise ValueError(
+                f"queue_size {Q} is not a multiple of the global batch {n} (per-rank batch x world "
+                f"size): choose a batch that divides it, or drop the last incomplete batch"
+            )
+        # Column indices computed on the device: no host sync to read the pointer.
+        cols = (ptr + torch.arange(n, device=ptr.device)) % Q  # (n,)
+        self.image_queue.index_copy_(1, cols, image_feats.T.to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, cols, text_feats.T.to(self.text_queue.dtype))
+        if idx_world is not None:
+            self.idx_queue.index_copy_(1, cols, idx_world.reshape(1, -1).to(self.idx_queue.dtype))
+        ptr.copy_((ptr + n) % Q)
+
     # -- ITC features --------------------------------------------------------------------------
 
     def with_first_token(self, input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
@@ -176,3 +229,37 @@ class MomentumModel(nn.Module):
         # the mask is checked again: negatives may be other ranks' texts
         vl = self.text_encoder.first_states(enc_ids, attention_mask, image_kv, image_index)  # (P, C)
         return self.itm_head(vl)
+
+    def itm_loss(self, image_embeds: torch.Tensor, enc_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 neg_img: torch.Tensor, neg_txt: torch.Tensor, exact: bool, image_pool=None, ids_pool=None,
+                 att_pool=None, image_kv=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(loss_itm, itm_logits (3B, 2)): B positive pairs, then B texts with the negative image
+        `image_pool[neg_img]`, then B images with the negative text `ids_pool[neg_txt]`.
+
+        The pools default to this batch (pre-training; retrieval passes the gathered world
+        batch). exact (exact work): cross-attention keys/values once per image, for this batch's
+        images (`image_kv` when the caller already has them) and, when negatives come from a
+        gathered pool, for the B negative images; texts on their real tokens only."""
+        B = image_embeds.shape[0]
+        local = image_pool is None
+        image_pool = image_embeds if local else image_pool
+        ids_pool = enc_ids if ids_pool is None else ids_pool
+        att_pool = attention_mask if att_pool is None else att_pool
+        ids_all = torch.cat([enc_ids, enc_ids, ids_pool[neg_txt]], dim=0)  # (3B, L)
+        att_all = torch.cat([attention_mask, attention_mask, att_pool[neg_txt]], dim=0)
+        if not exact:
+            img_all = torch.cat([image_embeds, image_pool[neg_img], image_embeds], dim=0)  # (3B, 1 + N, Cv)
+            itm_logits = self.itm_head(self.text_encoder(ids_all, att_all, image_embeds=img_all)[:, 0, :])
+        else:
+            arange = torch.arange(B, device=neg_img.device)
+            if local:  # every pair reads one of this batch's B images
+                index = torch.cat([arange, neg_img, arange])
+                kv = image_kv if image_kv is not None else self.text_encoder.image_kv(image_embeds)
+            else:  # 2B projections (this batch + its negatives), not 3B nor the world batch
+                memory = torch.cat([image_embeds, image_pool[neg_img]], dim=0)  # (2B, 1 + N, Cv)
+                index = torch.cat([arange, arange + B, arange])
+                kv = self.text_encoder.image_kv(memory)
+            # negatives may be other ranks' texts: packed by their own lengths (right-padded)
+            itm_logits = self.itm_logits_packed(ids_all, att_all, kv, index)
+        labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)])
+        return F.cross_entropy(itm_logits.float(), labels.to(itm_logits.device)), itm_logits

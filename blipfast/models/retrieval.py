@@ -18,7 +18,6 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from blipfast.config import BlipConfig
 from blipfast.ops import resolve_losses
@@ -79,23 +78,9 @@ class BlipForRetrieval(MomentumModel):
         self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
         self.losses = resolve_losses(config.loss_backend, nonfinite_negatives=nonfinite_negatives)
 
-    @torch.no_grad()
     def dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
                             idx_world: torch.Tensor) -> None:
-        image_feats = concat_all_gather(image_feat_m)
-        text_feats = concat_all_gather(text_feat_m)
-        n, Q = image_feats.shape[0], self.config.queue_size
-        if Q % n:
-            raise ValueError(
-                f"queue_size {Q} is not a multiple of the global batch {n} (per-rank batch x world "
-                f"size): choose a batch that divides it, or drop the last incomplete batch"
-            )
-        # Column indices computed on the device: no host sync to read the pointer.
-        cols = (self.ptr_queue + torch.arange(n, device=self.ptr_queue.device)) % Q  # (n,)
-        self.image_queue.index_copy_(1, cols, image_feats.T.to(self.image_queue.dtype))
-        self.text_queue.index_copy_(1, cols, text_feats.T.to(self.text_queue.dtype))
-        self.idx_queue.index_copy_(1, cols, idx_world.reshape(1, -1).to(self.idx_queue.dtype))
-        self.ptr_queue.copy_((self.ptr_queue + n) % Q)
+        self._enqueue(self.ptr_queue, image_feat_m, text_feat_m, idx_world)
 
     # -- inference helpers ---------------------------------------------------------------------
 
@@ -112,14 +97,8 @@ class BlipForRetrieval(MomentumModel):
     # -- training forward ----------------------------------------------------------------------
 
     def _check_inputs(self, images, input_ids, attention_mask, idx):
-        if input_ids.ndim != 2 or attention_mask is None or attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"input_ids and attention_mask must both be (B, L); got {tuple(input_ids.shape)} and "
-                f"{None if attention_mask is None else tuple(attention_mask.shape)}"
-            )
+        self._check_batch(images, input_ids, attention_mask)
         B = images.shape[0]
-        if input_ids.shape[0] != B:
-            raise ValueError(f"{B} images but {input_ids.shape[0]} texts")
         if idx is None or idx.numel() != B or idx.dtype.is_floating_point:
             raise ValueError(f"idx must hold one integer image id per sample ({B}), got "
                              f"{None if idx is None else (tuple(idx.shape), idx.dtype)}")
@@ -155,44 +134,17 @@ class BlipForRetrieval(MomentumModel):
                 neg_img, neg_txt = self.losses.sample_retrieval_negatives(
                     image_feat @ text_pool_feat.T / temp, text_feat @ image_pool_feat.T / temp, idx, idx_pool)
             else:
-                neg_img, neg_txt = self._check_negatives(negatives, B, idx_pool.shape[0])
+                neg_img, neg_txt = self._check_negatives(negatives, B, idx_pool.shape[0], "the gathered batch")
         image_pool = all_gather_with_grad(image_embeds) if gather else image_embeds  # (N, 1 + N_img, Cv)
-        ids_pool = concat_all_gather(enc_ids) if gather else enc_ids
-        att_pool = concat_all_gather(attention_mask) if gather else attention_mask
-
-        ids_all = torch.cat([enc_ids, enc_ids, ids_pool[neg_txt]], dim=0)  # (3B, L)
-        att_all = torch.cat([attention_mask, attention_mask, att_pool[neg_txt]], dim=0)
-        if packing is None:
-            img_all = torch.cat([image_embeds, image_pool[neg_img], image_embeds], dim=0)  # (3B, 1 + N_img, Cv)
-            vl = self.text_encoder(ids_all, att_all, image_embeds=img_all)[:, 0, :]  # (3B, C)
-            itm_logits = self.itm_head(vl)
-        else:
-            # Keys/values once per image: this rank's B images, plus the B negatives when they
-            # may come from other ranks (2B projections, not 3B, nor the world batch).
-            arange = torch.arange(B, device=neg_img.device)
-            if image_pool is image_embeds:
-                memory, index = image_embeds, torch.cat([arange, neg_img, arange])
-            else:
-                memory = torch.cat([image_embeds, image_pool[neg_img]], dim=0)  # (2B, 1 + N_img, Cv)
-                index = torch.cat([arange, arange + B, arange])
-            # other ranks' texts: packed by their own lengths (right-padded like this rank's)
-            itm_logits = self.itm_logits_packed(ids_all, att_all, self.text_encoder.image_kv(memory), index)
-        itm_labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(images.device)
-        loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
+        # one process: the gathered pool is this batch itself (the gathers return their input)
+        pooled = image_pool is not image_embeds
+        loss_itm, itm_logits = self.itm_loss(
+            image_embeds, enc_ids, attention_mask, neg_img, neg_txt, exact=packing is not None,
+            image_pool=image_pool if pooled else None, ids_pool=concat_all_gather(enc_ids) if pooled else None,
+            att_pool=concat_all_gather(attention_mask) if pooled else None)
         if self.training:  # last, after everything that can raise (the ITC above copied the queues)
             self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx_world)
         return BlipRetrievalOutput(
             loss=loss_itc + loss_itm, loss_itc=loss_itc, loss_itm=loss_itm, image_feat=image_feat,
             text_feat=text_feat, itm_logits=itm_logits, negatives=(neg_img, neg_txt),
         )
-
-    @staticmethod
-    def _check_negatives(negatives, B: int, pool: int):
-        if len(negatives) != 2 or any(n.shape != (B,) for n in negatives):
-            raise ValueError("negatives must be a pair of (B,) index tensors (neg image per text, neg text per image)")
-        out = []
-        for n in negatives:
-            if n.dtype not in (torch.int64, torch.int32) or bool(((n < 0) | (n >= pool)).any()):
-                raise ValueError(f"negative indices must be integers in [0, {pool}) (the gathered batch)")
-            out.append(n.long())
-        return tuple(out)
