@@ -53,7 +53,8 @@ def test_batch_contract(synth, cache, tok, backend):
     batches = collect(loader, 0)
     assert len(batches) == len(loader)
     with open(synth.train_json) as f:
-        captions = [pre_caption(e["caption"], 30) for e in json.load(f)]
+        entries = json.load(f)
+    captions = [pre_caption(e["caption"], 30) for e in entries]
     for b in batches:
         assert b["images"].shape == (B, 3, S, S) and b["images"].dtype == torch.float32
         assert b["input_ids"].shape == b["attention_mask"].shape == (B, L)
@@ -61,6 +62,10 @@ def test_batch_contract(synth, cache, tok, backend):
         ids, mask = tokenize(tok, [captions[i] for i in b["index"].tolist()], L)  # captions follow the index
         assert torch.equal(b["input_ids"], ids) and torch.equal(b["attention_mask"], mask)
         assert torch.isfinite(b["images"]).all()
+        # image ids: each sample's image row, shared by all captions of one image
+        assert b["image_id"].dtype == torch.int64 and b["image_id"].shape == (B,)
+        for i, r in zip(b["index"].tolist(), b["image_id"].tolist()):
+            assert loader.index.names[r].endswith(entries[i]["image"]), (loader.index.names[r], entries[i]["image"])
     assert loader.stats["skipped_corrupt"] == loader.stats["missing"] == 0
     assert loader.stats["num_samples"] == 40
 

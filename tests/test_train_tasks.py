@@ -91,9 +91,17 @@ def test_retrieval_trains_and_evaluates(tmp_path, tokenizer):
 
     model = tr.task.build_model(run.model, tokenizer)
     model.load_state_dict(tr.full_state_dict())
-    ev_set = tr.eval_set if tr.eval_set is not None else tr.task.build_eval_set(tr)
+    ev_set = tr.eval_set if tr.eval_set is not None else tr.task.build_eval_set(tr.run, tokenizer)
     want = ev_mod.retrieval(model.eval(), ev_set, torch.device("cpu"), run.train.eval.batch_size, run.train.eval.k_test)
     assert ev["recall"] == want, (ev["recall"], want)
+
+
+def test_retrieval_positives_are_the_loaders_image_ids(tmp_path, tokenizer):
+    tr = trainer_for(run_config(tmp_path, "retrieval"), tokenizer)
+    b = make_batch(0, 0, 0)
+    b["image_id"] = torch.tensor([5, 5, 6, 6])  # two captions per image, as a real loader emits them
+    tr.task.forward(tr.engine, b, 0.4, None)
+    assert tr.momentum.module.idx_queue[0, :4].tolist() == [5, 5, 6, 6]
 
 
 def test_caption_loss_falls_and_evaluates(tmp_path, tokenizer):
@@ -117,16 +125,34 @@ def test_caption_loss_falls_and_evaluates(tmp_path, tokenizer):
     assert 0.0 <= ev["scores"]["BLEU-4"] <= 1.0 and ev["scores"]["CIDEr"] >= 0.0
 
 
-def test_caption_prompt_tokens_match_tokenising_prompt_plus_caption(tokenizer):
+def test_caption_prompt_is_a_collate_step_matching_tokenising_prompt_plus_caption(tokenizer):
     from blipfast.models.caption import BlipForCaptioning
     from blipfast.train.tasks import CaptionTask
 
+    collate = CaptionTask().batch_transform(tokenizer)
     model = BlipForCaptioning(tiny_model_config(), tokenizer=tokenizer)
+    assert torch.equal(collate.ids, model.prompt_ids(1)[0, 1:])  # the tokens generation starts from, less [DEC]
     enc = tokenizer(["red circle", "blue square"], padding="max_length", max_length=8, return_tensors="pt")
-    ids, mask = CaptionTask.with_prompt(model, enc.input_ids, enc.attention_mask)
+    images = torch.zeros(2, 3, 4, 4)
+    out = collate({"images": images, "input_ids": enc.input_ids, "attention_mask": enc.attention_mask})
     want = tokenizer(["a picture of red circle", "a picture of blue square"], padding="max_length",
                      max_length=8 + model.prompt_length - 1, return_tensors="pt")
-    assert torch.equal(ids, want.input_ids) and torch.equal(mask, want.attention_mask)
+    assert torch.equal(out["input_ids"], want.input_ids) and torch.equal(out["attention_mask"], want.attention_mask)
+    assert out["images"] is images
+
+
+def test_trainer_applies_the_caption_prompt_to_any_loader(tmp_path, tokenizer):
+    tr = trainer_for(run_config(tmp_path, "caption"), tokenizer)
+    raw = make_batch(0, 0, 0)
+    got = next(iter(tr.loader.epoch(0)))
+    P = tr.model.prompt_length
+    assert len(tr.loader) == N_BATCHES
+    assert got["input_ids"].shape == (raw["input_ids"].shape[0], raw["input_ids"].shape[1] + P - 1)
+    assert torch.equal(got["input_ids"][:, 1:P], tr.model.prompt_ids(4)[:, 1:])
+    assert torch.equal(got["input_ids"][:, P:], raw["input_ids"][:, 1:])
+    # other tasks see the loader's batches untouched
+    tr2 = trainer_for(run_config(tmp_path, "retrieval"), tokenizer)
+    assert torch.equal(next(iter(tr2.loader.epoch(0)))["input_ids"], raw["input_ids"])
 
 
 @pytest.mark.parametrize("task, shared", [("caption", "text_decoder.cls.predictions.bias"),
@@ -199,7 +225,7 @@ def test_vqa_loss_falls_and_evaluates(tmp_path, tokenizer):
     b = loader.batch
     want = tr.model(b["images"], b["input_ids"], b["attention_mask"], b["answer_ids"], b["answer_mask"],
                     b["n_answers"], b["weights"])
-    got, parts = tr.task.forward(tr.engine, dict(b), 0.0, None, tr)
+    got, parts = tr.task.forward(tr.engine, dict(b), 0.0, None)
     assert torch.equal(got.detach(), want.detach()) and parts["loss_vqa"] is got
     result = tr.fit()
     recs = [r["loss_vqa"] for r in losses(tr)]

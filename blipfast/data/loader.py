@@ -133,11 +133,14 @@ class PretrainLoader:
 
     def _text(self, idx: np.ndarray) -> Dict[str, torch.Tensor]:
         ids, mask = tokenize(self.tokenizer, [self.index.captions[i] for i in idx], self.max_length)
-        return {"input_ids": ids, "attention_mask": mask, "index": torch.as_tensor(idx, dtype=torch.int64)}
+        return {"input_ids": ids, "attention_mask": mask, "index": torch.as_tensor(idx, dtype=torch.int64),
+                # the image row of each sample: all captions of one image share it (retrieval positives)
+                "image_id": torch.as_tensor(self.index.sample_image[idx], dtype=torch.int64)}
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
         """Batches start_step, start_step+1, ... of epoch `epoch`: {'images' (B,3,S,S) float32,
-        'input_ids' (B,L) int64, 'attention_mask' (B,L) int64, 'index' (B,) int64}."""
+        'input_ids' (B,L) int64, 'attention_mask' (B,L) int64, 'index' (B,) int64 (dataset samples),
+        'image_id' (B,) int64 (their images)}."""
         if not 0 <= start_step <= len(self):
             raise ValueError(f"start_step {start_step} is outside the epoch (0..{len(self)})")
         plan = self.plan(epoch)[start_step:]

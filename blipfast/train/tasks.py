@@ -11,14 +11,16 @@ fp32 copy of the weights).
   train_retrieval.py; eval: recall@1/5/10 with ITM re-ranking (blipfast.eval.retrieval).
   `train.negative_all_rank`: ITM hard negatives from the whole world batch (true, the
   original's COCO setting) or from each rank's own batch (false, its Flickr30k setting).
-  Image ids (`idx`): the loader's dataset sample index mapped to its image row
-  (`loader.index.sample_image`), so all captions of one image (the synthetic set has two per
-  image, COCO five) are positives of each other; a loader without an index (tests) passes
-  batch["index"] itself as the image id.
+  Image ids (`idx`): the loader's batch["image_id"] (each sample's image row), so all captions
+  of one image (the synthetic set has two per image, COCO five) are positives of each other; a
+  loader that emits no image ids (a test's) makes every sample its own image (batch["index"]).
 * caption: BlipForCaptioning (LM loss on "a picture of " + caption, prompt not in the loss);
   eval: beam-search captions scored by BLEU-4 / CIDEr against the held-out references.
-  The loader's caption tokens get the prompt's tokens inserted after [CLS] (token-level, so any
-  loader works; the result equals tokenising prompt + caption when the caption is not truncated).
+  The prompt's tokens are inserted after [CLS] as the loader yields (`batch_transform`:
+  blipfast.data.collate.PromptCollate, token level, so any loader works).
+
+A task gets what it needs, never the trainer: the run config, the tokenizer, rank / world and
+the device to build data; the engine and the batch to compute losses.
 * vqa: BlipForVQA (question encoder + answer decoder, answer-weighted LM loss), the original's
   train_vqa.py, on `data.vqa` (blipfast/data/vqa.py: VQA / VG question files, or the synthetic
   set's questions); eval: VQA accuracy of answer-list ranking (`train.eval.vqa_inference: rank`,
@@ -27,7 +29,7 @@ fp32 copy of the weights).
 from __future__ import annotations
 
 import time
-from typing import Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -53,14 +55,17 @@ class Task:
     def build_model(self, model_config, tokenizer, **model_kwargs):
         raise NotImplementedError
 
-    def build_loader(self, trainer):
+    def build_loader(self, run, tokenizer, rank: int, world: int, device: torch.device):
         """This rank's training loader (default: image-caption pairs, blipfast.data)."""
         from blipfast.data import build_pretrain_loader
 
-        r, cfg = trainer.run, trainer.run.train
-        return build_pretrain_loader(r.data, trainer.tokenizer, r.model.vision.image_size, cfg.batch_size,
-                                     r.model.max_text_len, trainer.rank, trainer.world, cfg.seed,
-                                     device_id=_dali_device(trainer))
+        cfg = run.train
+        return build_pretrain_loader(run.data, tokenizer, run.model.vision.image_size, cfg.batch_size,
+                                     run.model.max_text_len, rank, world, cfg.seed, device_id=_dali_device(device))
+
+    def batch_transform(self, tokenizer) -> Optional[Callable[[Dict], Dict]]:
+        """A step applied to every training batch as the loader yields it (any loader); None: none."""
+        return None
 
     def check_eval_data(self, run) -> None:
         """Fail at start-up, not after training, when the held-out data is unusable."""
@@ -68,11 +73,10 @@ class Task:
 
         build_eval_index(run.data)
 
-    def build_eval_set(self, trainer):
+    def build_eval_set(self, run, tokenizer):
         from blipfast.data import build_eval_set
 
-        r = trainer.run
-        return build_eval_set(r.data, trainer.tokenizer, r.model.vision.image_size, r.model.max_text_len)
+        return build_eval_set(run.data, tokenizer, run.model.vision.image_size, run.model.max_text_len)
 
     def subset_eval(self, ev, n: int):
         """The first n images and their texts (text ids renumbered): train.eval.max_images."""
@@ -88,7 +92,7 @@ class Task:
             img2txt=[[remap[t] for t in ev.img2txt[i]] for i in range(n)],
             captions=None if caps is None else [caps[t] for t in texts])
 
-    def forward(self, engine, batch: Dict, alpha: float, negatives, trainer) -> Tuple[torch.Tensor, Dict]:
+    def forward(self, engine, batch: Dict, alpha: float, negatives) -> Tuple[torch.Tensor, Dict]:
         raise NotImplementedError
 
     def evaluate(self, model, ev, tokenizer, cfg, device) -> Dict:
@@ -102,7 +106,7 @@ class PretrainTask(Task):
     def build_model(self, model_config, tokenizer, **model_kwargs):
         return build_model("pretrain", model_config, **model_kwargs)
 
-    def forward(self, engine, batch, alpha, negatives, trainer):
+    def forward(self, engine, batch, alpha, negatives):
         out = engine(batch["images"], batch["input_ids"], batch["attention_mask"], alpha=alpha, negatives=negatives)
         return out.loss, {n: getattr(out, n) for n in self.loss_names}
 
@@ -131,11 +135,8 @@ class RetrievalTask(Task):
         all_rank = self.run.train.negative_all_rank if self.run is not None else True
         return build_model("retrieval", model_config, negative_all_rank=all_rank, **model_kwargs)
 
-    def forward(self, engine, batch, alpha, negatives, trainer):
-        idx = batch["index"]
-        rows = getattr(getattr(trainer.loader, "index", None), "sample_image", None)
-        if rows is not None:  # dataset sample index -> image id (several captions share an image)
-            idx = torch.as_tensor(rows[idx.numpy()], dtype=torch.int64)
+    def forward(self, engine, batch, alpha, negatives):
+        idx = batch["image_id"] if "image_id" in batch else batch["index"]  # see the module docstring
         out = engine(batch["images"], batch["input_ids"], batch["attention_mask"], alpha=alpha,
                      idx=idx.to(batch["images"].device), negatives=negatives)
         return out.loss, {n: getattr(out, n) for n in self.loss_names}
@@ -162,19 +163,14 @@ class CaptionTask(Task):
     def build_model(self, model_config, tokenizer, **model_kwargs):
         return build_model("caption", model_config, tokenizer, where="task", **model_kwargs)
 
-    @staticmethod
-    def with_prompt(model, ids: torch.Tensor, mask: torch.Tensor):
-        """[CLS] c... [SEP] pad -> [CLS] prompt c... [SEP] pad: (B, L) -> (B, L + P - 1)."""
-        prompt = model.prompt_ids(1, ids.device)[:, 1:]  # (1, P - 1): the prompt without [DEC]
-        B = ids.shape[0]
-        ids = torch.cat([ids[:, :1], prompt.expand(B, -1).to(ids.dtype), ids[:, 1:]], dim=1)
-        mask = torch.cat([mask[:, :1], torch.ones(B, prompt.shape[1], dtype=mask.dtype, device=mask.device),
-                          mask[:, 1:]], dim=1)
-        return ids, mask
+    def batch_transform(self, tokenizer):
+        from blipfast.data.collate import PromptCollate
+        from blipfast.models.caption import DEFAULT_PROMPT  # the prompt build_model gives the model
 
-    def forward(self, engine, batch, alpha, negatives, trainer):
-        ids, mask = self.with_prompt(trainer.model, batch["input_ids"], batch["attention_mask"])
-        loss = engine(batch["images"], ids, mask)
+        return PromptCollate(tokenizer, DEFAULT_PROMPT)
+
+    def forward(self, engine, batch, alpha, negatives):  # the prompt is in the batch (batch_transform)
+        loss = engine(batch["images"], batch["input_ids"], batch["attention_mask"])
         return loss, {"loss_lm": loss}
 
     def evaluate(self, model, ev, tokenizer, cfg, device):
@@ -206,12 +202,11 @@ class VqaTask(Task):
     def build_model(self, model_config, tokenizer, **model_kwargs):
         return build_model("vqa", model_config, tokenizer, where="task", **model_kwargs)
 
-    def build_loader(self, trainer):
+    def build_loader(self, run, tokenizer, rank, world, device):
         from blipfast.data.vqa import build_vqa_loader
 
-        r, cfg = trainer.run, trainer.run.train
-        return build_vqa_loader(r.data, trainer.tokenizer, r.model.vision.image_size, cfg.batch_size, trainer.rank,
-                                trainer.world, cfg.seed, device_id=_dali_device(trainer))
+        return build_vqa_loader(run.data, tokenizer, run.model.vision.image_size, run.train.batch_size, rank,
+                                world, run.train.seed, device_id=_dali_device(device))
 
     def check_eval_data(self, run) -> None:
         from blipfast.data.vqa import build_vqa_eval_index, load_answer_list
@@ -220,17 +215,17 @@ class VqaTask(Task):
         if run.train.eval.vqa_inference == "rank":
             load_answer_list(run.data)
 
-    def build_eval_set(self, trainer):
+    def build_eval_set(self, run, tokenizer):
         from blipfast.data.vqa import build_vqa_eval_set
 
-        return build_vqa_eval_set(trainer.run.data, trainer.tokenizer, trainer.run.model.vision.image_size)
+        return build_vqa_eval_set(run.data, tokenizer, run.model.vision.image_size)
 
     def subset_eval(self, ev, n: int):
         """train.eval.max_images: the questions about the first n images."""
         keep = int((ev.image_of < n).sum()) if bool((ev.image_of[1:] >= ev.image_of[:-1]).all()) else None
         return ev.subset(keep if keep is not None else n)
 
-    def forward(self, engine, batch, alpha, negatives, trainer):
+    def forward(self, engine, batch, alpha, negatives):
         dev = batch["images"].device
         loss = engine(batch["images"], batch["input_ids"], batch["attention_mask"], batch["answer_ids"].to(dev),
                       batch["answer_mask"].to(dev), batch["n_answers"].to(dev), batch["weights"].to(dev))
@@ -260,9 +255,9 @@ def get_task(name: str, where: str = "", run=None) -> Task:
     return _BY_NAME[name](run)
 
 
-def _dali_device(trainer):
+def _dali_device(device: torch.device):
     """DALI's GPU decoding device (None on the CPU)."""
-    return trainer.device.index if trainer.device.type == "cuda" else None
+    return device.index if device.type == "cuda" else None
 
 
 def first_caption(ev, image_index: int) -> str:

@@ -27,17 +27,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from blipfast import flops as flop_formulas
 from blipfast.config import ConfigError
+from blipfast.data.collate import MappedLoader
 from blipfast.models.blip import TEMP_MAX, TEMP_MIN
 
 from . import checkpoint, schedule
 from .config import RunConfig, build_deepspeed_config, save_resolved
-from blipfast import flops as flop_formulas
-
 from .logging import RunLogger, peak_flops, truncate_metrics
 from .momentum import (MomentumState, NoMomentum, autocast_context, momentum_model_kwargs,
                        register_zero3_external_params)
-from .tasks import first_caption as _first_caption
 from .tasks import get_task
 
 LOSS_NAMES = ("loss_itc", "loss_itm", "loss_lm")  # pre-training's (each task has its own: tasks.py)
@@ -138,8 +137,12 @@ class Trainer:
 
         self.tokenizer = tokenizer if tokenizer is not None or loader is not None else self._build_tokenizer()
         self.task = get_task(run.task, run.source, run)
-        self.loader = loader if loader is not None else self.task.build_loader(self)
-        if cfg.eval.enabled and eval_set is None and loader is None:
+        own_data = loader is None
+        if own_data:
+            loader = self.task.build_loader(run, self.tokenizer, self.rank, self.world, self.device)
+        transform = self.task.batch_transform(self.tokenizer)  # e.g. the caption prompt, for any loader
+        self.loader = loader if transform is None else MappedLoader(loader, transform)
+        if cfg.eval.enabled and eval_set is None and own_data:
             self.task.check_eval_data(run)  # a missing held-out set fails now, not after training
         self.batches_per_epoch = (len(self.loader) // cfg.grad_accum) * cfg.grad_accum
         if self.batches_per_epoch == 0:
@@ -244,7 +247,7 @@ class Trainer:
         with autocast_context(self.device, cfg.precision):
             loss, parts = self.task.forward(
                 self.engine, {**batch, "images": images, "input_ids": ids, "attention_mask": mask}, alpha,
-                negatives, self)
+                negatives)
         local = torch.stack([loss.detach().float()] + [parts[k].detach().float() for k in names])
         flags = (~torch.isfinite(local[1:])).float()
         stop = local.new_tensor([float(self._signal == s) for s in self.STOP_SIGNALS])
@@ -500,7 +503,7 @@ class Trainer:
         sd = self.full_state_dict()
         result: Dict = {}
         if self.rank == 0:
-            ev = self.eval_set if self.eval_set is not None else self.task.build_eval_set(self)
+            ev = self.eval_set if self.eval_set is not None else self.task.build_eval_set(self.run, self.tokenizer)
             if cfg.max_images and ev is not None:
                 ev = self.task.subset_eval(ev, cfg.max_images)
             model = self.task.build_model(self.run.model, self.tokenizer)
