@@ -188,6 +188,10 @@ def test_errors(vqa_files, tmp_path):
     cfg.vqa.answer_list = str(tmp_path / "none.json")
     with pytest.raises(DataError, match="answer list not found"):
         load_answer_list(cfg)
+    (tmp_path / "bad.json").write_text('["red", "blue"')  # truncated file: a DataError, not a JSONDecodeError
+    cfg.vqa.answer_list = str(tmp_path / "bad.json")
+    with pytest.raises(DataError, match="answer list .*bad.json is not valid JSON"):
+        load_answer_list(cfg)
     cfg.vqa.train_files, cfg.vqa.image_root = [str(tmp_path / "train.json")], str(tmp_path / "nowhere")
     with pytest.raises(DataError, match="image_root"):
         build_vqa_train_index(cfg)

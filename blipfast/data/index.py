@@ -264,15 +264,21 @@ class _Builder:
         )
 
 
-def load_annotations(path: str) -> List[dict]:
-    """A BLIP annotation file: a JSON list of {"image": str, "caption": str | [str, ...], ...}."""
+def read_json(path: str, what: str):
+    """The JSON document in `path`; DataError naming `what` and the file when it is missing or
+    not valid JSON (UTF-8 errors included)."""
     if not os.path.isfile(path):
-        raise DataError(f"annotation file not found: {path}")
+        raise DataError(f"{what} not found: {path}")
     try:
         with open(path) as f:
-            ann = json.load(f)
-    except ValueError as e:
-        raise DataError(f"annotation file {path} is not valid JSON: {e}") from None
+            return json.load(f)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise DataError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def load_annotations(path: str) -> List[dict]:
+    """A BLIP annotation file: a JSON list of {"image": str, "caption": str | [str, ...], ...}."""
+    ann = read_json(path, "annotation file")
     if not isinstance(ann, list):
         raise DataError(f"annotation file {path}: expected a JSON list of {{image, caption}}, got {type(ann).__name__}")
     if not ann:

@@ -26,7 +26,6 @@ resumable augmentation, DALI or PIL) with the text part replaced:
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import torch
 
 from .captions import pre_question
 from .config import DataConfig, DataError
-from .index import OUTSIDE_HINT, SampleIndex, _Cache, _check_files, inside_root
+from .index import OUTSIDE_HINT, SampleIndex, _Cache, _check_files, inside_root, read_json
 from .loader import PretrainLoader, decode_eval_images
 
 VG_WEIGHT = 0.2  # the original's weight of a Visual Genome answer
@@ -55,13 +54,7 @@ class VqaIndex(SampleIndex):
 
 def load_questions(path: str, need_answers: bool) -> List[dict]:
     """A VQA annotation file, checked entry by entry (DataError names the file and the entry)."""
-    if not os.path.isfile(path):
-        raise DataError(f"VQA annotation file not found: {path}")
-    try:
-        with open(path) as f:
-            ann = json.load(f)
-    except ValueError as e:
-        raise DataError(f"VQA annotation file {path} is not valid JSON: {e}") from None
+    ann = read_json(path, "VQA annotation file")
     if not isinstance(ann, list) or not ann:
         raise DataError(f"VQA annotation file {path}: expected a non-empty JSON list of questions")
     for i, e in enumerate(ann):
@@ -200,10 +193,7 @@ def load_answer_list(cfg: DataConfig) -> List[str]:
         if syn is None:
             raise DataError("VQA answer ranking needs data.vqa.answer_list (a JSON list of answers)")
         path = syn.answer_list
-    if not os.path.isfile(path):
-        raise DataError(f"VQA answer list not found: {path}")
-    with open(path) as f:
-        answers = json.load(f)
+    answers = read_json(path, "VQA answer list")
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
         raise DataError(f"{path}: expected a non-empty JSON list of answer strings")
     return answers
