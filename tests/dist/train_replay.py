@@ -69,9 +69,13 @@ def _replay(steps: int = STEPS, lr=1e-3, warmup_lr=1e-5, warmup_steps=2, weight_
                     summand_max[n] = max(summand_max.get(n, 0.0), float(x.abs().max()))
                 losses.append({"loss": o.loss.item(), "loss_itc": o.loss_itc.item(), "loss_itm": o.loss_itm.item(),
                                "loss_lm": o.loss_lm.item()})
-                with torch.no_grad():
-                    feats.append((model.image_features(model.visual_encoder_m(b["images"]), momentum=True),
-                                  model.text_features(b["input_ids"], b["attention_mask"], momentum=True)))
+                with torch.no_grad():  # the momentum features as the forward computes them (same rounding)
+                    packing = _packing(model, b["input_ids"], b["attention_mask"])
+                    first_only = packing is not None  # exact work: the last ViT block on [CLS] only
+                    feats.append((model.image_features(model.visual_encoder_m(b["images"], first_only=first_only),
+                                                       momentum=True),
+                                  model.text_features(b["input_ids"], b["attention_mask"], momentum=True,
+                                                      packing=packing)))
             model.dequeue_and_enqueue(torch.cat([f[0] for f in feats]), torch.cat([f[1] for f in feats]))
             out["micro"].append({"losses": losses, "momentum": _momentum_state(model)})
         grads = {}
@@ -87,6 +91,18 @@ def _replay(steps: int = STEPS, lr=1e-3, warmup_lr=1e-5, warmup_steps=2, weight_
                              "momentum": _momentum_state(model), "lr": opt.param_groups[0]["lr"]})
     out["final"] = {k: v.clone() for k, v in model.state_dict().items()}
     return out
+
+
+def _packing(model, input_ids, attention_mask):
+    """The text layout BlipForPretraining's forward uses (None: the padded path)."""
+    from blipfast.ops.packing import Packing
+
+    if not model.config.exact_work:
+        return None
+    tc = model.config.text
+    ok = (input_ids == tc.pad_token_id) | attention_mask.bool()
+    ok[:, 0] = True
+    return Packing.from_mask(attention_mask, extra_ok=ok)
 
 
 def _momentum_state(model):
