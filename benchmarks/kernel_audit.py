@@ -76,8 +76,11 @@ POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "OUT": "*i8", "
                  "SEQ_Q": "*i32", "SEQ_K": "*i32", "TILES": "*i32", "KV_LEN": "*i32"}
 
 
-def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, elem="bf16"):
-    """Compile `fn` for sm_90 as a launch with contiguous-head-dim bf16 tensors would."""
+def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, elem="bf16", types=None,
+                 not_divisible=()):
+    """Compile `fn` for sm_90 as a launch with contiguous-head-dim bf16 tensors would. types:
+    argument types that override the rules below; not_divisible: arguments a launch would not give
+    16-divisibility (a row stride of 30522)."""
     sig, consts, attrs = {}, dict(constexprs), {}
     ptr_suffix = any(n.endswith("_ptr") for n in fn.arg_names)  # the loss kernels name pointers x_ptr
     for i, name in enumerate(fn.arg_names):
@@ -100,6 +103,10 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, elem="bf
             sig[name] = "i32"
             if re.fullmatch(r"s\w+", name) and name != "splits_b":  # other strides: multiples of 16 elements
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        if types and name in types:
+            sig[name] = types[name]
+        if name in not_divisible:
+            attrs.pop((i,), None)
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
 

@@ -39,42 +39,106 @@ __all__ = ["lm_cross_entropy"]
 
 
 @triton.jit
+def _ce_fold(m_v, l_v, sx_v, x, x_sum):
+    """Fold one (ROWS, BLOCK_V) tile of logits into the per-lane running max, sum of exp and sum of
+    logits. x: -inf outside the row; x_sum: the same tile with 0 there."""
+    m_new = tl.maximum(m_v, x)
+    return m_new, l_v * tl.exp(m_v - m_new) + tl.exp(x - m_new), sx_v + x_sum
+
+
+@triton.jit
+def _ce_grad(x, cols, y, lse, scale, eps, V: tl.constexpr):
+    """d loss / d logits of one tile: (softmax - eps / V - (1 - eps) onehot(y)) x scale, per row."""
+    g = tl.exp(x - lse[:, None]) - eps / V - tl.where(cols[None, :] == y[:, None], 1.0 - eps, 0.0)
+    return g * scale[:, None]
+
+
+@triton.jit
 def _ce_kernel(logits_ptr, stride_row, labels_ptr, loss_ptr, scale_ptr, n_rows, eps, ignore_index,
-               V: tl.constexpr, WRITE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+               V: tl.constexpr, ALIGNED: tl.constexpr, WRITE_GRAD: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_V: tl.constexpr):
     """ROWS rows per program: loss_ptr[row] = smoothed CE (0 if ignored); with WRITE_GRAD,
-    logits[row] <- d loss / d logits. (ROWS is 1 on a GPU; the interpreter takes 16 at a time.)"""
+    logits[row] <- d loss / d logits. (ROWS is 1 on a GPU; the interpreter takes 16 at a time.)
+
+    The full BLOCK_V tiles of a row (the body) are loaded without a column mask, the last partial
+    tile (the tail) with one. ALIGNED (the caller checks it, see `_ce_aligned`): the logits
+    pointer is 16-byte aligned, stride_row is a multiple of 16 elements, and each row may be read
+    up to V rounded up to 16 (padding). Then every load of logits is a 128-bit vector load, the
+    tail's too (it reads the padding and discards it). Otherwise (BERT's V = 30522 as a contiguous
+    tensor: rows start 4-byte aligned) the same code runs with 16-bit scalar loads."""
+    if ALIGNED:
+        stride_row = tl.multiple_of(stride_row, 16)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
-    base = logits_ptr + rows.to(tl.int64)[:, None] * stride_row  # (ROWS, 1)
+    # rows past the end (interpreter only) re-read the last row: the body's loads need no mask
+    base = logits_ptr + tl.minimum(rows, n_rows - 1).to(tl.int64)[:, None] * stride_row  # (ROWS, 1)
     y = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int32)
     offs = tl.arange(0, BLOCK_V)
+    V_BODY: tl.constexpr = V // BLOCK_V * BLOCK_V  # columns in full tiles
+    V_LOAD: tl.constexpr = (V + 15) // 16 * 16 if ALIGNED else V  # columns a tail load may touch
     # per-lane running statistics, reduced once at the end
     m_v = tl.full((ROWS, BLOCK_V), -3.0e38, tl.float32)
     l_v = tl.zeros((ROWS, BLOCK_V), tl.float32)
     sx_v = tl.zeros((ROWS, BLOCK_V), tl.float32)
-    xy_v = tl.zeros((ROWS, BLOCK_V), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(0, V_BODY, BLOCK_V):
         cols = v0 + offs
-        ok = row_ok[:, None] & (cols < V)[None, :]
-        x = tl.load(base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m_v, x)
-        l_v = l_v * tl.exp(m_v - m_new) + tl.exp(x - m_new)
-        m_v = m_new
-        sx_v += tl.where(ok, x, 0.0)
-        xy_v += tl.where(cols[None, :] == y[:, None], x, 0.0)
+        x = tl.load(base + cols[None, :]).to(tl.float32)
+        m_v, l_v, sx_v = _ce_fold(m_v, l_v, sx_v, x, x)
+    if V_BODY < V:
+        cols = V_BODY + offs
+        x = tl.load(base + cols[None, :], mask=(cols < V_LOAD)[None, :], other=0.0).to(tl.float32)
+        in_row = (cols < V)[None, :]  # padding read by an ALIGNED tail load is dropped here
+        m_v, l_v, sx_v = _ce_fold(m_v, l_v, sx_v, tl.where(in_row, x, float("-inf")), tl.where(in_row, x, 0.0))
     m = tl.max(m_v, 1)
     lse = m + tl.log(tl.sum(l_v * tl.exp(m_v - m[:, None]), 1))
     ignored = y == ignore_index
-    loss = lse - (1.0 - eps) * tl.sum(xy_v, 1) - eps * tl.sum(sx_v, 1) / V
+    # the target logit: one element per row, read directly (not picked out of every tile); a label
+    # out of range (reported by the op's asynchronous check) must not become an out-of-bounds read
+    y_ok = (y >= 0) & (y < V) & ~ignored
+    x_y = tl.load(base + tl.where(y_ok, y, 0)[:, None], mask=y_ok[:, None], other=0.0).to(tl.float32)
+    loss = lse - (1.0 - eps) * tl.sum(x_y, 1) - eps * tl.sum(sx_v, 1) / V
     tl.store(loss_ptr + rows, tl.where(ignored, 0.0, loss), mask=row_ok)
     if WRITE_GRAD:
         scale = tl.where(ignored, 0.0, tl.load(scale_ptr))  # 1 / number of non-ignored rows
-        for v0 in range(0, V, BLOCK_V):
+        for v0 in range(0, V_BODY, BLOCK_V):
             cols = v0 + offs
-            ok = row_ok[:, None] & (cols < V)[None, :]
-            x = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse[:, None]) - eps / V - tl.where(cols[None, :] == y[:, None], 1.0 - eps, 0.0)
-            tl.store(base + cols[None, :], (g * scale[:, None]).to(logits_ptr.dtype.element_ty), mask=ok)
+            x = tl.load(base + cols[None, :]).to(tl.float32)
+            g = _ce_grad(x, cols, y, lse, scale, eps, V)
+            tl.store(base + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=row_ok[:, None])
+        if V_BODY < V:
+            cols = V_BODY + offs
+            x = tl.load(base + cols[None, :], mask=(cols < V_LOAD)[None, :], other=0.0).to(tl.float32)
+            g = _ce_grad(x, cols, y, lse, scale, eps, V)
+            tl.store(base + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < V)[None, :])
+
+
+def _ce_aligned(logits: torch.Tensor) -> bool:
+    """Whether `logits` (n, V) meets `_ce_kernel`'s ALIGNED contract: 16-byte aligned start, a row
+    stride of a multiple of 16 elements (so every row starts 16-byte aligned), unit column stride,
+    and storage behind the last row up to V rounded up to 16 (earlier rows have it: stride >= that)."""
+    n, V = logits.shape
+    if logits.stride(1) != 1 or logits.stride(0) % 16 or logits.data_ptr() % 16:
+        return False
+    end = logits.storage_offset() + (n - 1) * logits.stride(0) + triton.cdiv(V, 16) * 16  # elements
+    return end * logits.element_size() <= logits.untyped_storage().nbytes()
+
+
+def _padded_logits(rows: int, V: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised (rows, V) view with a row stride of V rounded up to 16 (30522 -> 30528):
+    rows start 16-byte aligned, so the CE kernel's loads are 128-bit vectors (`_ce_aligned`)."""
+    return torch.empty(rows, triton.cdiv(V, 16) * 16, dtype=dtype, device=device)[:, :V]
+
+
+def _launch_ce(logits, labels, loss_rows, scale, eps: float, ignore_index: int, write_grad: bool,
+               block_v: int) -> None:
+    """`_ce_kernel` over the rows of `logits` (n, V), any row stride: the ALIGNED specialisation
+    when `_ce_aligned` holds, the scalar-load one otherwise."""
+    n, V = logits.shape
+    rows_per_program = 16 if interpreting() else 1
+    _ce_kernel[(triton.cdiv(n, rows_per_program),)](
+        logits, logits.stride(0), labels, loss_rows, scale, n, float(eps), int(ignore_index), V=V,
+        ALIGNED=_ce_aligned(logits), WRITE_GRAD=write_grad, ROWS=rows_per_program, BLOCK_V=block_v, num_warps=8,
+    )
 
 
 _OUT_DTYPE_MM = {}  # device type -> whether torch.addmm(..., out_dtype=float32) works there
@@ -164,16 +228,16 @@ def _ce_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tenso
         grad_h = torch.empty_like(h) if need_h else none()
         grad_w = torch.zeros(V, C, dtype=torch.float32, device=dev) if need_w else none()
         grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if (b is not None and need_b) else none()
-        rows_per_program = 16 if interpreting() else 1
+        buf = _padded_logits(min(chunk_rows, N), V, dtype, dev)  # (chunk, V) view, row stride 16k
         for r0 in range(0, N, chunk_rows):
             r1 = min(r0 + chunk_rows, N)
             h_c = h[r0:r1]  # (n, C)
-            logits = torch.addmm(b, h_c, w.t()) if b is not None else h_c @ w.t()  # (n, V)
-            _ce_kernel[(triton.cdiv(r1 - r0, rows_per_program),)](
-                logits, logits.stride(0), labels[r0:r1], loss_rows[r0:r1], scale, r1 - r0, float(eps),
-                int(ignore_index), V=V, WRITE_GRAD=want_grad, ROWS=rows_per_program, BLOCK_V=block_v,
-                num_warps=8,
-            )
+            logits = buf[:r1 - r0]  # (n, V); cuBLAS writes it with leading dimension V rounded up to 16
+            if b is not None:
+                torch.addmm(b, h_c, w.t(), out=logits)
+            else:
+                torch.mm(h_c, w.t(), out=logits)
+            _launch_ce(logits, labels[r0:r1], loss_rows[r0:r1], scale, eps, ignore_index, want_grad, block_v)
             if not want_grad:
                 continue
             dlogits = logits  # overwritten in place by the kernel: (n, V)
