@@ -1,6 +1,8 @@
 """Fused LM head + label-smoothed cross-entropy (blipfast.kernels.cross_entropy) against the fp64
 reference: loss and the gradients of hidden, weight and bias, chunked over rows and vocabulary
 at awkward sizes; ignore_index, bad inputs. Runs under TRITON_INTERPRET=1 on the CPU."""
+import math
+
 import pytest
 import torch
 
@@ -214,3 +216,118 @@ def test_autocast_computes_in_the_autocast_dtype():
         assert torch.equal(a.to(b.dtype), b), name
     # and the test can fail: the fp32 computation differs
     assert not torch.equal(mixed[1], grads_of(ce.lm_cross_entropy, x, torch.float32, DEV, chunk_rows=4)[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# the CE kernel itself on logits of any layout: the ALIGNED specialisation (row stride a multiple
+# of 16 elements, padding readable: 128-bit loads on a GPU) and the scalar fall-back
+
+
+def logits_layout(n, V, dtype, layout, fill=float("nan")):
+    """An (n, V) view whose storage outside the view holds `fill`, and whether `_ce_aligned` must accept it."""
+    Vp = -(-V // 16) * 16  # V rounded up to 16
+    if layout == "contiguous":  # BERT's 30522 is this: rows start misaligned
+        t = torch.full((n, V), fill, dtype=dtype)
+        aligned = V % 16 == 0
+    elif layout == "padded":  # what the op allocates
+        t = torch.full((n, Vp), fill, dtype=dtype)[:, :V]
+        aligned = True
+    elif layout == "padded_wide":
+        t = torch.full((n, Vp + 16), fill, dtype=dtype)[:, :V]
+        aligned = True
+    elif layout == "shifted":  # a 16-element stride, but the first row starts one element late
+        t = torch.full((n * Vp + 1,), fill, dtype=dtype)[1:].view(n, Vp)[:, :V]
+        aligned = False
+    elif layout == "tight_last_row":  # a 16-element stride, but no padding behind the last row
+        t = torch.full(((n - 1) * Vp + V,), fill, dtype=dtype).as_strided((n, V), (Vp, 1))
+        aligned = V % 16 == 0
+    elif layout == "odd_stride":
+        t = torch.full((n, V + 1), fill, dtype=dtype)[:, :V]
+        aligned = False
+    else:
+        raise ValueError(layout)
+    return t, aligned
+
+
+def kernel_reference(x, labels, eps, ignore_index=-100):
+    """fp64 row losses and d loss / d logits of the mean smoothed CE (the kernel's outputs)."""
+    x = x.double()
+    V = x.shape[1]
+    valid = labels != ignore_index
+    lse = torch.logsumexp(x, 1)
+    x_y = x.gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    loss = torch.where(valid, lse - (1 - eps) * x_y - eps * x.mean(1), torch.zeros_like(lse))
+    onehot = torch.zeros_like(x)
+    onehot[valid, labels[valid]] = 1.0
+    scale = valid.double() / max(int(valid.sum()), 1)
+    grad = (torch.softmax(x, 1) - eps / V - (1 - eps) * onehot) * scale[:, None]
+    return loss, grad, lse
+
+
+def kernel_bounds(x, labels, eps, lse):
+    """First-order bounds on the kernel's fp32 rounding error (Higham 3.1: n terms summed err by at
+    most n u sum|terms|), evaluated in fp64 on the exact inputs. Each exp(x - m) errs relatively by
+    the rounding of its argument, u |x - m|, plus 2 u; the sum of V such positive terms adds V u
+    relatively; so lse errs by d_lse below. The smoothing term eps mean(x) sums V logits; three more
+    roundings combine the loss. The gradient: p (d_lse + u |x - lse| + 2 u) from the exp, then
+    three roundings of (p - eps / V - onehot) x scale."""
+    x = x.double()
+    V = x.shape[1]
+    m = x.max(1).values
+    d_lse = U32 * ((x - m[:, None]).abs().max(1).values + V + 4 + lse.abs())
+    valid = (labels != -100).double()
+    x_y = x.gather(1, labels.clamp(min=0)[:, None])[:, 0].abs()
+    b_loss = (d_lse + eps * U32 * (V + 2) * x.abs().mean(1) + 4 * U32 * (lse.abs() + x_y)) * valid
+    p = torch.exp(x - lse[:, None])
+    scale = (valid / max(int(valid.sum()), 1))[:, None]
+    b_grad = (p * (d_lse[:, None] + U32 * (x - lse[:, None]).abs() + 2 * U32) + 3 * U32 * (p + eps / V + 1)) * scale
+    return b_loss, b_grad
+
+
+LAYOUTS = ["contiguous", "padded", "padded_wide", "shifted", "tight_last_row", "odd_stride"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("V,block_v", [(130, 64), (301, 128), (50, 512), (256, 64), (112, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fill", [float("nan"), 1000.0])
+def test_ce_kernel_any_row_stride(layout, V, block_v, dtype, fill):
+    """V not a multiple of 16 (130, 301, 50; 256 and 112 are), a body of full tiles and a ragged tail
+    (or a tail only: 50 < 512; or no tail: 256 = 4 x 64), 21 rows (the interpreter's 16-row
+    programs run past the end); loss and in-place gradient against fp64, and nothing outside the
+    view written. The storage outside the view (padding, which an ALIGNED tail also reads and must
+    drop) holds NaN (caught if it leaks into a sum) or 1000 (a gradient written there from it is
+    inf, visibly not 1000; from NaN it would be NaN again, indistinguishable)."""
+    n, eps = 21, 0.1
+    g = torch.Generator().manual_seed(V * 3 + block_v)
+    logits, aligned = logits_layout(n, V, dtype, layout, fill)
+    assert ce._ce_aligned(logits) == aligned, "the test meant the other specialisation"
+    logits.copy_((torch.randn(n, V, generator=g) * 3).to(dtype))
+    exact_in = logits.clone()  # the kernel's inputs, exactly (fp16 or fp32)
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[[2, 7, 20]] = -100
+    labels[[0, 5]] = torch.tensor([0, V - 1])  # first column, last column (in the tail)
+    outside = torch.ones(logits.untyped_storage().nbytes() // logits.element_size(), dtype=torch.bool)
+    outside[torch.as_strided(torch.arange(outside.numel()), logits.shape, logits.stride(), logits.storage_offset())
+            .flatten()] = False  # storage elements not in the view
+    n_valid = int((labels != -100).sum())
+    loss_rows = torch.full((n,), float("nan"))
+    scale = torch.tensor([1.0 / n_valid])
+    ce._launch_ce(logits, labels, loss_rows, scale, eps, -100, True, block_v)
+
+    want_loss, want_grad, lse = kernel_reference(exact_in, labels, eps)
+    b_loss, b_grad = kernel_bounds(exact_in, labels, eps, lse)
+    assert_close("row loss", loss_rows, want_loss, b_loss)
+    # plus one rounding of the stored gradient to the logits' dtype: half an ulp, subnormals included
+    fi = torch.finfo(dtype)
+    assert_close("d logits", logits, want_grad, b_grad + fi.eps / 2 * torch.clamp(want_grad.abs(), min=fi.tiny))
+    flat = torch.empty(0, dtype=dtype).set_(logits.untyped_storage())
+    rest = flat[outside]
+    assert bool((torch.isnan(rest) if math.isnan(fill) else rest == fill).all()), "the kernel wrote outside the (n, V) view"
+
+
+def test_the_op_hands_the_kernel_aligned_logits():
+    """The op's chunk buffer: row stride V rounded up to 16 (BERT: 30522 -> 30528), the ALIGNED case."""
+    for V in (30522, 301, 256):
+        buf = ce._padded_logits(7, V, torch.bfloat16, "cpu")
+        assert buf.shape == (7, V) and buf.stride() == (-(-V // 16) * 16, 1) and ce._ce_aligned(buf)
