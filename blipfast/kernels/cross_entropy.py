@@ -37,6 +37,12 @@ from ._common import check_device, interpreting
 
 __all__ = ["lm_cross_entropy"]
 
+# The GPU launch is fixed, not autotuned (so there is no tuning key and no on-disk tuning result to
+# go stale): the kernel streams rows at memory speed, and its compile cache keys on V, the flags
+# and the dtypes. benchmarks/kernel_audit.py audits exactly this launch.
+GPU_BLOCK_V = 4096  # vocabulary tile on a GPU (8 warps: 16 logits per thread per tile)
+NUM_WARPS = 8
+
 
 @triton.jit
 def _ce_fold(m_v, l_v, sx_v, x, x_sum):
@@ -137,7 +143,8 @@ def _launch_ce(logits, labels, loss_rows, scale, eps: float, ignore_index: int, 
     rows_per_program = 16 if interpreting() else 1
     _ce_kernel[(triton.cdiv(n, rows_per_program),)](
         logits, logits.stride(0), labels, loss_rows, scale, n, float(eps), int(ignore_index), V=V,
-        ALIGNED=_ce_aligned(logits), WRITE_GRAD=write_grad, ROWS=rows_per_program, BLOCK_V=block_v, num_warps=8,
+        ALIGNED=_ce_aligned(logits), WRITE_GRAD=write_grad, ROWS=rows_per_program, BLOCK_V=block_v,
+        num_warps=NUM_WARPS,
     )
 
 
@@ -308,7 +315,7 @@ def lm_cross_entropy(
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if block_v is None:
-        block_v = min(triton.next_power_of_2(V), 128 if interpreting() else 4096)
+        block_v = min(triton.next_power_of_2(V), 128 if interpreting() else GPU_BLOCK_V)
     dev = hidden.device.type
     # decided here, not inside the op: a custom op must not depend on the caller's autocast state
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
