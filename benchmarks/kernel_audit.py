@@ -277,16 +277,18 @@ def itc_rows(log=None) -> List[Row]:
 
 
 def ce_rows(log=None) -> List[Row]:
-    """The LM cross-entropy kernel at BERT's vocabulary (V = 30522), bf16 logits, the GPU tile, with
-    the gradient sweep (training), in both specialisations: "aligned" (the op's logits buffer, row
-    stride 30528: 128-bit loads expected) and "unaligned" (the fall-back for a contiguous (n, 30522)
-    tensor: its row stride is not 16-divisible, so a launch does not get that specialisation)."""
+    """The LM cross-entropy kernel at BERT's vocabulary (V = 30522), bf16 logits and bias, the GPU
+    tile, with the gradient sweep (training), in both specialisations: "aligned" (the op's logits
+    buffer, row stride 30528: 128-bit loads expected) and "unaligned" (the fall-back for a
+    contiguous (n, 30522) tensor: its row stride is not 16-divisible, so a launch does not get that
+    specialisation)."""
     ce = importlib.import_module("blipfast.kernels.cross_entropy")
     V, bv, w = 30522, ce.GPU_BLOCK_V, ce.NUM_WARPS
-    types = dict(logits_ptr="*bf16", labels_ptr="*i64", eps="fp32")
+    types = dict(logits_ptr="*bf16", bias_ptr="*bf16", labels_ptr="*i64", eps="fp32")
     out = []
     for aligned in (True, False):
-        row = audit_kernel("ce", ce._ce_kernel, dict(V=V, ALIGNED=aligned, WRITE_GRAD=True, ROWS=1, BLOCK_V=bv), w, 3,
+        row = audit_kernel("ce", ce._ce_kernel, dict(V=V, HAS_BIAS=True, ALIGNED=aligned, WRITE_GRAD=True, ROWS=1,
+                                                                 BLOCK_V=bv), w, 3,
                            "aligned" if aligned else "unaligned", f"V{V} BV{bv} w{w}", types=types,
                            not_divisible=() if aligned else ("stride_row",))
         out.append(row)

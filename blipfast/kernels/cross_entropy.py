@@ -6,10 +6,11 @@ Semantics: `reference.lm_cross_entropy` with reduction "mean":
 which is PyTorch's `cross_entropy(label_smoothing=eps)`.
 
 Design (the Liger-Kernel "fused linear cross-entropy" layout): rows are processed in chunks.
-For each chunk, cuBLAS computes the chunk's logits (chunk x V, in the compute dtype), one
-Triton program per row streams over the vocabulary with a running max / sum-exp (plus the sum
-of the logits for the smoothing term and the target logit), writes the row loss, and in a
-second sweep overwrites the logits in place with d loss / d logits =
+For each chunk, cuBLAS computes hidden @ weight^T (chunk x V, in the compute dtype, into a buffer
+whose rows are padded to a multiple of 16 elements so that the kernel's loads are 128-bit vectors),
+one Triton program per row adds the bias and streams over the vocabulary with a running max /
+sum-exp (plus the sum of the logits for the smoothing term; the target logit is read once),
+writes the row loss, and in a second sweep overwrites the logits in place with d loss / d logits =
 (softmax - eps / V - (1 - eps) * onehot) / n_valid. Then cuBLAS turns that chunk into its share of
 the gradients: d hidden = dlogits @ weight, d weight += dlogits^T @ hidden, d bias += sum(dlogits).
 The gradients are therefore computed during the forward (when any input needs one), and the
@@ -60,18 +61,35 @@ def _ce_grad(x, cols, y, lse, scale, eps, V: tl.constexpr):
 
 
 @triton.jit
-def _ce_kernel(logits_ptr, stride_row, labels_ptr, loss_ptr, scale_ptr, n_rows, eps, ignore_index,
-               V: tl.constexpr, ALIGNED: tl.constexpr, WRITE_GRAD: tl.constexpr, ROWS: tl.constexpr,
-               BLOCK_V: tl.constexpr):
-    """ROWS rows per program: loss_ptr[row] = smoothed CE (0 if ignored); with WRITE_GRAD,
-    logits[row] <- d loss / d logits. (ROWS is 1 on a GPU; the interpreter takes 16 at a time.)
+def _ce_load(base, bias_ptr, cols, TAIL: tl.constexpr, V_LOAD: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One (ROWS, BLOCK_V) tile of logits (+ bias) in fp32: a body tile unmasked, the tail masked to
+    V_LOAD columns (whatever it holds past V is the caller's to drop)."""
+    if TAIL:
+        x = tl.load(base + cols[None, :], mask=(cols < V_LOAD)[None, :], other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + cols, mask=cols < V_LOAD, other=0.0).to(tl.float32)[None, :]
+    else:
+        x = tl.load(base + cols[None, :]).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    return x
+
+
+@triton.jit
+def _ce_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, loss_ptr, scale_ptr, n_rows, eps, ignore_index,
+               V: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, WRITE_GRAD: tl.constexpr,
+               ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """ROWS rows per program of z = logits (+ bias, added here in fp32): loss_ptr[row] = smoothed CE
+    of z (0 if ignored); with WRITE_GRAD, logits[row] <- d loss / d z. (ROWS is 1 on a GPU; the
+    interpreter takes 16 at a time.)
 
     The full BLOCK_V tiles of a row (the body) are loaded without a column mask, the last partial
-    tile (the tail) with one. ALIGNED (the caller checks it, see `_ce_aligned`): the logits
-    pointer is 16-byte aligned, stride_row is a multiple of 16 elements, and each row may be read
-    up to V rounded up to 16 (padding). Then every load of logits is a 128-bit vector load, the
-    tail's too (it reads the padding and discards it). Otherwise (BERT's V = 30522 as a contiguous
-    tensor: rows start 4-byte aligned) the same code runs with 16-bit scalar loads."""
+    tile (the tail) with one. ALIGNED (the caller checks it, see `_ce_aligned`): the logits and
+    bias pointers are 16-byte aligned, stride_row is a multiple of 16 elements, and each row and
+    the bias may be read up to V rounded up to 16 (padding). Then every load of logits and bias is
+    a 128-bit vector load, the tail's too (it reads the padding and drops it). Otherwise (BERT's
+    V = 30522 as a contiguous tensor: rows start 4-byte aligned) the same code runs with 16-bit
+    scalar loads."""
     if ALIGNED:
         stride_row = tl.multiple_of(stride_row, 16)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -87,12 +105,11 @@ def _ce_kernel(logits_ptr, stride_row, labels_ptr, loss_ptr, scale_ptr, n_rows, 
     l_v = tl.zeros((ROWS, BLOCK_V), tl.float32)
     sx_v = tl.zeros((ROWS, BLOCK_V), tl.float32)
     for v0 in range(0, V_BODY, BLOCK_V):
-        cols = v0 + offs
-        x = tl.load(base + cols[None, :]).to(tl.float32)
+        x = _ce_load(base, bias_ptr, v0 + offs, False, V_LOAD, HAS_BIAS)
         m_v, l_v, sx_v = _ce_fold(m_v, l_v, sx_v, x, x)
     if V_BODY < V:
         cols = V_BODY + offs
-        x = tl.load(base + cols[None, :], mask=(cols < V_LOAD)[None, :], other=0.0).to(tl.float32)
+        x = _ce_load(base, bias_ptr, cols, True, V_LOAD, HAS_BIAS)
         in_row = (cols < V)[None, :]  # padding read by an ALIGNED tail load is dropped here
         m_v, l_v, sx_v = _ce_fold(m_v, l_v, sx_v, tl.where(in_row, x, float("-inf")), tl.where(in_row, x, 0.0))
     m = tl.max(m_v, 1)
@@ -101,50 +118,62 @@ def _ce_kernel(logits_ptr, stride_row, labels_ptr, loss_ptr, scale_ptr, n_rows, 
     # the target logit: one element per row, read directly (not picked out of every tile); a label
     # out of range (reported by the op's asynchronous check) must not become an out-of-bounds read
     y_ok = (y >= 0) & (y < V) & ~ignored
-    x_y = tl.load(base + tl.where(y_ok, y, 0)[:, None], mask=y_ok[:, None], other=0.0).to(tl.float32)
-    loss = lse - (1.0 - eps) * tl.sum(x_y, 1) - eps * tl.sum(sx_v, 1) / V
+    y_col = tl.where(y_ok, y, 0)
+    z_y = tl.load(base + y_col[:, None], mask=y_ok[:, None], other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z_y += tl.load(bias_ptr + y_col, mask=y_ok, other=0.0).to(tl.float32)[:, None]
+    loss = lse - (1.0 - eps) * tl.sum(z_y, 1) - eps * tl.sum(sx_v, 1) / V
     tl.store(loss_ptr + rows, tl.where(ignored, 0.0, loss), mask=row_ok)
     if WRITE_GRAD:
         scale = tl.where(ignored, 0.0, tl.load(scale_ptr))  # 1 / number of non-ignored rows
         for v0 in range(0, V_BODY, BLOCK_V):
             cols = v0 + offs
-            x = tl.load(base + cols[None, :]).to(tl.float32)
-            g = _ce_grad(x, cols, y, lse, scale, eps, V)
+            g = _ce_grad(_ce_load(base, bias_ptr, cols, False, V_LOAD, HAS_BIAS), cols, y, lse, scale, eps, V)
             tl.store(base + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=row_ok[:, None])
         if V_BODY < V:
             cols = V_BODY + offs
-            x = tl.load(base + cols[None, :], mask=(cols < V_LOAD)[None, :], other=0.0).to(tl.float32)
-            g = _ce_grad(x, cols, y, lse, scale, eps, V)
+            g = _ce_grad(_ce_load(base, bias_ptr, cols, True, V_LOAD, HAS_BIAS), cols, y, lse, scale, eps, V)
             tl.store(base + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < V)[None, :])
 
 
-def _ce_aligned(logits: torch.Tensor) -> bool:
-    """Whether `logits` (n, V) meets `_ce_kernel`'s ALIGNED contract: 16-byte aligned start, a row
-    stride of a multiple of 16 elements (so every row starts 16-byte aligned), unit column stride,
-    and storage behind the last row up to V rounded up to 16 (earlier rows have it: stride >= that)."""
+def _readable_to(t: torch.Tensor, end: int) -> bool:
+    """Whether t's storage holds `end` elements from t's first one (an aligned tail reads that far)."""
+    return (t.storage_offset() + end) * t.element_size() <= t.untyped_storage().nbytes()
+
+
+def _ce_aligned(logits: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
+    """Whether `logits` (n, V) and `bias` (V,) meet `_ce_kernel`'s ALIGNED contract: 16-byte aligned
+    starts, unit column stride, a row stride of a multiple of 16 elements (so every row starts
+    16-byte aligned), and storage behind the last row and the bias up to V rounded up to 16 (earlier
+    rows have it: their stride is at least that)."""
     n, V = logits.shape
+    V16 = triton.cdiv(V, 16) * 16
     if logits.stride(1) != 1 or logits.stride(0) % 16 or logits.data_ptr() % 16:
         return False
-    end = logits.storage_offset() + (n - 1) * logits.stride(0) + triton.cdiv(V, 16) * 16  # elements
-    return end * logits.element_size() <= logits.untyped_storage().nbytes()
+    if bias is not None and (bias.stride(0) != 1 or bias.data_ptr() % 16 or not _readable_to(bias, V16)):
+        return False
+    return _readable_to(logits, (n - 1) * logits.stride(0) + V16)
 
 
-def _padded_logits(rows: int, V: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialised (rows, V) view with a row stride of V rounded up to 16 (30522 -> 30528):
-    rows start 16-byte aligned, so the CE kernel's loads are 128-bit vectors (`_ce_aligned`)."""
-    return torch.empty(rows, triton.cdiv(V, 16) * 16, dtype=dtype, device=device)[:, :V]
+def _padded(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised view of `shape` whose last dimension V is stored rounded up to 16 (30522 ->
+    30528): rows start 16-byte aligned and the padding is readable (`_ce_aligned`)."""
+    V = shape[-1]
+    return torch.empty(*shape[:-1], triton.cdiv(V, 16) * 16, dtype=dtype, device=device)[..., :V]
 
 
-def _launch_ce(logits, labels, loss_rows, scale, eps: float, ignore_index: int, write_grad: bool,
+def _launch_ce(logits, bias, labels, loss_rows, scale, eps: float, ignore_index: int, write_grad: bool,
                block_v: int) -> None:
-    """`_ce_kernel` over the rows of `logits` (n, V), any row stride: the ALIGNED specialisation
-    when `_ce_aligned` holds, the scalar-load one otherwise."""
+    """`_ce_kernel` over the rows of `logits` (n, V) (any row stride) plus `bias` (V,) or None: the
+    ALIGNED specialisation when `_ce_aligned` holds, the scalar-load one otherwise."""
     n, V = logits.shape
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
     rows_per_program = 16 if interpreting() else 1
     _ce_kernel[(triton.cdiv(n, rows_per_program),)](
-        logits, logits.stride(0), labels, loss_rows, scale, n, float(eps), int(ignore_index), V=V,
-        ALIGNED=_ce_aligned(logits), WRITE_GRAD=write_grad, ROWS=rows_per_program, BLOCK_V=block_v,
-        num_warps=NUM_WARPS,
+        logits, logits.stride(0), logits if bias is None else bias, labels, loss_rows, scale, n, float(eps),
+        int(ignore_index), V=V, HAS_BIAS=bias is not None, ALIGNED=_ce_aligned(logits, bias), WRITE_GRAD=write_grad,
+        ROWS=rows_per_program, BLOCK_V=block_v, num_warps=NUM_WARPS,
     )
 
 
@@ -226,7 +255,8 @@ def _ce_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tenso
     with torch.autocast(dev.type, enabled=False):  # explicit casts below, one dtype throughout
         h = hidden.to(dtype).contiguous()
         w = weight.to(dtype).contiguous()
-        b = bias.to(dtype) if bias is not None else None
+        # (V,) in a buffer of V rounded up to 16, as the kernel's aligned loads want
+        b = _padded((V,), dtype, dev).copy_(bias) if bias is not None else None
         labels = labels.contiguous()
         n_valid = (labels != ignore_index).sum()
         scale = (1.0 / n_valid.clamp(min=1).float()).reshape(1)  # device scalar: no sync
@@ -235,16 +265,15 @@ def _ce_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tenso
         grad_h = torch.empty_like(h) if need_h else none()
         grad_w = torch.zeros(V, C, dtype=torch.float32, device=dev) if need_w else none()
         grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if (b is not None and need_b) else none()
-        buf = _padded_logits(min(chunk_rows, N), V, dtype, dev)  # (chunk, V) view, row stride 16k
+        buf = _padded((min(chunk_rows, N), V), dtype, dev)  # (chunk, V) view, row stride V rounded up to 16
         for r0 in range(0, N, chunk_rows):
             r1 = min(r0 + chunk_rows, N)
             h_c = h[r0:r1]  # (n, C)
             logits = buf[:r1 - r0]  # (n, V); cuBLAS writes it with leading dimension V rounded up to 16
-            if b is not None:
-                torch.addmm(b, h_c, w.t(), out=logits)
-            else:
-                torch.mm(h_c, w.t(), out=logits)
-            _launch_ce(logits, labels[r0:r1], loss_rows[r0:r1], scale, eps, ignore_index, want_grad, block_v)
+            # no bias here: cuBLASLt adds it in its epilogue only into a contiguous output (else
+            # PyTorch first copies it into every row); the kernel adds it instead, in fp32
+            torch.mm(h_c, w.t(), out=logits)
+            _launch_ce(logits, b, labels[r0:r1], loss_rows[r0:r1], scale, eps, ignore_index, want_grad, block_v)
             if not want_grad:
                 continue
             dlogits = logits  # overwritten in place by the kernel: (n, V)
