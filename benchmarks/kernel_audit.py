@@ -430,6 +430,10 @@ def work_table() -> List[dict]:
 # report
 
 
+def _widths(counts: Dict[str, int]) -> str:
+    return " ".join(f"{w}b x{n}" for w, n in sorted(counts.items(), key=lambda kv: -int(kv[0])))
+
+
 def format_rows(rows: List[Row]) -> str:
     head = f"{'kernel':6} {'variant':22} {'config':16} {'regs':>4} {'spill':>5} {'smem':>6} {'occ':>5} {'mma':8} " \
            f"{'loop':>5} {'x':>5}"
@@ -439,8 +443,7 @@ def format_rows(rows: List[Row]) -> str:
         lines.append(f"{r.kernel:6} {r.variant:22} {r.config:16} {r.regs:4d} {r.spills:5d} {r.smem:6d} "
                      f"{r.occ:5.3f} {r.mma:8} {r.loop:5d} {ratio:>5}")
         if r.kernel == "ce":  # a memory-bound kernel: how wide its global accesses are
-            fmt = lambda d: " ".join(f"{k}b x{v}" for k, v in sorted(d.items(), key=lambda kv: -int(kv[0])))  # noqa: E731
-            lines[-1] += f"   LDG {fmt(r.ldg)} | STG {fmt(r.stg)}"
+            lines[-1] += f"   LDG {_widths(r.ldg)} | STG {_widths(r.stg)}"
     return "\n".join(lines)
 
 

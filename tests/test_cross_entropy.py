@@ -342,7 +342,8 @@ def test_ce_kernel_any_row_stride(layout, V, block_v, has_bias, dtype, fill):
     assert_close("d logits", logits, want_grad, b_grad + fi.eps / 2 * torch.clamp(want_grad.abs(), min=fi.tiny))
     flat = torch.empty(0, dtype=dtype, device=DEV).set_(logits.untyped_storage())
     rest = flat.cpu()[outside]
-    assert bool((torch.isnan(rest) if math.isnan(fill) else rest == fill).all()), "the kernel wrote outside the (n, V) view"
+    untouched = torch.isnan(rest) if math.isnan(fill) else rest == fill
+    assert bool(untouched.all()), "the kernel wrote outside the (n, V) view"
     if bias is not None:
         assert torch.equal(bias, bias_before), "the kernel wrote the bias"
 

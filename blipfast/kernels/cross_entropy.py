@@ -133,7 +133,8 @@ def _ce_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, loss_ptr, scale_ptr
         if V_BODY < V:
             cols = V_BODY + offs
             g = _ce_grad(_ce_load(base, bias_ptr, cols, True, V_LOAD, HAS_BIAS), cols, y, lse, scale, eps, V)
-            tl.store(base + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < V)[None, :])
+            tl.store(base + cols[None, :], g.to(logits_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (cols < V)[None, :])
 
 
 def _readable_to(t: torch.Tensor, end: int) -> bool:
