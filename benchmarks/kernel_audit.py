@@ -14,7 +14,9 @@ Per compiled kernel it reports:
   mma               wgmma (Hopper's warpgroup MMA) or mma.sync (the Ampere path), read from the PTX;
   loop              SASS instructions of the main loop body per iteration (the longest backward
                     branch span that holds an MMA), and with dropout its ratio to the same kernel
-                    without dropout.
+                    without dropout;
+  LDG / STG         (the cross-entropy rows) global loads / stores in the SASS by width: 128-bit
+                    vector (LDG.E.128) versus 32-bit and 16-bit scalar (LDG.E, LDG.E.U16).
 Compilation follows what `triton.jit` does at a launch: strides of 1 become constants, pointers and
 strides are given 16-divisibility (the layouts the model hands over have it).
 
@@ -76,8 +78,11 @@ POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "OUT": "*i8", "
                  "SEQ_Q": "*i32", "SEQ_K": "*i32", "TILES": "*i32", "KV_LEN": "*i32"}
 
 
-def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, elem="bf16"):
-    """Compile `fn` for sm_90 as a launch with contiguous-head-dim bf16 tensors would."""
+def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, elem="bf16", types=None,
+                 not_divisible=()):
+    """Compile `fn` for sm_90 as a launch with contiguous-head-dim bf16 tensors would. types:
+    argument types that override the rules below; not_divisible: arguments a launch would not give
+    16-divisibility (a row stride of 30522)."""
     sig, consts, attrs = {}, dict(constexprs), {}
     ptr_suffix = any(n.endswith("_ptr") for n in fn.arg_names)  # the loss kernels name pointers x_ptr
     for i, name in enumerate(fn.arg_names):
@@ -100,6 +105,10 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, elem="bf
             sig[name] = "i32"
             if re.fullmatch(r"s\w+", name) and name != "splits_b":  # other strides: multiples of 16 elements
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        if types and name in types:
+            sig[name] = types[name]
+        if name in not_divisible:
+            attrs.pop((i,), None)
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
 
@@ -157,17 +166,34 @@ class Row:
     mma: str
     loop: int
     loop_ratio: Optional[float] = None  # with dropout: loop / the same kernel's loop without
+    ldg: Optional[Dict[str, int]] = None  # global loads (LDG) in the SASS by width in bits, e.g. {"128": 6, "16": 1}
+    stg: Optional[Dict[str, int]] = None  # global stores (STG) likewise
+
+
+def global_accesses(sass: str, op: str) -> Dict[str, int]:
+    """Static count of the SASS global loads (op "LDG") or stores ("STG") by access width in bits:
+    LDG.E.128 is a 128-bit vector load, LDG.E.64 64, LDG.E 32, LDG.E.U16 / .S16 16, .U8 / .S8 8."""
+    out: Dict[str, int] = {}
+    for _, _, name, _ in _INSTR.findall(sass):
+        parts = name.split(".")
+        if parts[0] != op:  # not LDGSTS / LDGDEPBAR
+            continue
+        width = next((w for w in ("128", "64") if w in parts[1:]), None) or next(
+            (p[1:] for p in parts[1:] if p in ("U16", "S16", "U8", "S8")), "32")
+        out[width] = out.get(width, 0) + 1
+    return out
 
 
 def audit_kernel(name: str, fn, constexprs: dict, num_warps: int, num_stages: int, variant: str,
-                 config: str) -> Row:
-    k = compile_sm90(fn, constexprs, num_warps, num_stages)
+                 config: str, **compile_kw) -> Row:
+    k = compile_sm90(fn, constexprs, num_warps, num_stages, **compile_kw)
     usage = _res_usage(k.asm["cubin"])
     ptx = k.asm["ptx"]
     mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")
     smem = k.metadata.shared
     return Row(name, variant, config, usage["regs"], usage["spills"], smem, occupancy(usage["regs"], smem, num_warps),
-               mma, loop_instructions(usage["sass"]))
+               mma, loop_instructions(usage["sass"]), ldg=global_accesses(usage["sass"], "LDG"),
+               stg=global_accesses(usage["sass"], "STG"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +244,7 @@ def run_compile_audit(quick: bool = False, log=None) -> List[Row]:
             if log:
                 log(row)
     rows += itc_rows(log)
+    rows += ce_rows(log)
     base = {(r.kernel, r.variant, r.config): r.loop for r in rows if "dropout" not in r.variant}
     for r in rows:
         if "dropout" in r.variant:
@@ -243,6 +270,27 @@ def itc_rows(log=None) -> List[Row]:
         variant = "default" if (name == "itc_st" or bm == cfg.block_m_grad) else "candidate"
         row = audit_kernel(name, fn, dict(base, BLOCK_M=bm, **extra), cfg.num_warps, cfg.num_stages, variant,
                            f"{bm}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}")
+        out.append(row)
+        if log:
+            log(row)
+    return out
+
+
+def ce_rows(log=None) -> List[Row]:
+    """The LM cross-entropy kernel at BERT's vocabulary (V = 30522), bf16 logits and bias, the GPU
+    tile, with the gradient sweep (training), in both specialisations: "aligned" (the op's logits
+    buffer, row stride 30528: 128-bit loads expected) and "unaligned" (the fall-back for a
+    contiguous (n, 30522) tensor: its row stride is not 16-divisible, so a launch does not get that
+    specialisation)."""
+    ce = importlib.import_module("blipfast.kernels.cross_entropy")
+    V, bv, w = 30522, ce.GPU_BLOCK_V, ce.NUM_WARPS
+    types = dict(logits_ptr="*bf16", bias_ptr="*bf16", labels_ptr="*i64", eps="fp32")
+    out = []
+    for aligned in (True, False):
+        row = audit_kernel("ce", ce._ce_kernel, dict(V=V, HAS_BIAS=True, ALIGNED=aligned, WRITE_GRAD=True, ROWS=1,
+                                                                 BLOCK_V=bv), w, 3,
+                           "aligned" if aligned else "unaligned", f"V{V} BV{bv} w{w}", types=types,
+                           not_divisible=() if aligned else ("stride_row",))
         out.append(row)
         if log:
             log(row)
@@ -382,6 +430,10 @@ def work_table() -> List[dict]:
 # report
 
 
+def _widths(counts: Dict[str, int]) -> str:
+    return " ".join(f"{w}b x{n}" for w, n in sorted(counts.items(), key=lambda kv: -int(kv[0])))
+
+
 def format_rows(rows: List[Row]) -> str:
     head = f"{'kernel':6} {'variant':22} {'config':16} {'regs':>4} {'spill':>5} {'smem':>6} {'occ':>5} {'mma':8} " \
            f"{'loop':>5} {'x':>5}"
@@ -390,6 +442,8 @@ def format_rows(rows: List[Row]) -> str:
         ratio = f"{r.loop_ratio:.2f}" if r.loop_ratio else ""
         lines.append(f"{r.kernel:6} {r.variant:22} {r.config:16} {r.regs:4d} {r.spills:5d} {r.smem:6d} "
                      f"{r.occ:5.3f} {r.mma:8} {r.loop:5d} {ratio:>5}")
+        if r.kernel == "ce":  # a memory-bound kernel: how wide its global accesses are
+            lines[-1] += f"   LDG {_widths(r.ldg)} | STG {_widths(r.stg)}"
     return "\n".join(lines)
 
 

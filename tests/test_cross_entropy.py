@@ -1,6 +1,8 @@
 """Fused LM head + label-smoothed cross-entropy (blipfast.kernels.cross_entropy) against the fp64
 reference: loss and the gradients of hidden, weight and bias, chunked over rows and vocabulary
 at awkward sizes; ignore_index, bad inputs. Runs under TRITON_INTERPRET=1 on the CPU."""
+import math
+
 import pytest
 import torch
 
@@ -214,3 +216,141 @@ def test_autocast_computes_in_the_autocast_dtype():
         assert torch.equal(a.to(b.dtype), b), name
     # and the test can fail: the fp32 computation differs
     assert not torch.equal(mixed[1], grads_of(ce.lm_cross_entropy, x, torch.float32, DEV, chunk_rows=4)[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# the CE kernel itself on logits of any layout: the ALIGNED specialisation (row stride a multiple
+# of 16 elements, padding readable: 128-bit loads on a GPU) and the scalar fall-back
+
+
+def logits_layout(n, V, dtype, layout, fill=float("nan")):
+    """An (n, V) view whose storage outside the view holds `fill`, and whether `_ce_aligned` must accept it."""
+    Vp = -(-V // 16) * 16  # V rounded up to 16
+    if layout == "contiguous":  # BERT's 30522 is this: rows start misaligned
+        t = torch.full((n, V), fill, dtype=dtype, device=DEV)
+        aligned = V % 16 == 0
+    elif layout in ("padded", "tight_bias"):  # what the op allocates
+        t = torch.full((n, Vp), fill, dtype=dtype, device=DEV)[:, :V]
+        aligned = True  # (as far as the logits go)
+    elif layout == "padded_wide":
+        t = torch.full((n, Vp + 16), fill, dtype=dtype, device=DEV)[:, :V]
+        aligned = True
+    elif layout == "shifted":  # a 16-element stride, but the first row starts one element late
+        t = torch.full((n * Vp + 1,), fill, dtype=dtype, device=DEV)[1:].view(n, Vp)[:, :V]
+        aligned = False
+    elif layout == "tight_last_row":  # a 16-element stride, but no padding behind the last row
+        t = torch.full(((n - 1) * Vp + V,), fill, dtype=dtype, device=DEV).as_strided((n, V), (Vp, 1))
+        aligned = V % 16 == 0
+    elif layout == "odd_stride":
+        t = torch.full((n, V + 1), fill, dtype=dtype, device=DEV)[:, :V]
+        aligned = False
+    else:
+        raise ValueError(layout)
+    return t, aligned
+
+
+def kernel_reference(x, labels, eps, ignore_index=-100):
+    """fp64 row losses and d loss / d z of the mean smoothed CE of z (the kernel's outputs)."""
+    x = x.double()
+    V = x.shape[1]
+    valid = labels != ignore_index
+    lse = torch.logsumexp(x, 1)
+    x_y = x.gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    loss = torch.where(valid, lse - (1 - eps) * x_y - eps * x.mean(1), torch.zeros_like(lse))
+    onehot = torch.zeros_like(x)
+    onehot[valid, labels[valid]] = 1.0
+    scale = valid.double() / max(int(valid.sum()), 1)
+    grad = (torch.softmax(x, 1) - eps / V - (1 - eps) * onehot) * scale[:, None]
+    return loss, grad, lse
+
+
+def kernel_bounds(x, labels, eps, lse, bias):
+    """First-order bounds on the kernel's fp32 rounding error (Higham 3.1: n terms summed err by at
+    most n u sum|terms|), evaluated in fp64 on the exact inputs; x = logits + bias, where the
+    kernel's one fp32 addition errs by u |x|. Each exp(a), a = x - m, errs relatively by the
+    rounding of a, u (|a| + |x|), plus that of exp itself: on a GPU exp2(a log2 e), whose product
+    rounds once more (u |a|) and whose ex2.approx errs by under 3 u (the interpreter: numpy's exp,
+    within that); the sum of V such positive terms adds V u relatively; so lse errs by d_lse below.
+    The smoothing term eps mean(x) sums V logits; three more roundings combine the loss. The
+    gradient: p (d_lse + u (2 |x - lse| + |x|) + 3 u) from the exp, then three roundings of
+    (p - eps / V - onehot) x scale."""
+    x = x.double()
+    V = x.shape[1]
+    ax = x.abs() if bias is not None else torch.zeros_like(x)  # error of the bias addition / u
+    m = x.max(1).values
+    d_lse = U32 * (2 * (x - m[:, None]).abs().max(1).values + ax.max(1).values + V + 5 + lse.abs())
+    valid = (labels != -100).double()
+    x_y = x.gather(1, labels.clamp(min=0)[:, None])[:, 0].abs()
+    b_loss = (d_lse + eps * U32 * (V + 3) * x.abs().mean(1) + 5 * U32 * (lse.abs() + x_y)) * valid
+    p = torch.exp(x - lse[:, None])
+    scale = (valid / max(int(valid.sum()), 1))[:, None]
+    b_grad = (p * (d_lse[:, None] + U32 * (2 * (x - lse[:, None]).abs() + ax) + 3 * U32)
+              + 3 * U32 * (p + eps / V + 1)) * scale
+    return b_loss, b_grad
+
+
+def bias_layout(V, dtype, layout, fill):
+    """The bias (V,) for a logits layout: padded to 16 where the logits are (the op's), else exact."""
+    if layout in ("padded", "padded_wide", "shifted"):
+        return torch.full((-(-V // 16) * 16,), fill, dtype=dtype, device=DEV)[:V]
+    return torch.full((V,), fill, dtype=dtype, device=DEV)  # "tight_bias": the logits padded, the bias not
+
+
+LAYOUTS = ["contiguous", "padded", "padded_wide", "shifted", "tight_last_row", "odd_stride", "tight_bias"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("V,block_v,has_bias", [(130, 64, True), (301, 128, True), (50, 512, False), (256, 64, True),
+                                                (112, 32, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fill", [float("nan"), 1000.0])
+def test_ce_kernel_any_row_stride(layout, V, block_v, has_bias, dtype, fill):
+    """V not a multiple of 16 (130, 301, 50; 256 and 112 are), a body of full tiles and a ragged tail
+    (or a tail only: 50 < 512; or no tail: 256 = 4 x 64), 21 rows (the interpreter's 16-row
+    programs run past the end); loss and in-place gradient against fp64, and nothing outside the
+    view written. The storage outside the view (padding, which an ALIGNED tail also reads and must
+    drop) holds NaN (caught if it leaks into a sum) or 1000 (a gradient written there from it is
+    inf, visibly not 1000; from NaN it would be NaN again, indistinguishable)."""
+    n, eps = 21, 0.1
+    g = torch.Generator().manual_seed(V * 3 + block_v)
+    logits, aligned = logits_layout(n, V, dtype, layout, fill)  # on DEV
+    bias = bias_layout(V, dtype, layout, fill) if has_bias else None
+    aligned = aligned and not (layout == "tight_bias" and bias is not None and V % 16)  # no padding behind the bias
+    assert ce._ce_aligned(logits, bias) == aligned, "the test meant the other specialisation"
+    logits.copy_((torch.randn(n, V, generator=g) * 3).to(dtype))
+    z = logits.double().cpu()  # the kernel's inputs, exactly (fp16 or fp32), and their sum with the bias
+    if bias is not None:
+        bias.copy_((torch.randn(V, generator=g) * 2).to(dtype))
+        z = z + bias.double().cpu()
+        bias_before = bias.clone()
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[[2, 7, 20]] = -100
+    labels[[0, 5]] = torch.tensor([0, V - 1])  # first column, last column (in the tail)
+    outside = torch.ones(logits.untyped_storage().nbytes() // logits.element_size(), dtype=torch.bool)  # (elements,)
+    outside[torch.as_strided(torch.arange(outside.numel()), logits.shape, logits.stride(), logits.storage_offset())
+            .flatten()] = False  # storage elements not in the view
+    n_valid = int((labels != -100).sum())
+    loss_rows = torch.full((n,), float("nan"), device=DEV)
+    scale = torch.tensor([1.0 / n_valid], device=DEV)
+    ce._launch_ce(logits, bias, labels.to(DEV), loss_rows, scale, eps, -100, True, block_v)
+
+    want_loss, want_grad, lse = kernel_reference(z, labels, eps)
+    b_loss, b_grad = kernel_bounds(z, labels, eps, lse, bias)
+    assert_close("row loss", loss_rows, want_loss, b_loss)
+    # plus one rounding of the stored gradient to the logits' dtype: half an ulp, subnormals included
+    fi = torch.finfo(dtype)
+    assert_close("d logits", logits, want_grad, b_grad + fi.eps / 2 * torch.clamp(want_grad.abs(), min=fi.tiny))
+    flat = torch.empty(0, dtype=dtype, device=DEV).set_(logits.untyped_storage())
+    rest = flat.cpu()[outside]
+    untouched = torch.isnan(rest) if math.isnan(fill) else rest == fill
+    assert bool(untouched.all()), "the kernel wrote outside the (n, V) view"
+    if bias is not None:
+        assert torch.equal(bias, bias_before), "the kernel wrote the bias"
+
+
+def test_the_op_hands_the_kernel_aligned_logits():
+    """The op's chunk buffer and bias: V stored rounded up to 16 (BERT: 30522 -> 30528), the ALIGNED case."""
+    for V in (30522, 301, 256):
+        buf, bias = ce._padded((7, V), torch.bfloat16, "cpu"), ce._padded((V,), torch.bfloat16, "cpu")
+        assert buf.shape == (7, V) and buf.stride() == (-(-V // 16) * 16, 1) and bias.shape == (V,)
+        assert ce._ce_aligned(buf, bias) and ce._ce_aligned(buf)

@@ -49,7 +49,7 @@ def audit(request, tmp_path_factory):
 def test_every_kernel_compiles_to_wgmma_without_spills(audit):
     rows = [r for r in audit["rows"] if r["variant"] != "candidate"]  # candidates are reported, not used
     assert len(rows) >= 30, f"only {len(rows)} kernels audited"
-    assert {r["kernel"] for r in rows} == {"fwd", "dq", "dkdv", "itc_st", "itc_gr"}
+    assert {r["kernel"] for r in rows} == {"fwd", "dq", "dkdv", "itc_st", "itc_gr", "ce"}
     assert any("varlen" in r["variant"] for r in rows)
     spilling = [(r["kernel"], r["variant"], r["config"], r["spills"]) for r in rows if r["spills"] > THRESHOLDS["spills"]]
     assert not spilling, f"spills: {spilling}"
@@ -65,6 +65,23 @@ def test_loss_kernels_on_wgmma(audit):
     rows = [r for r in audit["rows"] if r["kernel"].startswith("itc") and r["variant"] == "default"]
     assert rows and all(r["mma"] == "wgmma" for r in rows), rows
     assert all(r["loop"] > 0 for r in rows), "a main loop was not found in the SASS"
+
+
+def test_ce_aligned_loads_are_vectorised(audit):
+    """The LM cross-entropy kernel at V = 30522 (bf16 logits and bias, 16 per thread per tile).
+    ALIGNED (the op's buffers, V stored as 30528): every tile of logits and bias, body and tail,
+    both sweeps, is read with 128-bit loads; the only narrower loads are the row's label and
+    1/n_valid (32-bit) and its target logit and bias entry (16-bit, one element each). The
+    unaligned fall-back (a contiguous (n, 30522) tensor) reads the logits 16 bits at a time: what
+    the aligned path removes, and proof that the count tells the two apart."""
+    ce = {r["variant"]: r for r in audit["rows"] if r["kernel"] == "ce"}
+    assert set(ce) == {"aligned", "unaligned"}, set(ce)
+    a, u = ce["aligned"], ce["unaligned"]
+    assert a["spills"] == 0 and u["spills"] == 0, (a["spills"], u["spills"])
+    assert a["ldg"].get("128", 0) >= 4, a["ldg"]  # at least a body and a tail tile per sweep
+    assert a["ldg"].get("16", 0) <= 2 and a["ldg"].get("32", 0) <= 2 and "64" not in a["ldg"], a["ldg"]
+    assert a["stg"].get("128", 0) >= 1 and a["stg"].get("16", 0) == 0, a["stg"]  # tail stores: 32-bit (V is even)
+    assert u["ldg"].get("16", 0) >= 16, u["ldg"]
 
 
 @pytest.mark.xfail(strict=True, reason="not met yet: one Philox-4x32-10 per 8 elements (16-bit thresholds, so that "
