@@ -26,6 +26,8 @@ right after the loss (dequeue-and-enqueue), and a backward that re-read it would
 features. Cost: 5 matmul passes over the columns (2 + 3) instead of a backward's re-read of the
 queue. Extra memory: the gradient kernel's fp32 partials, about 2 x SMs x 32 x E floats
 (9 MB on an H100 at E = 256) whatever B and Q, plus O(splits x B); never O(B x (B + Q)).
+Both kernels stream their columns with one helper, `_column_sweep` (load a column tile, compute
+its two logit tiles, fold them into the kernel's state with `_stats_tile` or `_grad_tile`).
 
 Hard negatives (`blipfast.kernels.sampling`, re-exported here): the stats kernel also writes the
 B x B in-batch logits (cheap), and the sampler draws, per row, from exactly the original distribution
@@ -65,22 +67,41 @@ NEG = tl.constexpr(-3.0e38)  # finite "minus infinity" for running maxima (no in
 
 
 # ---------------------------------------------------------------------------------------------
-# kernels
+# kernels: a statistics and a gradient program over one column sweep (`_column_sweep`: load a
+# column tile, compute its logits, fold them into the program's state with its tile update)
 
 
 @triton.jit
-def _stats_tile(q, qm, kT, inv_t, col_ok, pos, shift, m_s, l_s, m_m, l_m, ts, pos_s, pos_n,
-                PRECISION: tl.constexpr):
-    """Fold one column tile kT (BLOCK_E, BLOCK_N) into the running per-row statistics.
+def _load_queries(q_ptr, qm_ptr, rows, row_ok, offs_e, e_ok, stride_q, stride_qm, UPCAST: tl.constexpr):
+    """The row block's online and momentum features (q, qm), 2 x (BLOCK_M, BLOCK_E)."""
+    mask = row_ok[:, None] & e_ok[None, :]
+    q = tl.load(q_ptr + rows[:, None] * stride_q + offs_e[None, :], mask=mask, other=0.0)
+    qm = tl.load(qm_ptr + rows[:, None] * stride_qm + offs_e[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qm = qm.to(q.dtype)  # momentum features may be kept in another dtype (e.g. fp32 EMA weights)
+    return q, qm
+
+
+@triton.jit
+def _logits(queries, kT, inv_t, PRECISION: tl.constexpr):
+    """The tile's logits (s, sm), 2 x (BLOCK_M, BLOCK_N): s = q k / temp, sm = qm k / temp."""
+    q, qm = queries
+    return tl.dot(q, kT, input_precision=PRECISION) * inv_t, tl.dot(qm, kT, input_precision=PRECISION) * inv_t
+
+
+@triton.jit
+def _stats_tile(state, s, sm, col_ok, pos, shift):
+    """Fold one tile's logits s, sm (BLOCK_M, BLOCK_N) into the running per-row statistics
+    (m_s, l_s, m_m, l_m, ts, pos_s, pos_n): max and rescaled sum-exp of s and of sm, with online
+    rescaling sum_j exp(sm_ij - m_m) (s_ij - shift_i), and the sum and count of the positives' s - shift.
 
     The target-weighted sums accumulate s - shift (shift: the row's paired logit), so they stay
-    of the size of the logits' spread, not of |s| (up to 1000 at temp = 0.001).
-    Returns the tile's logits s (BLOCK_M, BLOCK_N) and the updated statistics."""
-    s_raw = tl.dot(q, kT, input_precision=PRECISION) * inv_t
-    sm_raw = tl.dot(qm, kT, input_precision=PRECISION) * inv_t
-    s_safe = tl.where(col_ok[None, :], s_raw - shift[:, None], 0.0)  # 0 * -inf would be NaN
-    s = tl.where(col_ok[None, :], s_raw, float("-inf"))
-    sm = tl.where(col_ok[None, :], sm_raw, float("-inf"))
+    of the size of the logits' spread, not of |s| (up to 1000 at temp = 0.001)."""
+    m_s, l_s, m_m, l_m, ts, pos_s, pos_n = state
+    s_safe = tl.where(col_ok[None, :], s - shift[:, None], 0.0)  # 0 * -inf would be NaN
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+    sm = tl.where(col_ok[None, :], sm, float("-inf"))
     m_s_new = tl.maximum(m_s, tl.max(s, 1))
     l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s - m_s_new[:, None]), 1)
     m_m_new = tl.maximum(m_m, tl.max(sm, 1))
@@ -90,15 +111,15 @@ def _stats_tile(q, qm, kT, inv_t, col_ok, pos, shift, m_s, l_s, m_m, l_m, ts, po
     ts = ts * r_m + tl.sum(e_m * s_safe, 1)
     pos_s += tl.sum(tl.where(pos, s_safe, 0.0), 1)
     pos_n += tl.sum(pos.to(tl.float32), 1)
-    return s_raw, m_s_new, l_s, m_m_new, l_m, ts, pos_s, pos_n
+    return m_s_new, l_s, m_m_new, l_m, ts, pos_s, pos_n
 
 
 @triton.jit
-def _grad_tile(q, qm, kT, inv_t, col_ok, pos, shift, mx, lz, mx_m, lz_m, posw, alpha, acc, ws, wsum,
-               PRECISION: tl.constexpr):
-    """acc += (p - t) @ K for one column tile, ws += sum_j (p - t)(s - shift), wsum += sum_j (p - t)."""
-    s = tl.dot(q, kT, input_precision=PRECISION) * inv_t
-    sm = tl.dot(qm, kT, input_precision=PRECISION) * inv_t
+def _grad_tile(state, s, sm, kT, col_ok, pos, shift, lse, alpha, PRECISION: tl.constexpr):
+    """Fold one tile into (acc, ws, wsum): acc += (p - t) @ K, ws += sum_j (p - t)(s - shift) and
+    wsum += sum_j (p - t) as rounded for the dot. lse: the merged per-row (mx, lz, mx_m, lz_m, posw)."""
+    acc, ws, wsum = state
+    mx, lz, mx_m, lz_m, posw = lse
     # log-sum-exps as (row max, log of the rescaled sum): exp((s - max) - log_sum) keeps the
     # probabilities' relative precision where exp(s - lse) would lose it to |s| up to 1000
     p = tl.exp((s - mx[:, None]) - lz[:, None])
@@ -113,6 +134,59 @@ def _grad_tile(q, qm, kT, inv_t, col_ok, pos, shift, mx, lz, mx_m, lz_m, posw, a
 
 
 @triton.jit
+def _column_sweep(state, queries, col_ptr, col_idx_ptr, first_tile, n_cols, stride_ce, stride_cn, e_lim,
+                  rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr, B,
+                  IN_BATCH: tl.constexpr, GRAD: tl.constexpr, HAS_IDX: tl.constexpr, WRITE_SIMS: tl.constexpr,
+                  TILES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Stream TILES column tiles from tile `first_tile` on and fold each into `state`: the gradient's
+    (GRAD, `_grad_tile`) or the statistics' (`_stats_tile`, and with WRITE_SIMS the in-batch logits
+    into sims (B, B)). The columns are in-batch momentum features (IN_BATCH: rows of a (B, E)
+    matrix) or a queue's ((E, Q), read in place); column j's feature e is at
+    col_ptr + e * stride_ce + j * stride_cn, for j < n_cols and e < e_lim."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < e_lim
+    for i in range(0, TILES):
+        cols = (first_tile + i) * BLOCK_N + offs_n
+        col_ok = cols < n_cols
+        kT = tl.load(col_ptr + offs_e[:, None] * stride_ce + cols[None, :] * stride_cn,
+                     mask=e_ok[:, None] & col_ok[None, :], other=0.0).to(queries[0].dtype)  # (BLOCK_E, BLOCK_N)
+        if HAS_IDX:  # positives: every column with the row's image id
+            idx_col = tl.load(col_idx_ptr + cols, mask=col_ok, other=0)
+            pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
+        elif IN_BATCH:  # positive: the paired sample, the diagonal
+            pos = (cols[None, :] == rows[:, None]) & col_ok[None, :]
+        else:  # no positives in the queue
+            pos = (cols[None, :] < 0) & row_ok[:, None]
+        s, sm = _logits(queries, kT, inv_t, PRECISION)
+        if GRAD:
+            state = _grad_tile(state, s, sm, kT, col_ok, pos, shift, lse, alpha, PRECISION)
+        else:
+            state = _stats_tile(state, s, sm, col_ok, pos, shift)
+            if WRITE_SIMS and IN_BATCH:
+                tl.store(sims_ptr + rows[:, None] * B + cols[None, :], s, mask=row_ok[:, None] & col_ok[None, :])
+    return state
+
+
+@triton.jit
+def _sweep_split(state, queries, k_ptr, queue_ptr, idx_ptr, idxq_ptr, pid_s, splits_b, B, Q, e_lim, stride_k,
+                 stride_ue, stride_un, rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr,
+                 GRAD: tl.constexpr, HAS_IDX: tl.constexpr, WRITE_SIMS: tl.constexpr, TILES: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """`_column_sweep` over the program's column split: splits [0, splits_b) cover the in-batch
+    columns (rows of k, (B, E)), the others the queue ((E, Q)); the program branches once, not per tile."""
+    if pid_s < splits_b:
+        state = _column_sweep(state, queries, k_ptr, idx_ptr, pid_s * TILES, B, 1, stride_k, e_lim,
+                              rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr, B,
+                              True, GRAD, HAS_IDX, WRITE_SIMS, TILES, PRECISION, BLOCK_N, BLOCK_E)
+    else:
+        state = _column_sweep(state, queries, queue_ptr, idxq_ptr, (pid_s - splits_b) * TILES, Q, stride_ue, stride_un,
+                              e_lim, rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr, B,
+                              False, GRAD, HAS_IDX, WRITE_SIMS, TILES, PRECISION, BLOCK_N, BLOCK_E)
+    return state
+
+
+@triton.jit
 def _itc_stats_kernel(
     q_ptr, qm_ptr, k_ptr, queue_ptr, temp_ptr, idx_ptr, idxq_ptr, shift_ptr, part_ptr, sims_ptr,
     B, Q, E, stride_q, stride_qm, stride_k, stride_ue, stride_un, splits_b,
@@ -121,71 +195,28 @@ def _itc_stats_kernel(
 ):
     """Program (row block, column split): partial statistics of its columns, 7 x (BLOCK_M,).
 
-    Splits [0, splits_b) cover the in-batch columns (rows of k, (B, E)), the others the queue
-    ((E, Q), read in place with its strides); each split streams TILES_PER_SPLIT tiles."""
+    Splits [0, splits_b) cover the in-batch columns, the others the queue; each split streams
+    TILES_PER_SPLIT tiles."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = rows < B
-    e_ok = offs_e < E
-    q = tl.load(q_ptr + rows[:, None] * stride_q + offs_e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-    qm = tl.load(qm_ptr + rows[:, None] * stride_qm + offs_e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    qm = qm.to(q.dtype)  # momentum features may be kept in another dtype (e.g. fp32 EMA weights)
+    queries = _load_queries(q_ptr, qm_ptr, rows, row_ok, offs_e, offs_e < E, stride_q, stride_qm, UPCAST)
     inv_t = 1.0 / tl.load(temp_ptr).to(tl.float32)
-    if HAS_IDX:
-        key_row = tl.load(idx_ptr + rows, mask=row_ok, other=0)
+    key_row = tl.load(idx_ptr + rows, mask=row_ok, other=0) if HAS_IDX else rows
     shift = tl.load(shift_ptr + rows, mask=row_ok, other=0.0)
 
-    m_s = tl.full((BLOCK_M,), NEG, tl.float32)
-    l_s = tl.zeros((BLOCK_M,), tl.float32)
-    m_m = tl.full((BLOCK_M,), NEG, tl.float32)
-    l_m = tl.zeros((BLOCK_M,), tl.float32)
-    ts = tl.zeros((BLOCK_M,), tl.float32)
-    pos_s = tl.zeros((BLOCK_M,), tl.float32)
-    pos_n = tl.zeros((BLOCK_M,), tl.float32)
-    if pid_s < splits_b:  # in-batch columns: momentum features of the other modality
-        for i in range(0, TILES_PER_SPLIT):
-            cols = (pid_s * TILES_PER_SPLIT + i) * BLOCK_N + offs_n
-            col_ok = cols < B
-            kT = tl.load(k_ptr + cols[None, :] * stride_k + offs_e[:, None],
-                         mask=e_ok[:, None] & col_ok[None, :], other=0.0).to(q.dtype)  # (BLOCK_E, BLOCK_N)
-            if HAS_IDX:  # positives: every column with the row's image id
-                idx_col = tl.load(idx_ptr + cols, mask=col_ok, other=0)
-                pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
-            else:  # positive: the paired sample, the diagonal
-                pos = (cols[None, :] == rows[:, None]) & col_ok[None, :]
-            s, m_s, l_s, m_m, l_m, ts, pos_s, pos_n = _stats_tile(
-                q, qm, kT, inv_t, col_ok, pos, shift, m_s, l_s, m_m, l_m, ts, pos_s, pos_n, PRECISION)
-            if WRITE_SIMS:
-                tl.store(sims_ptr + rows[:, None] * B + cols[None, :], s, mask=row_ok[:, None] & col_ok[None, :])
-    else:  # queue columns
-        for i in range(0, TILES_PER_SPLIT):
-            cols = ((pid_s - splits_b) * TILES_PER_SPLIT + i) * BLOCK_N + offs_n
-            col_ok = cols < Q
-            kT = tl.load(queue_ptr + offs_e[:, None] * stride_ue + cols[None, :] * stride_un,
-                         mask=e_ok[:, None] & col_ok[None, :], other=0.0).to(q.dtype)
-            if HAS_IDX:
-                idx_col = tl.load(idxq_ptr + cols, mask=col_ok, other=0)
-                pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
-            else:  # no positives in the queue (full shape: both branches must type-match)
-                pos = (cols[None, :] < 0) & row_ok[:, None]
-            s, m_s, l_s, m_m, l_m, ts, pos_s, pos_n = _stats_tile(
-                q, qm, kT, inv_t, col_ok, pos, shift, m_s, l_s, m_m, l_m, ts, pos_s, pos_n, PRECISION)
+    m0 = tl.full((BLOCK_M,), NEG, tl.float32)
+    z = tl.zeros((BLOCK_M,), tl.float32)
+    state = _sweep_split((m0, z, m0, z, z, z, z), queries, k_ptr, queue_ptr, idx_ptr, idxq_ptr, pid_s, splits_b,
+                         B, Q, E, stride_k, stride_ue, stride_un, rows, row_ok, key_row, shift, (), 0.0, inv_t,
+                         sims_ptr, False, HAS_IDX, WRITE_SIMS, TILES_PER_SPLIT, PRECISION, BLOCK_N, BLOCK_E)
 
     base = part_ptr + pid_s * B + rows
-    stride_stat = n_splits * B
-    tl.store(base + 0 * stride_stat, m_s, mask=row_ok)
-    tl.store(base + 1 * stride_stat, l_s, mask=row_ok)
-    tl.store(base + 2 * stride_stat, m_m, mask=row_ok)
-    tl.store(base + 3 * stride_stat, l_m, mask=row_ok)
-    tl.store(base + 4 * stride_stat, ts, mask=row_ok)
-    tl.store(base + 5 * stride_stat, pos_s, mask=row_ok)
-    tl.store(base + 6 * stride_stat, pos_n, mask=row_ok)
+    for k in tl.static_range(7):  # m_s, l_s, m_m, l_m, ts, pos_s, pos_n: part is (7, splits, B)
+        tl.store(base + k * n_splits * B, state[k], mask=row_ok)
 
 
 @triton.jit
@@ -202,53 +233,23 @@ def _itc_grad_kernel(
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = rows < B
     e_ok = offs_e < E
-    q = tl.load(q_ptr + rows[:, None] * stride_q + offs_e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-    qm = tl.load(qm_ptr + rows[:, None] * stride_qm + offs_e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    qm = qm.to(q.dtype)  # momentum features may be kept in another dtype (e.g. fp32 EMA weights)
+    queries = _load_queries(q_ptr, qm_ptr, rows, row_ok, offs_e, e_ok, stride_q, stride_qm, UPCAST)
     inv_t = 1.0 / tl.load(temp_ptr).to(tl.float32)
-    mx = tl.load(stat_ptr + rows, mask=row_ok, other=0.0)
-    lz = tl.load(stat_ptr + B + rows, mask=row_ok, other=0.0)
-    mx_m = tl.load(stat_ptr + 2 * B + rows, mask=row_ok, other=0.0)
-    lz_m = tl.load(stat_ptr + 3 * B + rows, mask=row_ok, other=0.0)
-    posw = tl.load(posw_ptr + rows, mask=row_ok, other=0.0)  # (1 - alpha) / number of positives
+    key_row = tl.load(idx_ptr + rows, mask=row_ok, other=0) if HAS_IDX else rows
     shift = tl.load(shift_ptr + rows, mask=row_ok, other=0.0)
-    if HAS_IDX:
-        key_row = tl.load(idx_ptr + rows, mask=row_ok, other=0)
-    acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
-    ws = tl.zeros((BLOCK_M,), tl.float32)
-    wsum = tl.zeros((BLOCK_M,), tl.float32)
-    if pid_s < splits_b:
-        for i in range(0, TILES_PER_SPLIT):
-            cols = (pid_s * TILES_PER_SPLIT + i) * BLOCK_N + offs_n
-            col_ok = cols < B
-            kT = tl.load(k_ptr + cols[None, :] * stride_k + offs_e[:, None],
-                         mask=e_ok[:, None] & col_ok[None, :], other=0.0).to(q.dtype)
-            if HAS_IDX:
-                idx_col = tl.load(idx_ptr + cols, mask=col_ok, other=0)
-                pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
-            else:
-                pos = (cols[None, :] == rows[:, None]) & col_ok[None, :]
-            acc, ws, wsum = _grad_tile(q, qm, kT, inv_t, col_ok, pos, shift, mx, lz, mx_m, lz_m, posw, alpha,
-                                       acc, ws, wsum, PRECISION)
-    else:
-        for i in range(0, TILES_PER_SPLIT):
-            cols = ((pid_s - splits_b) * TILES_PER_SPLIT + i) * BLOCK_N + offs_n
-            col_ok = cols < Q
-            kT = tl.load(queue_ptr + offs_e[:, None] * stride_ue + cols[None, :] * stride_un,
-                         mask=e_ok[:, None] & col_ok[None, :], other=0.0).to(q.dtype)
-            if HAS_IDX:
-                idx_col = tl.load(idxq_ptr + cols, mask=col_ok, other=0)
-                pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
-            else:
-                pos = (cols[None, :] < 0) & row_ok[:, None]
-            acc, ws, wsum = _grad_tile(q, qm, kT, inv_t, col_ok, pos, shift, mx, lz, mx_m, lz_m, posw, alpha,
-                                       acc, ws, wsum, PRECISION)
+    lse = (tl.load(stat_ptr + rows, mask=row_ok, other=0.0),  # mx, lz, mx_m, lz_m: stat is (4, B)
+           tl.load(stat_ptr + B + rows, mask=row_ok, other=0.0),
+           tl.load(stat_ptr + 2 * B + rows, mask=row_ok, other=0.0),
+           tl.load(stat_ptr + 3 * B + rows, mask=row_ok, other=0.0),
+           tl.load(posw_ptr + rows, mask=row_ok, other=0.0))  # posw = (1 - alpha) / number of positives
+    z = tl.zeros((BLOCK_M,), tl.float32)
+    acc, ws, wsum = _sweep_split((tl.zeros((BLOCK_M, BLOCK_E), tl.float32), z, z), queries, k_ptr, queue_ptr,
+                                 idx_ptr, idxq_ptr, pid_s, splits_b, B, Q, E, stride_k, stride_ue, stride_un,
+                                 rows, row_ok, key_row, shift, lse, alpha, inv_t, gpart_ptr, True, HAS_IDX, False,
+                                 TILES_PER_SPLIT, PRECISION, BLOCK_N, BLOCK_E)
 
     # sum_j w_ij = 0 exactly, but not once w is rounded to the dot's dtype: remove the rounded
     # weights' sum times the row's own feature, which is close to the columns carrying most weight
