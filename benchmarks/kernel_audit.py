@@ -11,7 +11,7 @@ Per compiled kernel it reports:
   smem              shared memory bytes from the kernel's metadata;
   occ               an occupancy estimate on an sm_90 SM (64K registers, 228 KiB shared memory,
                     64 warps, 32 CTAs): resident warps / 64;
-  mma               wgmma (Hopper's warpgroup MMA) or mma.sync (the Ampere path), read from the PTX;
+  mma               wgmma (Hopper's warpgroup MMA) and/or mma.sync (the Ampere path), read from the PTX;
   loop              SASS instructions of the main loop body per iteration (the longest backward
                     branch span that holds an MMA), and with dropout its ratio to the same kernel
                     without dropout;
@@ -189,7 +189,8 @@ def audit_kernel(name: str, fn, constexprs: dict, num_warps: int, num_stages: in
     k = compile_sm90(fn, constexprs, num_warps, num_stages, **compile_kw)
     usage = _res_usage(k.asm["cubin"])
     ptx = k.asm["ptx"]
-    mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")
+    kinds = [kind for kind, op in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync")) if op in ptx]
+    mma = "+".join(kinds) or "none"  # "wgmma+mma.sync": some of the kernel's dots missed wgmma
     smem = k.metadata.shared
     return Row(name, variant, config, usage["regs"], usage["spills"], smem, occupancy(usage["regs"], smem, num_warps),
                mma, loop_instructions(usage["sass"]), ldg=global_accesses(usage["sass"], "LDG"),
@@ -254,21 +255,17 @@ def run_compile_audit(quick: bool = False, log=None) -> List[Row]:
 
 
 def itc_rows(log=None) -> List[Row]:
-    """The fused ITC loss kernels at their 16-bit GPU defaults (E = 256 features), plus the
-    gradient kernel with 64-row tiles (wgmma; the default's 32 rows lower to mma.sync) as a
-    "candidate" row: it spills in this audit (208 B under triton 3.6, 624 B under 3.9), so it is
-    not the default."""
+    """The fused ITC loss kernels at their bf16 GPU defaults, E = 256 features."""
     import torch
 
     itc = importlib.import_module("blipfast.kernels.itc")
     cfg = itc.ItcKernelConfig().resolved(torch.bfloat16, False)
-    base = dict(TILES_PER_SPLIT=8, HAS_IDX=False, UPCAST=False, PRECISION="tf32", BLOCK_N=cfg.block_n, BLOCK_E=256)
+    base = dict(TILES_PER_SPLIT=8, HAS_IDX=False, BLOCK_N=cfg.block_n,
+                **itc._feature_constexprs(torch.bfloat16, 256, cfg.precision, False))
     out = []
     for name, fn, bm, extra in (("itc_st", itc._itc_stats_kernel, cfg.block_m, dict(WRITE_SIMS=True)),
-                                ("itc_gr", itc._itc_grad_kernel, cfg.block_m_grad, {}),
-                                ("itc_gr", itc._itc_grad_kernel, 64, {})):
-        variant = "default" if (name == "itc_st" or bm == cfg.block_m_grad) else "candidate"
-        row = audit_kernel(name, fn, dict(base, BLOCK_M=bm, **extra), cfg.num_warps, cfg.num_stages, variant,
+                                ("itc_gr", itc._itc_grad_kernel, cfg.block_m_grad, {})):
+        row = audit_kernel(name, fn, dict(base, BLOCK_M=bm, **extra), cfg.num_warps, cfg.num_stages, "default",
                            f"{bm}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}")
         out.append(row)
         if log:

@@ -82,7 +82,7 @@ def run_reference(x, alpha, dtype):
     return out
 
 
-def run_kernel(x, alpha, dtype, splits=None, precision="ieee"):
+def run_kernel(x, alpha, dtype, splits=None, precision="ieee", config=None):
     # temp stays fp32 as in the model (a parameter beside bf16 autocast features)
     t = {k: (v.to(dtype if k != "temp" else torch.float32).to(DEV) if v.is_floating_point() else v.to(DEV))
          for k, v in x.items()}
@@ -91,7 +91,8 @@ def run_kernel(x, alpha, dtype, splits=None, precision="ieee"):
     loss, s_i2t, s_t2i = itc.itc_loss(
         t["image_feat"], t["text_feat"], t["image_feat_m"], t["text_feat_m"], t["image_queue"], t["text_queue"],
         t["temp"], alpha, idx=t.get("idx"), idx_queue=t.get("idx_queue"),
-        config=itc.ItcKernelConfig(block_n=16, num_splits=splits, precision=precision))  # 16-wide: several tiles
+        # 16-wide tiles by default: several tiles per split
+        config=config or itc.ItcKernelConfig(block_n=16, num_splits=splits, precision=precision))
     loss.backward()
     return dict(loss=loss.detach(), image_feat=t["image_feat"].grad, text_feat=t["text_feat"].grad,
                 temp=t["temp"].grad, s_i2t=s_i2t, s_t2i=s_t2i)
@@ -140,6 +141,21 @@ def test_itc_retrieval_ids_match_reference(B, Q, alpha):
     x = make_inputs(B, 32, Q, 0.05, seed=7 + B, idx=True)
     check_against_reference(run_kernel(x, alpha, torch.float32, 2), run_reference(x, alpha, torch.float32),
                             torch.float32)
+
+
+# the GPU's 16-bit default tiles (64 rows: the stacked [q; qm] operand is 128 rows) in the
+# interpreter, with a second, ragged row block (B = 70 = 64 + 6) and a ragged last column tile
+GPU_TILES = itc.ItcKernelConfig().resolved(torch.float16, interp=False)
+
+
+@pytest.mark.parametrize("dtype,ids", [(torch.float16, False), (torch.float16, True), (torch.float32, False)])
+def test_itc_gpu_default_tiles_match_reference(dtype, ids):
+    B, E, Q = 70, 24, 45
+    assert GPU_TILES.block_m < B and GPU_TILES.block_m_grad < B
+    x = make_inputs(B, E, Q, 0.07, seed=21, idx=ids)
+    cfg = itc.ItcKernelConfig(block_m=GPU_TILES.block_m, block_m_grad=GPU_TILES.block_m_grad,
+                              block_n=GPU_TILES.block_n, num_splits=3, precision="ieee")
+    check_against_reference(run_kernel(x, 0.4, dtype, config=cfg), run_reference(x, 0.4, dtype), dtype)
 
 
 def test_backward_does_not_read_the_overwritten_queue():

@@ -59,8 +59,6 @@ def test_every_kernel_compiles_to_wgmma_without_spills(audit):
     assert not not_wgmma, f"not on wgmma: {not_wgmma}"
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet: the ITC gradient kernel's default 32-row tile lowers to "
-                   "mma.sync; its 64-row (wgmma) tile spills in this audit (208 B under triton 3.6, 624 B under 3.9)")
 def test_loss_kernels_on_wgmma(audit):
     rows = [r for r in audit["rows"] if r["kernel"].startswith("itc") and r["variant"] == "default"]
     assert rows and all(r["mma"] == "wgmma" for r in rows), rows

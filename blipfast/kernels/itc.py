@@ -24,8 +24,11 @@ sum p s - sum t s). It runs inside the forward (when any gradient is needed), so
 is elementwise and keeps no reference to the queue: the model overwrites the queue in place
 right after the loss (dequeue-and-enqueue), and a backward that re-read it would see the new
 features. Cost: 5 matmul passes over the columns (2 + 3) instead of a backward's re-read of the
-queue. Extra memory: the gradient kernel's fp32 partials, about 2 x SMs x 32 x E floats
-(9 MB on an H100 at E = 256) whatever B and Q, plus O(splits x B); never O(B x (B + Q)).
+queue. Extra memory: the gradient kernel's fp32 partials, about 2 x SMs x 64 x E floats
+(17 MB on an H100 at E = 256) whatever B and Q, plus O(splits x B); never O(B x (B + Q)).
+Both kernels stream their columns with one helper, `_column_sweep` (load a column tile, compute
+its two logit tiles, fold them into the kernel's state with `_stats_tile` or `_grad_tile`); with
+16-bit features the two logit tiles come from one dot of the stacked operand [q; qm].
 
 Hard negatives (`blipfast.kernels.sampling`, re-exported here): the stats kernel also writes the
 B x B in-batch logits (cheap), and the sampler draws, per row, from exactly the original distribution
@@ -65,22 +68,58 @@ NEG = tl.constexpr(-3.0e38)  # finite "minus infinity" for running maxima (no in
 
 
 # ---------------------------------------------------------------------------------------------
-# kernels
+# kernels: a statistics and a gradient program over one column sweep (`_column_sweep`: load a
+# column tile, compute its logits, fold them into the program's state with its tile update)
 
 
 @triton.jit
-def _stats_tile(q, qm, kT, inv_t, col_ok, pos, shift, m_s, l_s, m_m, l_m, ts, pos_s, pos_n,
-                PRECISION: tl.constexpr):
-    """Fold one column tile kT (BLOCK_E, BLOCK_N) into the running per-row statistics.
+def _load_queries(q_ptr, qm_ptr, rows, row_ok, offs_e, e_ok, stride_q, stride_qm, UPCAST: tl.constexpr,
+                  STACK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The row block's online and momentum features, q and qm (BLOCK_M, BLOCK_E), as the logits'
+    dot operand: with STACK_Q one (2 * BLOCK_M, BLOCK_E) matrix [q; qm], else the pair (q, qm).
+
+    Stacked, one dot gives both logit tiles, and with 8 warps and 64 rows each warpgroup computes
+    one of them: two 64-row dots each run on both warpgroups, and keep twice the loop-invariant
+    wgmma descriptors live (the gradient kernel spilled). fp32 features (3xTF32 mma.sync, operands
+    in registers) keep the pair."""
+    mask = row_ok[:, None] & e_ok[None, :]
+    q = tl.load(q_ptr + rows[:, None] * stride_q + offs_e[None, :], mask=mask, other=0.0)
+    qm = tl.load(qm_ptr + rows[:, None] * stride_qm + offs_e[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qm = qm.to(q.dtype)  # momentum features may be kept in another dtype (e.g. fp32 EMA weights)
+    if STACK_Q:
+        qq = tl.permute(tl.join(q, qm), (2, 0, 1))  # (BLOCK_M, BLOCK_E, 2) -> (2, BLOCK_M, BLOCK_E)
+        return tl.reshape(qq, (2 * BLOCK_M, BLOCK_E))
+    else:
+        return q, qm
+
+
+@triton.jit
+def _logits(queries, kT, inv_t, STACK_Q: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """The tile's logits (s, sm), 2 x (BLOCK_M, BLOCK_N): s = q k / temp, sm = qm k / temp."""
+    if STACK_Q:
+        ss = tl.dot(queries, kT, input_precision=PRECISION) * inv_t  # (2 * BLOCK_M, BLOCK_N) = [s; sm]
+        ss = tl.permute(tl.reshape(ss, (2, BLOCK_M, BLOCK_N)), (1, 2, 0))  # (BLOCK_M, BLOCK_N, 2)
+        return tl.split(ss)
+    else:
+        q, qm = queries
+        return tl.dot(q, kT, input_precision=PRECISION) * inv_t, tl.dot(qm, kT, input_precision=PRECISION) * inv_t
+
+
+@triton.jit
+def _stats_tile(state, s, sm, col_ok, pos, shift):
+    """Fold one tile's logits s, sm (BLOCK_M, BLOCK_N) into the running per-row statistics
+    (m_s, l_s, m_m, l_m, ts, pos_s, pos_n): max and rescaled sum-exp of s and of sm, with online
+    rescaling sum_j exp(sm_ij - m_m) (s_ij - shift_i), and the sum and count of the positives' s - shift.
 
     The target-weighted sums accumulate s - shift (shift: the row's paired logit), so they stay
-    of the size of the logits' spread, not of |s| (up to 1000 at temp = 0.001).
-    Returns the tile's logits s (BLOCK_M, BLOCK_N) and the updated statistics."""
-    s_raw = tl.dot(q, kT, input_precision=PRECISION) * inv_t
-    sm_raw = tl.dot(qm, kT, input_precision=PRECISION) * inv_t
-    s_safe = tl.where(col_ok[None, :], s_raw - shift[:, None], 0.0)  # 0 * -inf would be NaN
-    s = tl.where(col_ok[None, :], s_raw, float("-inf"))
-    sm = tl.where(col_ok[None, :], sm_raw, float("-inf"))
+    of the size of the logits' spread, not of |s| (up to 1000 at temp = 0.001)."""
+    m_s, l_s, m_m, l_m, ts, pos_s, pos_n = state
+    s_safe = tl.where(col_ok[None, :], s - shift[:, None], 0.0)  # 0 * -inf would be NaN
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+    sm = tl.where(col_ok[None, :], sm, float("-inf"))
     m_s_new = tl.maximum(m_s, tl.max(s, 1))
     l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s - m_s_new[:, None]), 1)
     m_m_new = tl.maximum(m_m, tl.max(sm, 1))
@@ -90,15 +129,15 @@ def _stats_tile(q, qm, kT, inv_t, col_ok, pos, shift, m_s, l_s, m_m, l_m, ts, po
     ts = ts * r_m + tl.sum(e_m * s_safe, 1)
     pos_s += tl.sum(tl.where(pos, s_safe, 0.0), 1)
     pos_n += tl.sum(pos.to(tl.float32), 1)
-    return s_raw, m_s_new, l_s, m_m_new, l_m, ts, pos_s, pos_n
+    return m_s_new, l_s, m_m_new, l_m, ts, pos_s, pos_n
 
 
 @triton.jit
-def _grad_tile(q, qm, kT, inv_t, col_ok, pos, shift, mx, lz, mx_m, lz_m, posw, alpha, acc, ws, wsum,
-               PRECISION: tl.constexpr):
-    """acc += (p - t) @ K for one column tile, ws += sum_j (p - t)(s - shift), wsum += sum_j (p - t)."""
-    s = tl.dot(q, kT, input_precision=PRECISION) * inv_t
-    sm = tl.dot(qm, kT, input_precision=PRECISION) * inv_t
+def _grad_tile(state, s, sm, kT, col_ok, pos, shift, lse, alpha, PRECISION: tl.constexpr):
+    """Fold one tile into (acc, ws, wsum): acc += (p - t) @ K, ws += sum_j (p - t)(s - shift) and
+    wsum += sum_j (p - t) as rounded for the dot. lse: the merged per-row (mx, lz, mx_m, lz_m, posw)."""
+    acc, ws, wsum = state
+    mx, lz, mx_m, lz_m, posw = lse
     # log-sum-exps as (row max, log of the rescaled sum): exp((s - max) - log_sum) keeps the
     # probabilities' relative precision where exp(s - lse) would lose it to |s| up to 1000
     p = tl.exp((s - mx[:, None]) - lz[:, None])
@@ -113,79 +152,99 @@ def _grad_tile(q, qm, kT, inv_t, col_ok, pos, shift, mx, lz, mx_m, lz_m, posw, a
 
 
 @triton.jit
+def _column_sweep(state, queries, col_ptr, col_idx_ptr, first_tile, n_cols, stride_ce, stride_cn, e_lim,
+                  rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr, B,
+                  IN_BATCH: tl.constexpr, GRAD: tl.constexpr, HAS_IDX: tl.constexpr, WRITE_SIMS: tl.constexpr,
+                  STACK_Q: tl.constexpr, TILES: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Stream TILES column tiles from tile `first_tile` on and fold each into `state`: the gradient's
+    (GRAD, `_grad_tile`) or the statistics' (`_stats_tile`, and with WRITE_SIMS the in-batch logits
+    into sims (B, B)). The columns are in-batch momentum features (IN_BATCH: rows of a (B, E)
+    matrix) or a queue's ((E, Q), read in place); column j's feature e is at
+    col_ptr + e * stride_ce + j * stride_cn, for j < n_cols and e < e_lim."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < e_lim
+    for i in range(0, TILES):
+        cols = (first_tile + i) * BLOCK_N + offs_n
+        col_ok = cols < n_cols
+        kT = tl.load(col_ptr + offs_e[:, None] * stride_ce + cols[None, :] * stride_cn,
+                     mask=e_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_E, BLOCK_N)
+        if STACK_Q:
+            kT = kT.to(queries.dtype)
+        else:
+            kT = kT.to(queries[0].dtype)
+        if HAS_IDX:  # positives: every column with the row's image id
+            idx_col = tl.load(col_idx_ptr + cols, mask=col_ok, other=0)
+            pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
+        elif IN_BATCH:  # positive: the paired sample, the diagonal
+            pos = (cols[None, :] == rows[:, None]) & col_ok[None, :]
+        else:  # no positives in the queue
+            pos = (cols[None, :] < 0) & row_ok[:, None]
+        s, sm = _logits(queries, kT, inv_t, STACK_Q, PRECISION, BLOCK_M, BLOCK_N)
+        if GRAD:
+            state = _grad_tile(state, s, sm, kT, col_ok, pos, shift, lse, alpha, PRECISION)
+        else:
+            state = _stats_tile(state, s, sm, col_ok, pos, shift)
+            if WRITE_SIMS and IN_BATCH:
+                tl.store(sims_ptr + rows[:, None] * B + cols[None, :], s, mask=row_ok[:, None] & col_ok[None, :])
+    return state
+
+
+@triton.jit
+def _sweep_split(state, queries, k_ptr, queue_ptr, idx_ptr, idxq_ptr, pid_s, splits_b, B, Q, e_lim, stride_k,
+                 stride_ue, stride_un, rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr,
+                 GRAD: tl.constexpr, HAS_IDX: tl.constexpr, WRITE_SIMS: tl.constexpr, STACK_Q: tl.constexpr,
+                 TILES: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """`_column_sweep` over the program's column split: splits [0, splits_b) cover the in-batch
+    columns (rows of k, (B, E)), the others the queue ((E, Q)); the program branches once, not per tile."""
+    if pid_s < splits_b:
+        state = _column_sweep(state, queries, k_ptr, idx_ptr, pid_s * TILES, B, 1, stride_k, e_lim,
+                              rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr, B,
+                              True, GRAD, HAS_IDX, WRITE_SIMS, STACK_Q, TILES, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E)
+    else:
+        state = _column_sweep(state, queries, queue_ptr, idxq_ptr, (pid_s - splits_b) * TILES, Q, stride_ue, stride_un,
+                              e_lim, rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr, B,
+                              False, GRAD, HAS_IDX, WRITE_SIMS, STACK_Q, TILES, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E)
+    return state
+
+
+@triton.jit
 def _itc_stats_kernel(
     q_ptr, qm_ptr, k_ptr, queue_ptr, temp_ptr, idx_ptr, idxq_ptr, shift_ptr, part_ptr, sims_ptr,
     B, Q, E, stride_q, stride_qm, stride_k, stride_ue, stride_un, splits_b,
     TILES_PER_SPLIT: tl.constexpr, HAS_IDX: tl.constexpr, WRITE_SIMS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    EVEN_E: tl.constexpr, STACK_Q: tl.constexpr,
 ):
     """Program (row block, column split): partial statistics of its columns, 7 x (BLOCK_M,).
 
-    Splits [0, splits_b) cover the in-batch columns (rows of k, (B, E)), the others the queue
-    ((E, Q), read in place with its strides); each split streams TILES_PER_SPLIT tiles."""
+    Splits [0, splits_b) cover the in-batch columns, the others the queue; each split streams
+    TILES_PER_SPLIT tiles. EVEN_E: E == BLOCK_E (no feature mask)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = rows < B
-    e_ok = offs_e < E
-    q = tl.load(q_ptr + rows[:, None] * stride_q + offs_e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-    qm = tl.load(qm_ptr + rows[:, None] * stride_qm + offs_e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    qm = qm.to(q.dtype)  # momentum features may be kept in another dtype (e.g. fp32 EMA weights)
+    e_lim = BLOCK_E if EVEN_E else E  # a constant bound lets the column loads become async copies
+    queries = _load_queries(q_ptr, qm_ptr, rows, row_ok, offs_e, offs_e < e_lim, stride_q, stride_qm, UPCAST,
+                            STACK_Q, BLOCK_M, BLOCK_E)
     inv_t = 1.0 / tl.load(temp_ptr).to(tl.float32)
-    if HAS_IDX:
-        key_row = tl.load(idx_ptr + rows, mask=row_ok, other=0)
+    key_row = tl.load(idx_ptr + rows, mask=row_ok, other=0) if HAS_IDX else rows
     shift = tl.load(shift_ptr + rows, mask=row_ok, other=0.0)
 
-    m_s = tl.full((BLOCK_M,), NEG, tl.float32)
-    l_s = tl.zeros((BLOCK_M,), tl.float32)
-    m_m = tl.full((BLOCK_M,), NEG, tl.float32)
-    l_m = tl.zeros((BLOCK_M,), tl.float32)
-    ts = tl.zeros((BLOCK_M,), tl.float32)
-    pos_s = tl.zeros((BLOCK_M,), tl.float32)
-    pos_n = tl.zeros((BLOCK_M,), tl.float32)
-    if pid_s < splits_b:  # in-batch columns: momentum features of the other modality
-        for i in range(0, TILES_PER_SPLIT):
-            cols = (pid_s * TILES_PER_SPLIT + i) * BLOCK_N + offs_n
-            col_ok = cols < B
-            kT = tl.load(k_ptr + cols[None, :] * stride_k + offs_e[:, None],
-                         mask=e_ok[:, None] & col_ok[None, :], other=0.0).to(q.dtype)  # (BLOCK_E, BLOCK_N)
-            if HAS_IDX:  # positives: every column with the row's image id
-                idx_col = tl.load(idx_ptr + cols, mask=col_ok, other=0)
-                pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
-            else:  # positive: the paired sample, the diagonal
-                pos = (cols[None, :] == rows[:, None]) & col_ok[None, :]
-            s, m_s, l_s, m_m, l_m, ts, pos_s, pos_n = _stats_tile(
-                q, qm, kT, inv_t, col_ok, pos, shift, m_s, l_s, m_m, l_m, ts, pos_s, pos_n, PRECISION)
-            if WRITE_SIMS:
-                tl.store(sims_ptr + rows[:, None] * B + cols[None, :], s, mask=row_ok[:, None] & col_ok[None, :])
-    else:  # queue columns
-        for i in range(0, TILES_PER_SPLIT):
-            cols = ((pid_s - splits_b) * TILES_PER_SPLIT + i) * BLOCK_N + offs_n
-            col_ok = cols < Q
-            kT = tl.load(queue_ptr + offs_e[:, None] * stride_ue + cols[None, :] * stride_un,
-                         mask=e_ok[:, None] & col_ok[None, :], other=0.0).to(q.dtype)
-            if HAS_IDX:
-                idx_col = tl.load(idxq_ptr + cols, mask=col_ok, other=0)
-                pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
-            else:  # no positives in the queue (full shape: both branches must type-match)
-                pos = (cols[None, :] < 0) & row_ok[:, None]
-            s, m_s, l_s, m_m, l_m, ts, pos_s, pos_n = _stats_tile(
-                q, qm, kT, inv_t, col_ok, pos, shift, m_s, l_s, m_m, l_m, ts, pos_s, pos_n, PRECISION)
+    m0 = tl.full((BLOCK_M,), NEG, tl.float32)
+    z = tl.zeros((BLOCK_M,), tl.float32)
+    state = _sweep_split((m0, z, m0, z, z, z, z), queries, k_ptr, queue_ptr, idx_ptr, idxq_ptr, pid_s, splits_b,
+                         B, Q, e_lim, stride_k, stride_ue, stride_un, rows, row_ok, key_row, shift, (), 0.0, inv_t,
+                         sims_ptr, False, HAS_IDX, WRITE_SIMS, STACK_Q, TILES_PER_SPLIT, PRECISION,
+                         BLOCK_M, BLOCK_N, BLOCK_E)
 
     base = part_ptr + pid_s * B + rows
-    stride_stat = n_splits * B
-    tl.store(base + 0 * stride_stat, m_s, mask=row_ok)
-    tl.store(base + 1 * stride_stat, l_s, mask=row_ok)
-    tl.store(base + 2 * stride_stat, m_m, mask=row_ok)
-    tl.store(base + 3 * stride_stat, l_m, mask=row_ok)
-    tl.store(base + 4 * stride_stat, ts, mask=row_ok)
-    tl.store(base + 5 * stride_stat, pos_s, mask=row_ok)
-    tl.store(base + 6 * stride_stat, pos_n, mask=row_ok)
+    for k in tl.static_range(7):  # m_s, l_s, m_m, l_m, ts, pos_s, pos_n: part is (7, splits, B)
+        tl.store(base + k * n_splits * B, state[k], mask=row_ok)
 
 
 @triton.jit
@@ -194,70 +253,42 @@ def _itc_grad_kernel(
     gpart_ptr, tpart_ptr, alpha,
     B, Q, E, stride_q, stride_qm, stride_k, stride_ue, stride_un, splits_b,
     TILES_PER_SPLIT: tl.constexpr, HAS_IDX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, EVEN_E: tl.constexpr,
+    STACK_Q: tl.constexpr,
 ):
-    """Program (row block, column split): partial sum_j (p_ij - t_ij) k_j / temp, (BLOCK_M, E),
-    and partial sum_j (p_ij - t_ij) s_ij, (BLOCK_M,) (for the temperature: summing the products
-    avoids the cancellation of sum p s - sum t s, two large nearly equal numbers)."""
+    """Program (row block, column split): partial sum_j (p_ij - t_ij) k_j / temp, (BLOCK_M, E);
+    partial sum_j (p_ij - t_ij) s_ij, (BLOCK_M,) (for the temperature: summing the products
+    avoids the cancellation of sum p s - sum t s, two large nearly equal numbers); and the partial
+    sum of the weights p - t as rounded for the dot, (BLOCK_M,) (the launcher removes it times
+    the row's own feature: reloading q here would be merged with the first load and keep it live)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = rows < B
-    e_ok = offs_e < E
-    q = tl.load(q_ptr + rows[:, None] * stride_q + offs_e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-    qm = tl.load(qm_ptr + rows[:, None] * stride_qm + offs_e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    qm = qm.to(q.dtype)  # momentum features may be kept in another dtype (e.g. fp32 EMA weights)
+    e_lim = BLOCK_E if EVEN_E else E
+    e_ok = offs_e < e_lim
+    queries = _load_queries(q_ptr, qm_ptr, rows, row_ok, offs_e, e_ok, stride_q, stride_qm, UPCAST, STACK_Q,
+                            BLOCK_M, BLOCK_E)
     inv_t = 1.0 / tl.load(temp_ptr).to(tl.float32)
-    mx = tl.load(stat_ptr + rows, mask=row_ok, other=0.0)
-    lz = tl.load(stat_ptr + B + rows, mask=row_ok, other=0.0)
-    mx_m = tl.load(stat_ptr + 2 * B + rows, mask=row_ok, other=0.0)
-    lz_m = tl.load(stat_ptr + 3 * B + rows, mask=row_ok, other=0.0)
-    posw = tl.load(posw_ptr + rows, mask=row_ok, other=0.0)  # (1 - alpha) / number of positives
+    key_row = tl.load(idx_ptr + rows, mask=row_ok, other=0) if HAS_IDX else rows
     shift = tl.load(shift_ptr + rows, mask=row_ok, other=0.0)
-    if HAS_IDX:
-        key_row = tl.load(idx_ptr + rows, mask=row_ok, other=0)
-    acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
-    ws = tl.zeros((BLOCK_M,), tl.float32)
-    wsum = tl.zeros((BLOCK_M,), tl.float32)
-    if pid_s < splits_b:
-        for i in range(0, TILES_PER_SPLIT):
-            cols = (pid_s * TILES_PER_SPLIT + i) * BLOCK_N + offs_n
-            col_ok = cols < B
-            kT = tl.load(k_ptr + cols[None, :] * stride_k + offs_e[:, None],
-                         mask=e_ok[:, None] & col_ok[None, :], other=0.0).to(q.dtype)
-            if HAS_IDX:
-                idx_col = tl.load(idx_ptr + cols, mask=col_ok, other=0)
-                pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
-            else:
-                pos = (cols[None, :] == rows[:, None]) & col_ok[None, :]
-            acc, ws, wsum = _grad_tile(q, qm, kT, inv_t, col_ok, pos, shift, mx, lz, mx_m, lz_m, posw, alpha,
-                                       acc, ws, wsum, PRECISION)
-    else:
-        for i in range(0, TILES_PER_SPLIT):
-            cols = ((pid_s - splits_b) * TILES_PER_SPLIT + i) * BLOCK_N + offs_n
-            col_ok = cols < Q
-            kT = tl.load(queue_ptr + offs_e[:, None] * stride_ue + cols[None, :] * stride_un,
-                         mask=e_ok[:, None] & col_ok[None, :], other=0.0).to(q.dtype)
-            if HAS_IDX:
-                idx_col = tl.load(idxq_ptr + cols, mask=col_ok, other=0)
-                pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
-            else:
-                pos = (cols[None, :] < 0) & row_ok[:, None]
-            acc, ws, wsum = _grad_tile(q, qm, kT, inv_t, col_ok, pos, shift, mx, lz, mx_m, lz_m, posw, alpha,
-                                       acc, ws, wsum, PRECISION)
+    lse = (tl.load(stat_ptr + rows, mask=row_ok, other=0.0),  # mx, lz, mx_m, lz_m: stat is (4, B)
+           tl.load(stat_ptr + B + rows, mask=row_ok, other=0.0),
+           tl.load(stat_ptr + 2 * B + rows, mask=row_ok, other=0.0),
+           tl.load(stat_ptr + 3 * B + rows, mask=row_ok, other=0.0),
+           tl.load(posw_ptr + rows, mask=row_ok, other=0.0))  # posw = (1 - alpha) / number of positives
+    z = tl.zeros((BLOCK_M,), tl.float32)
+    acc, ws, wsum = _sweep_split((tl.zeros((BLOCK_M, BLOCK_E), tl.float32), z, z), queries, k_ptr, queue_ptr,
+                                 idx_ptr, idxq_ptr, pid_s, splits_b, B, Q, e_lim, stride_k, stride_ue, stride_un,
+                                 rows, row_ok, key_row, shift, lse, alpha, inv_t, gpart_ptr, True, HAS_IDX, False,
+                                 STACK_Q, TILES_PER_SPLIT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E)
 
-    # sum_j w_ij = 0 exactly, but not once w is rounded to the dot's dtype: remove the rounded
-    # weights' sum times the row's own feature, which is close to the columns carrying most weight
-    # (reloaded rather than kept: q's dot-operand registers are not reused in another layout)
-    q_f = tl.load(q_ptr + rows[:, None] * stride_q + offs_e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-    acc -= wsum[:, None] * q_f.to(tl.float32)
     out = gpart_ptr + pid_s * B * E + rows[:, None] * E + offs_e[None, :]
     tl.store(out, acc * inv_t, mask=row_ok[:, None] & e_ok[None, :])
-    tl.store(tpart_ptr + pid_s * B + rows, ws, mask=row_ok)
+    tl.store(tpart_ptr + pid_s * B + rows, ws, mask=row_ok)  # tpart is (2, splits, B)
+    tl.store(tpart_ptr + (n_splits + pid_s) * B + rows, wsum, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,12 +301,14 @@ class ItcKernelConfig:
     width; each picks its own row tile and number of column splits (num_splits, when given,
     applies to both).
 
-    GPU defaults (chosen by compiling for sm_90 and reading ptxas' register/spill report, not yet
-    timed on a GPU): 16-bit features: stats 64 x 32 tiles, gradient 32 x 32, 8 warps, 2 stages
-    (no spills, <= 112 KB shared memory); fp32 features: 16 x 32 tiles, 4 warps, 1 stage with
-    "tf32x3" dots (plain TF32 is too coarse for logits up to 1 / temp = 1000; the fp32 path is
-    the accurate one, bf16 the fast one). Splits: about 4 programs per SM (gradient kernel: 2).
-    Interpreter: 16 x 64 tiles, 2 splits."""
+    GPU defaults (chosen by compiling for sm_90 and reading ptxas' register/spill report,
+    benchmarks/kernel_audit.py, not yet timed on a GPU): 16-bit features: both kernels 64 x 16
+    tiles, 8 warps, 2 stages (wgmma, no spills under triton 3.6 and 3.9, 88 KB shared memory;
+    32-column tiles spill in the gradient kernel under 3.9); fp32 features: 16 x 32 tiles,
+    4 warps, 1 stage with "tf32x3" dots (plain TF32 is too coarse for logits up to
+    1 / temp = 1000; the fp32 path is the accurate one, bf16 the fast one; its 3xTF32 mma.sync
+    operands live in registers, and it spills 0.4-1.2 KB). Splits: about 4 programs per SM
+    (gradient kernel: 2). Interpreter: 16 x 64 tiles, 2 splits."""
 
     block_m: Optional[int] = None  # rows per program of the stats kernel
     block_m_grad: Optional[int] = None  # rows per program of the gradient kernel
@@ -291,7 +324,7 @@ class ItcKernelConfig:
         elif dtype == torch.float32:
             d = dict(block_m=16, block_m_grad=16, block_n=32, num_warps=4, num_stages=1)
         else:
-            d = dict(block_m=64, block_m_grad=32, block_n=32, num_warps=8, num_stages=2)
+            d = dict(block_m=64, block_m_grad=64, block_n=16, num_warps=8, num_stages=2)
         given = {k: getattr(self, k) for k in d if getattr(self, k) is not None}
         return ItcKernelConfig(**{**d, **given}, num_splits=self.num_splits, precision=self.precision)
 
@@ -366,6 +399,18 @@ def _column_splits(B: int, Q: int, bn: int, row_blocks: int, num_splits: Optiona
     return tps, splits_b, splits_b + triton.cdiv(n_tq, tps)
 
 
+def _feature_constexprs(dtype: torch.dtype, E: int, precision: str, interp: bool) -> dict:
+    """Both kernels' compile-time flags that follow from the features' dtype and width E."""
+    be = max(16, triton.next_power_of_2(E))
+    return dict(
+        BLOCK_E=be,
+        EVEN_E=E == be,
+        UPCAST=dtype == torch.bfloat16 and interp,  # the interpreter's bf16 arithmetic is broken
+        PRECISION=precision if dtype == torch.float32 else "tf32",  # ignored for 16-bit
+        STACK_Q=dtype != torch.float32,  # one [q; qm] dot on wgmma; fp32 (3xTF32 mma.sync) keeps two
+    )
+
+
 def _itc_direction(q, qm, k, queue, temp, alpha, idx, idx_queue, need_grad, write_sims, cfg):
     """One direction's per-row loss, d loss_i / d q_i, d loss_i / d temp, and (B, B) logits."""
     B, E = q.shape
@@ -373,7 +418,6 @@ def _itc_direction(q, qm, k, queue, temp, alpha, idx, idx_queue, need_grad, writ
     interp = interpreting()
     cfg = cfg.resolved(q.dtype, interp)
     bm, bn = cfg.block_m, cfg.block_n
-    be = max(16, triton.next_power_of_2(E))
     row_blocks = triton.cdiv(B, bm)
     tps, splits_b, splits = _column_splits(B, Q, bn, row_blocks, cfg.num_splits, _programs_target(q.device))
     row_blocks_g = triton.cdiv(B, cfg.block_m_grad)
@@ -383,8 +427,6 @@ def _itc_direction(q, qm, k, queue, temp, alpha, idx, idx_queue, need_grad, writ
                                                  max(1, _programs_target(q.device) // 2))
     if splits_g * B * E >= 2**31 or E * max(Q, 1) >= 2**31:
         raise ValueError("ITC problem too large for 32-bit offsets")
-    upcast = q.dtype == torch.bfloat16 and interp
-    precision = cfg.precision if q.dtype == torch.float32 else "tf32"  # ignored for 16-bit
     dev = q.device
     has_idx = idx is not None
     dummy = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -394,7 +436,7 @@ def _itc_direction(q, qm, k, queue, temp, alpha, idx, idx_queue, need_grad, writ
     # per-row shift for the weighted sums: the paired (diagonal) logit, a positive in both modes
     shift = (q.float() * k.float()).sum(1) / temp.reshape(()).float()
     sims = torch.empty(B, B, dtype=torch.float32, device=dev) if write_sims else part
-    common = dict(HAS_IDX=has_idx, UPCAST=upcast, PRECISION=precision, BLOCK_N=bn, BLOCK_E=be,
+    common = dict(HAS_IDX=has_idx, BLOCK_N=bn, **_feature_constexprs(q.dtype, E, cfg.precision, interp),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _itc_stats_kernel[(row_blocks, splits)](
         q, qm, k, queue, temp, idx_a, idx_b, shift, part, sims,
@@ -417,14 +459,18 @@ def _itc_direction(q, qm, k, queue, temp, alpha, idx, idx_queue, need_grad, writ
     if need_grad:
         posw = (1.0 - alpha) / n_pos
         gpart = torch.empty(splits_g, B, E, dtype=torch.float32, device=dev)  # about 2 x SMs x BLOCK_M x E
-        tpart = torch.empty(splits_g, B, dtype=torch.float32, device=dev)
+        tpart = torch.empty(2, splits_g, B, dtype=torch.float32, device=dev)  # sum w (s - shift), sum w rounded
         _itc_grad_kernel[(row_blocks_g, splits_g)](
             q, qm, k, queue, temp, idx_a, idx_b, shift, torch.stack([mx, lz, mx_m, lz_m]), posw, gpart, tpart, float(alpha),
             B, Q, E, q.stride(0), qm.stride(0), k.stride(0), queue.stride(0), queue.stride(1), splits_b_g,
             TILES_PER_SPLIT=tps_g, BLOCK_M=cfg.block_m_grad, **common,
         )
-        g = gpart.sum(0)  # (B, E) = sum_j (p_ij - t_ij) k_j / temp
-        dtemp_rows = -tpart.sum(0) / temp.reshape(()).float()  # d loss_i / d temp
+        t = temp.reshape(()).float()
+        ws, wsum = tpart.sum(1)  # (2, S, B) -> 2 x (B,)
+        # sum_j w_ij = 0 exactly, but not once w is rounded to the dot's dtype: remove the rounded
+        # weights' sum times the row's own feature, which is close to the columns carrying most weight
+        g = gpart.sum(0) - (wsum / t)[:, None] * q.float()  # (B, E) = sum_j (p_ij - t_ij) k_j / temp
+        dtemp_rows = -ws / t  # d loss_i / d temp
     return loss_rows, g, dtemp_rows, (sims if write_sims else None)
 
 
