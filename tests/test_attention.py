@@ -252,8 +252,8 @@ def test_dropout_gradients_use_the_forward_mask(causal, mask_kind, Lq, Lk):
 
 @pytest.mark.parametrize("config", [(16, 32), (32, 16), (64, 64)], ids=["bm16_bn32", "bm32_bn16", "bm64_bn64"])
 def test_dropout_mask_does_not_depend_on_the_tiling(config):
-    """Forward, dQ and dK/dV under tilings whose key tiles start 16 keys into a 32-key dropout group
-    (16-wide tiles, causal tails) regenerate the mask `dropout_keep_mask` returns."""
+    """Forward, dQ and dK/dV under 16-, 32- and 64-wide query and key tiles (and 16-wide tails)
+    regenerate the mask `dropout_keep_mask` returns (a 32 x 32 tiling of its own)."""
     p, seed, Lq, Lk = 0.3, 77, 70, 70
     q, k, v = make_qkv(2, 2, Lq, Lk, 32, torch.float32)
     mask = make_mask("padded", 2, Lk)
