@@ -242,12 +242,29 @@ def test_dropout_gradients_use_the_forward_mask(causal, mask_kind, Lq, Lk):
     out.backward(dout)
     torch.manual_seed(42)
     keep = attn_mod.dropout_keep_mask(attn_mod.draw_dropout_seed(), (2, 2, Lq, Lk), p, device=DEVICE)
-    p_eff = fa.effective_dropout_p(p)  # the kernels realise p in steps of 1/65536
+    p_eff = fa.effective_dropout_p(p)  # the kernels realise p in steps of 1/256
     exact = run_reference(q, k, v, dout, mask, causal, torch.float64, dropout_p=p_eff, dropout_mask=keep)
     for name, a, e in zip(("out", "dq", "dk", "dv"), (out.detach(), qq.grad, kk.grad, vv.grad), exact):
         assert_within(a, e, 1e-5 * max(1.0, e.abs().max().item()), name)
     # and the dropout did something: the no-dropout output differs
     assert (out.detach() - ref.attention(q, k, v, mask, causal)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("config", [(16, 32), (32, 16), (64, 64)], ids=["bm16_bn32", "bm32_bn16", "bm64_bn64"])
+def test_dropout_mask_does_not_depend_on_the_tiling(config):
+    """Forward, dQ and dK/dV under 16-, 32- and 64-wide query and key tiles (and 16-wide tails)
+    regenerate the mask `dropout_keep_mask` returns (a 32 x 32 tiling of its own)."""
+    p, seed, Lq, Lk = 0.3, 77, 70, 70
+    q, k, v = make_qkv(2, 2, Lq, Lk, 32, torch.float32)
+    mask = make_mask("padded", 2, Lk)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    out, lse = fa.forward(q, k, v, mask, True, p, fa.default_scale(32), seed, config=config)
+    got = (out, *fa.backward(dout, q, k, v, out, lse, mask, True, p, fa.default_scale(32), seed, config=config))
+    keep = attn_mod.dropout_keep_mask(seed, (2, 2, Lq, Lk), p, device=DEVICE)
+    exact = run_reference(q, k, v, dout, mask, True, torch.float64, dropout_p=fa.effective_dropout_p(p),
+                          dropout_mask=keep)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, exact):
+        assert_within(a, e, 1e-5 * max(1.0, e.abs().max().item()), f"{name} {config}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -194,49 +194,126 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
+def _pairs(x: torch.Tensor, dim: int, where, shift: int):
+    """(x at positions i of axis `dim` where where(i), x at i + shift): two equal-shape tensors."""
+    n = x.shape[dim]
+    idx = torch.arange(n)
+    idx = idx[where(idx) & (idx + shift < n)]
+    return x.index_select(dim, idx), x.index_select(dim, idx + shift)
+
+
+def _layout_pairs(x: torch.Tensor) -> dict:
+    """Element pairs of a (B, H, L, K) tensor that share a Philox word, share a call, or sit in
+    neighbouring calls, in `flash_attention._dropout_draws`' layout (byte 2 * i[3] + j[3] of word
+    2 * i[0] + j[0]; the call is (j >> 4, j[2:1], i >> 4, i[2:1], head)); then heads and batch rows."""
+    return {
+        "bytes of a word (key bit 3)": _pairs(x, 3, lambda j: j % 16 < 8, 8),
+        "bytes of a word (row bit 3)": _pairs(x, 2, lambda i: i % 16 < 8, 8),
+        "words of a call (key bit 0)": _pairs(x, 3, lambda j: j % 2 == 0, 1),
+        "words of a call (row bit 0)": _pairs(x, 2, lambda i: i % 2 == 0, 1),
+        "neighbouring calls (key bits 1-2)": _pairs(x, 3, lambda j: (j // 2) % 4 < 3, 2),
+        "neighbouring calls (row bits 1-2)": _pairs(x, 2, lambda i: (i // 2) % 4 < 3, 2),
+        "neighbouring calls (16 keys on)": _pairs(x, 3, lambda j: j >= 0, 16),
+        "neighbouring calls (16 rows on)": _pairs(x, 2, lambda i: i >= 0, 16),
+        "heads": (x[:, 0], x[:, 1]),
+        "batch rows": (x[0], x[1]),
+    }
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_mask_statistics(p):
-    """Kept fraction within 5 sigma of 1 - effective p, and no correlation beyond 5 / sqrt(n)
-    between elements sharing a Philox call (neighbouring bytes and words), neighbouring rows and
-    columns across calls, heads, and batch rows. n is the number of pairs in each comparison."""
+    """Kept fraction within 5 sigma of 1 - effective p (binomial sigma), and no correlation beyond
+    5 / sqrt(n) (the sample correlation of n independent pairs has sigma 1 / sqrt(n)) between
+    elements sharing a Philox word or call, in neighbouring calls, across heads and batch rows."""
     pe = fa.effective_dropout_p(p)
     keep = attn_mod.dropout_keep_mask(99, (4, 4, 64, 128), p, device=DEVICE).cpu()
     n = keep.numel()
     assert abs(keep.float().mean().item() - (1 - pe)) <= 5 * math.sqrt(pe * (1 - pe) / n)
-    pairs = {
-        "adjacent bytes of a word": (keep[..., 0::4], keep[..., 1::4]),
-        "same byte of adjacent words": (keep[..., 0::16], keep[..., 4::16]),
-        "adjacent Philox calls": (keep[..., 0:64], keep[..., 16:80]),
-        "adjacent rows": (keep[:, :, :-1], keep[:, :, 1:]),
-        "heads": (keep[:, 0], keep[:, 1]),
-        "batch rows": (keep[0], keep[1]),
-    }
-    for name, (a, b) in pairs.items():
+    for name, (a, b) in _layout_pairs(keep).items():
         bound = 5 / math.sqrt(a.numel())
         c = _corr(a, b)
         assert abs(c) <= bound, f"{name}: correlation {c:.4f} > {bound:.4f}"
 
 
-def test_dropout_draws_are_uniform():
-    """The 16-bit draws behind the mask are uniform: the kept fraction at thresholds t/65536
-    spread over the range (15 of them, the low byte included) matches 1 - t/65536 (chi-square
-    over the thresholds, 0.1% level)."""
-    stats = []
-    for t in [1 + 4369 * i + 255 * (i % 2) for i in range(15)]:
-        q = t / 65536
-        keep = attn_mod.dropout_keep_mask(5, (1, 2, 64, 64), q, device=DEVICE)
-        n, kept = keep.numel(), int(keep.sum())
-        expect = n * (1 - q)
-        stats.append((kept - expect) ** 2 / (n * q * (1 - q)))  # binomial variance n p (1 - p)
-    assert sum(stats) < 39.25, f"chi-square {sum(stats):.1f} over {len(stats)} thresholds"  # chi2(15) 99.9%
+def _chi2_critical(dof: int, level: float = 0.001) -> float:
+    from scipy.stats import chi2
+
+    return float(chi2.isf(level, dof))
+
+
+def test_dropout_draws_are_uniform_and_independent():
+    """The random bytes behind the mask: their 256-bin histogram is uniform, and for each kind of
+    neighbour (same word, same call, next call, other head or batch row) the joint histogram of
+    the two elements' top nibbles (16 x 16 cells) is uniform: chi-square tests at the 0.1% level."""
+    draws = fa.dropout_draws(5, (4, 4, 64, 128), device=DEVICE).cpu().long()
+    n = draws.numel()
+    counts = torch.bincount(draws.flatten(), minlength=256).double()
+    stat = float(((counts - n / 256) ** 2 / (n / 256)).sum())
+    assert stat < _chi2_critical(255), f"bytes: chi-square {stat:.1f} over 256 bins"
+    for name, (a, b) in _layout_pairs(draws).items():
+        cells = torch.bincount(((a >> 4) * 16 + (b >> 4)).flatten(), minlength=256).double()
+        e = a.numel() / 256
+        stat = float(((cells - e) ** 2 / e).sum())
+        assert stat < _chi2_critical(255), f"{name}: chi-square {stat:.1f} over 16 x 16 cells"
+
+
+def test_dropout_mask_is_the_draws_against_the_threshold():
+    """The mask kernel's keep-bits are exactly `byte >= 256 p_eff` of the draws (two kernel paths)."""
+    draws = fa.dropout_draws(11, (1, 2, 40, 70), device=DEVICE).cpu()
+    for p in (0.1, 0.5, 255 / 256):
+        keep = attn_mod.dropout_keep_mask(11, (1, 2, 40, 70), p, device=DEVICE).cpu()
+        assert torch.equal(keep, draws.long() >= round(256 * fa.effective_dropout_p(p)))
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _philox4x32(counter, key, rounds):
+    """Philox-4x32 (Salmon et al. 2011) in Python: 4 x uint32 counter, 2 x uint32 key."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(rounds):
+        p0, p2 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p2 >> 32) ^ c1 ^ k0, p2 & _M32, (p0 >> 32) ^ c3 ^ k1, p0 & _M32
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def test_python_philox_matches_random123_answers():
+    """The Python Philox above reproduces Random123's known-answer vectors for Philox-4x32-10."""
+    assert _philox4x32((0, 0, 0, 0), (0, 0), 10) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    assert _philox4x32((_M32,) * 4, (_M32, _M32), 10) == (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
+    assert _philox4x32((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), 10) == (
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)
+
+
+def test_dropout_draws_follow_the_documented_layout():
+    """Every byte the kernels draw equals the documented one: byte 2 * i[3] + j[3] (from the least
+    significant) of word 2 * i[0] + j[0] of Philox-4x32-7(seed; (4 * (j >> 4) + j[2:1],
+    4 * (i >> 4) + i[2:1], b * H + h, 0)), with a seed above 2**32 (both key words used)."""
+    B, H, L, Kn, seed = 2, 3, 40, 70, 0x1234_5678_9ABC
+    draws = fa.dropout_draws(seed, (B, H, L, Kn), device=DEVICE).cpu()
+    key = (seed & _M32, seed >> 32)
+    cache = {}
+    expect = torch.empty(B, H, L, Kn, dtype=torch.uint8)
+    for b in range(B):
+        for h in range(H):
+            for i in range(L):
+                for j in range(Kn):
+                    ctr = (4 * (j >> 4) + ((j >> 1) & 3), 4 * (i >> 4) + ((i >> 1) & 3), b * H + h, 0)
+                    if ctr not in cache:
+                        cache[ctr] = _philox4x32(ctr, key, 7)
+                    word = cache[ctr][2 * (i & 1) + (j & 1)]
+                    expect[b, h, i, j] = (word >> (8 * (2 * ((i >> 3) & 1) + ((j >> 3) & 1)))) & 0xFF
+    assert torch.equal(draws, expect)
 
 
 def test_effective_dropout_p():
     assert fa.effective_dropout_p(0.0) == 0.0
-    assert fa.effective_dropout_p(0.1) == 6554 / 65536  # 0.100006: BERT's rate, not 26/256 = 0.1016
-    assert abs(fa.effective_dropout_p(0.1) - 0.1) < 1e-5
+    assert fa.effective_dropout_p(0.1) == 26 / 256  # 0.1016: 8-bit thresholds, as FlashAttention-2
     assert fa.effective_dropout_p(0.25) == 0.25
-    assert fa.effective_dropout_p(0.99999) == 65535 / 65536
+    assert fa.effective_dropout_p(0.99999) == 255 / 256
+    assert fa.effective_dropout_p(1e-4) == 0.0  # below half a step: no dropout at all
 
 
 # ---------------------------------------------------------------------------------------------

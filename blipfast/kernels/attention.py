@@ -153,9 +153,9 @@ def attention(
             attention_mask == 1), False where it is padding and gets no weight.
         causal: query i attends only to keys j <= i (top-left aligned, also when Lq != Lk).
         dropout_p: probability of dropping an attention probability (after the softmax); kept
-            ones are scaled by 1 / (1 - p). p is realised in steps of 1/65536 (16-bit thresholds:
-            0.1 -> 0.100006, see `flash_attention.effective_dropout_p`), so the expectation is
-            exact. The pattern comes from Philox inside the kernels, seeded by one draw from
+            ones are scaled by 1 / (1 - p). p is realised in steps of 1/256 (8-bit thresholds, as
+            in FlashAttention-2: 0.1 -> 26/256 = 0.1016, see `flash_attention.effective_dropout_p`),
+            and the scale uses the realised p, so the expectation is exact. The pattern comes from Philox inside the kernels, seeded by one draw from
             torch's default CPU generator (`draw_dropout_seed`), and is regenerated identically
             in the backward; `dropout_keep_mask(seed, shape, p)` returns it as a bool
             (B, H, Lq, Lk) tensor.
@@ -310,7 +310,7 @@ def varlen_attention(
         max_seqlen_q, max_seqlen_k: host ints bounding every sequence's length (they size the tile
             schedule without a host sync; checked against cu_seqlens for CPU tensors only).
         causal: top-left aligned within each sequence pair (query i sees keys j <= i).
-        dropout_p: as in `attention` (realised in steps of 1/65536, see
+        dropout_p: as in `attention` (realised in steps of 1/256, see
             `flash_attention.effective_dropout_p`); the pattern is regenerated in the backward.
             `flash_attention.varlen_dropout_keep_masks(seed, cu_q, cu_k, H, p)` returns it.
         softmax_scale: multiplier of q.k; default 1 / sqrt(D).

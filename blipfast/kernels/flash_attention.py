@@ -28,10 +28,12 @@ a row with no allowed key, so that every recomputed probability of such a row is
 (output 0, gradients 0: `reference.attention`'s definition).
 
 Dropout: element (b, h, i, j) of the (B, H, Lq, Lk) scores (packed: (1, H, total_q, total_k)) is
-kept when 16-bit half j % 8 of Philox-4x32-10(seed, ((b*H + h)*Lq + i) * ceil(Lk/8) + j // 8) is
->= 65536 p: one Philox call serves 8 elements, p is realised in steps of 1/65536 (p = 0.1 runs at
-0.100006; `effective_dropout_p`), and the forward and both backward kernels regenerate the same bits;
-`dropout_keep_mask` materialises them for tests.
+kept when its random byte is >= 256 p: one Philox-4x32-7 call serves 8 elements, laid out so that
+they are 8 registers of one thread of the MMA accumulator (`_dropout_draws`); p is realised in steps
+of 1/256 (p = 0.1 runs at 26/256 = 0.1016, as in FlashAttention-2; `effective_dropout_p`). The
+forward and both backward kernels regenerate the same bits; `dropout_keep_mask` materialises them
+for tests, `dropout_draws` the bytes. With dropout, packed query tiles start at a multiple of 16
+rows (as key tiles always do).
 
 This module holds no autograd logic; `attention.py` builds the custom ops and the public functions.
 """
@@ -68,50 +70,108 @@ def _key_mask(KPM, cols, smn, Lk, HAS_MASK: tl.constexpr):
     return cols >= 0
 
 
-DROPOUT_BITS = 16  # random bits per element: 8 elements per Philox call
-DROPOUT_LEVELS = 1 << DROPOUT_BITS  # dropout_p is realised as round(65536 p) / 65536 (`effective_dropout_p`)
+DROPOUT_BITS = 8  # random bits per element: one Philox call (128 bits) covers 16 elements
+DROPOUT_LEVELS = 1 << DROPOUT_BITS  # dropout_p is realised as round(256 p) / 256 (`effective_dropout_p`)
+# Philox-4x32 with 7 rounds, not Triton's default 10: 7 is the fewest that Salmon et al. (SC 2011,
+# "Parallel random numbers: as easy as 1, 2, 3") found to pass TestU01's BigCrush; 10 is their safety margin.
+DROPOUT_ROUNDS = tl.constexpr(7)
 
 
 @triton.jit
-def _dropout_keep(seed, row_ids, n_groups, col0, dropout_p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Keep-bits (BLOCK_R, BLOCK_C) of columns col0 + arange(BLOCK_C) of the rows whose counter
-    index is `row_ids` (int64 (BLOCK_R,)); col0 is a multiple of 16.
+def _dropout_threshold(dropout_p):
+    """The keep threshold in the top byte: an element is kept when its random byte is >= 256 p."""
+    return tl.cast(dropout_p * 256.0 + 0.5, tl.uint32) << 24  # dropout_p is a multiple of 1/256 here
 
-    Element (row, col) is kept when 16-bit half (col % 8) of Philox-4x32-10(seed, row * n_groups +
-    col // 8) is >= 65536 * dropout_p: one Philox call covers 8 elements (tl.rand spends one per
-    element; 8-bit draws would cover 16 but could only realise p in steps of 1/256: 0.1 -> 0.1016),
-    and the mask depends only on (seed, row, col), never on the tiling, so the forward and both
-    backward kernels regenerate it exactly."""
-    G: tl.constexpr = BLOCK_C // 8
-    tl.static_assert(BLOCK_C % 16 == 0, "dropout tiles need a multiple of 16 columns")
-    groups = (col0 // 8 + tl.arange(0, G)).to(tl.int64)
-    r0, r1, r2, r3 = tl.randint4x(seed, row_ids[:, None] * n_groups + groups[None, :])  # 4 x uint32 (R, G)
-    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (R, G, 2, 2): word 2 * j + i at [.., i, j]
-    # half k of a word is >= t exactly when the word shifted left by 16 - 16k is >= t << 16 (the
-    # bits below the half add less than 2**16): one shift and one compare per element.
-    shifts = (16 - 16 * tl.arange(0, 2)).to(tl.uint32)
-    threshold = tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32) << 16  # dropout_p is a multiple of 1/65536 here
-    keep = (words[:, :, :, :, None] << shifts[None, None, None, None, :]) >= threshold  # (R, G, 2, 2, 2)
-    return tl.reshape(keep, (BLOCK_R, BLOCK_C))
+
+@triton.jit
+def _philox(seed, c0, c1, c2):
+    """Philox-4x32-R (R = DROPOUT_ROUNDS) of the counter (c0, c1, c2, 0) under the 64-bit key `seed`:
+    the same function as tl.philox, written with one 32 x 32 -> 64-bit product per multiplication
+    (tl.philox asks for the high and the low half separately, two multiplies where ptxas does not
+    merge them)."""
+    key = seed.to(tl.uint64)
+    k0 = (key & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (key >> 32).to(tl.uint32)
+    c3 = c0 * 0  # uint32 zeros
+    for _ in tl.static_range(DROPOUT_ROUNDS):
+        prod0 = c0.to(tl.uint64) * 0xD2511F53
+        prod2 = c2.to(tl.uint64) * 0xCD9E8D57
+        c0, c1, c2, c3 = ((prod2 >> 32).to(tl.uint32) ^ c1 ^ k0, prod2.to(tl.uint32),
+                          (prod0 >> 32).to(tl.uint32) ^ c3 ^ k1, prod0.to(tl.uint32))
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _dropout_keep(seed, bh, i16, i_off, j16, j_off, threshold):
+    """Keep-bits of query rows i = 16 * i16 + i_off and keys j = 16 * j16 + j_off (i_off, j_off
+    broadcastable int32 tensors: (R, 1) and (1, C), or transposed for dK/dV) of head `bh`: the
+    element's random byte (`_dropout_draws`) is >= 256 p (`threshold` = 256 p << 24,
+    `_dropout_threshold`). Callers pass offsets that are a bare arange: the compiler then knows
+    each register's word and byte (no per-element selects)."""
+    # byte >= t exactly when the word holding the byte on top is >= t << 24 (the bits below the top
+    # byte add less than 2**24): one compare per element.
+    return _dropout_draws(seed, bh, i16, i_off, j16, j_off) >= threshold
+
+
+@triton.jit
+def _dropout_draws(seed, bh, i16, i_off, j16, j_off):
+    """uint32 words whose top byte is the random byte of element (i, j) (`_dropout_keep`'s arguments).
+
+    Element (i, j) draws byte 2 * i[3] + j[3] of word 2 * i[0] + j[0] of
+    Philox-4x32-7(seed; 4 * (j >> 4) + j[2:1], 4 * (i >> 4) + i[2:1], bh, 0) (x[k]: bit k of x;
+    bytes counted from the least significant). The mask depends only on (seed, bh, i, j), never on
+    the tiling, so the forward and both backward kernels regenerate it exactly.
+
+    Why this layout: in every 16 x 16 block, a thread of an MMA accumulator holds rows r, r + 8 and
+    columns c, c + 1, c + 8, c + 9 (r, c fixed by its lane; c even): bits 0 and 3 of the row or key
+    index change between its registers, bits 1-2 do not. In the (query, key) orientation of the
+    forward and dQ, bits i[0] and j[1:2] are the lane's; in dK/dV's (key, query) orientation, j[0:2]
+    and i[1:2]. Counters built from neither orientation's register bits, and word and byte picks
+    from bits that are register bits in at least one of them, give each thread 8 of a call's 16
+    bytes in both orientations (two lanes compute each call), with compile-time word and byte picks
+    and no layout conversion. A layout giving a thread all 16 bytes in the forward (a call spanning
+    two 16-key blocks) leaves it 4 in dK/dV, the kernel with the fewest elements per thread: 8 and 8
+    costs the same Philox work over the three kernels and keeps the worst one cheaper."""
+    ih = i16 + (i_off >> 4)
+    il = i_off & 15
+    jh = j16 + (j_off >> 4)
+    jl = j_off & 15
+    c0 = (jh * 4 + ((jl >> 1) & 3)).to(tl.uint32)
+    c1 = (ih * 4 + ((il >> 1) & 3)).to(tl.uint32)
+    r0, r1, r2, r3 = _philox(seed, c0, c1, bh.to(tl.uint32))
+    word_sel = (il & 1) * 2 + (jl & 1)
+    word = tl.where(word_sel == 0, r0, tl.where(word_sel == 1, r1, tl.where(word_sel == 2, r2, r3)))
+    # byte k goes on top by a rotation left by 24 - 8k, not a shift: the compiler pushes a shift into
+    # the last Philox round and redoes that round's xor for every element.
+    shift = (24 - 8 * (((il >> 3) & 1) * 2 + ((jl >> 3) & 1))).to(tl.uint32)
+    return (word << shift) | (word >> ((32 - shift) & 31))
 
 
 @triton.jit
 def _query_tile(pid, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk, first,
-                BLOCK_M: tl.constexpr, VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
-    """This program's query rows, which of them it owns, each row's key interval [klo, khi) and the
-    tile's key range [k_start, k_end) (k_start a multiple of 16, empty when no row has a key)."""
+                BLOCK_M: tl.constexpr, VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr):
+    """This program's query rows (row0 + arange(BLOCK_M); row0 a multiple of 16 with dropout), which
+    of them it owns, each row's key interval [klo, khi) and the tile's key range [k_start, k_end)
+    (k_start a multiple of 16; empty when no row has a key)."""
     if VARLEN:  # rows = a span of the packed queries from the schedule (whole short sequences)
         lo = tl.load(TILES + 2 * pid)
         hi = tl.load(TILES + 2 * pid + 1)
-        rows = lo + tl.arange(0, BLOCK_M)
-        row_ok = rows < hi
+        row0 = lo
+        if HAS_DROPOUT:  # dropout words are laid out per 16 rows (the schedule leaves room: align=16)
+            row0 = lo - lo % 16
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = (rows >= lo) & (rows < hi)
         sid = tl.load(SEQ_Q + rows, mask=row_ok, other=0)
         klo = tl.load(CU_K + sid, mask=row_ok, other=0)
         khi = tl.load(CU_K + sid + 1, mask=row_ok, other=0)
         if IS_CAUSAL:  # local key position <= local query position
             khi = tl.minimum(khi, klo + rows - tl.load(CU_Q + sid, mask=row_ok, other=0) + 1)
     else:
-        rows = first + pid * BLOCK_M + tl.arange(0, BLOCK_M)  # first > 0: a launch over a thin tail
+        row0 = first + pid * BLOCK_M  # first > 0: a launch over a thin tail (a multiple of 64)
+        rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = rows < Lq
         klo = tl.zeros([BLOCK_M], dtype=tl.int32)
         if HAS_MASK:  # keys after the batch row's last real key are never visited
@@ -124,18 +184,20 @@ def _query_tile(pid, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk, first,
     k_start = tl.min(tl.where(khi > klo, klo, 2**30))
     k_start = k_start - k_start % 16
     k_end = tl.max(khi)
-    return rows, row_ok, klo, khi, k_start, k_end
+    return rows, row_ok, klo, khi, k_start, k_end, row0
 
 
 @triton.jit
 def _key_tile(pid, b, TILES, SEQ_K, CU_Q, CU_K, KV_LEN, KPM, smn, Lq, Lk, first,
-              BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+              BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr):
     """The dK/dV program's key columns (base a multiple of 16), which it owns (stores), each key's
-    query interval [qlo, qhi) and the query range [q_start, q_end) to visit."""
+    query interval [qlo, qhi) and the query range [q_start, q_end) to visit (q_start a multiple of
+    16 with dropout)."""
     if VARLEN:
         lo = tl.load(TILES + 2 * pid)
         hi = tl.load(TILES + 2 * pid + 1)
-        cols = lo - lo % 16 + tl.arange(0, BLOCK_N)  # aligned: the dropout groups are 16 keys
+        cols = lo - lo % 16 + tl.arange(0, BLOCK_N)  # aligned: dropout words are laid out per 16 keys
         col_own = (cols >= lo) & (cols < hi)
         sid = tl.load(SEQ_K + cols, mask=col_own, other=0)
         qlo = tl.load(CU_Q + sid, mask=col_own, other=0)
@@ -155,6 +217,8 @@ def _key_tile(pid, b, TILES, SEQ_K, CU_Q, CU_K, KV_LEN, KPM, smn, Lq, Lk, first,
             qlo = tl.zeros([BLOCK_N], dtype=tl.int32)
     qlo = tl.minimum(qlo, qhi)
     q_start = tl.min(tl.where(qhi > qlo, qlo, 2**30))
+    if HAS_DROPOUT:  # dropout words are laid out per 16 query rows
+        q_start = q_start - q_start % 16
     q_end = tl.max(qhi)
     return cols, col_own, qlo, qhi, q_start, q_end
 
@@ -202,7 +266,7 @@ def _mask_scores(s, cols, klo, khi, KPM, smn, Lk, k_end, INTERVAL: tl.constexpr,
 
 @triton.jit
 def _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn, skd, svn, svd,
-              smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
+              smn, Lk, r16, roffs, bh, qk_scale, dropout_p, seed,
               INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr, BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile of the online softmax: returns the updated (acc, m_i, l_i)."""
@@ -217,15 +281,18 @@ def _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, row_ids, n_groups, start_n, dropout_p, BLOCK_M, BLOCK_N)
-        p = tl.where(keep, p, 0.0)  # the 1 / (1 - p) rescale is applied once, at the end
+        keep = _dropout_keep(seed, bh, r16, roffs[:, None], start_n >> 4, offs_n[None, :],
+                             _dropout_threshold(dropout_p))
+        # dropped: a zero the compiler cannot see (dropout_p * 0.0): against a literal 0 it moves the
+        # select past the bf16 conversion, one 16-bit select plus unpacking per element.
+        p = tl.where(keep, p, dropout_p * 0.0)  # the 1 / (1 - p) rescale is applied once, at the end
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn, skd, svn,
-             svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
+             svd, smn, Lk, r16, roffs, bh, qk_scale, dropout_p, seed,
              INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr, BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile of dQ += dS K, with dS = P * (dP - delta) recomputed from the stored LSE."""
@@ -236,15 +303,18 @@ def _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, o
     p = tl.math.exp2(s - lse[:, None])  # exact probabilities; 0 in rows with lse = +inf
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, row_ids, n_groups, start_n, dropout_p, BLOCK_M, BLOCK_N)
-        dp = tl.where(keep, dp, 0.0) * (1.0 / (1.0 - dropout_p))  # a scalar reciprocal, not a division per element
+        keep = _dropout_keep(seed, bh, r16, roffs[:, None], start_n >> 4, offs_n[None, :],
+                             _dropout_threshold(dropout_p))
+        # kept: dP / (1 - p), dropped: 0, as a multiply by a per-element factor rather than a select:
+        # selects keep one predicate per element alive until the dot lands (ptxas spills them)
+        dp = dp * tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m, offs_d, sqm, sqd,
-               sdom, sdod, row_base, n_groups, qk_scale, dropout_p, seed,
+               sdom, sdod, bh, qk_scale, dropout_p, seed,
                INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr, BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile of dV += P^T dO and dK += dS^T Q, computed transposed (keys along rows)."""
@@ -274,9 +344,12 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo,
     p_t = tl.math.exp2(s_t - lse[None, :])
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
     if HAS_DROPOUT:
-        keep_t = tl.trans(_dropout_keep(seed, row_base + rows, n_groups, col0, dropout_p, BLOCK_M, BLOCK_N))
-        pd_t = tl.where(keep_t, p_t, 0.0)  # dV's 1 / (1 - p) is applied once, after the loop
-        dp_t = tl.where(keep_t, dp_t, 0.0) * (1.0 / (1.0 - dropout_p))
+        # generated in the (keys, queries) orientation of s_t: no transpose
+        keep_t = _dropout_keep(seed, bh, start_m >> 4, offs_m[None, :], col0 >> 4, tl.arange(0, BLOCK_N)[:, None],
+                               _dropout_threshold(dropout_p))
+        factor = tl.where(keep_t, 1.0 / (1.0 - dropout_p), 0.0)  # a factor, not selects: see `_dq_step`
+        pd_t = p_t * factor
+        dp_t = dp_t * factor
     else:
         pd_t = p_t
     dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PREC)
@@ -290,7 +363,7 @@ TAIL = tl.constexpr(16)  # width of the ragged last tile (197 keys = 3 x 64 + on
 
 @triton.jit
 def _fwd_range(acc, m_i, l_i, lo, hi, q, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd, svn, svd, smn, Lk,
-               row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr,
+               r16, roffs, bh, qk_scale, dropout_p, seed, INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr,
                BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
                BLOCK_M: tl.constexpr, STEP: tl.constexpr):
     """Key tiles lo, lo + STEP, ... < hi of the forward."""
@@ -299,20 +372,20 @@ def _fwd_range(acc, m_i, l_i, lo, hi, q, K, V, KPM, k_end, rows, klo, khi, offs_
         start_n = lo
         while start_n < hi:
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d,
-                                      skn, skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
+                                      skn, skd, svn, svd, smn, Lk, r16, roffs, bh, qk_scale, dropout_p, seed,
                                       INTERVAL, HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
             start_n += STEP
     else:
         for start_n in range(lo, hi, STEP):
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d,
-                                      skn, skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed,
+                                      skn, skd, svn, svd, smn, Lk, r16, roffs, bh, qk_scale, dropout_p, seed,
                                       INTERVAL, HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _dq_range(dq, lo, hi, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd, svn, svd, smn,
-              Lk, row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr,
+              Lk, r16, roffs, bh, qk_scale, dropout_p, seed, INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr,
               BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
               BLOCK_M: tl.constexpr, STEP: tl.constexpr):
     """Key tiles lo, lo + STEP, ... < hi of dQ."""
@@ -321,20 +394,20 @@ def _dq_range(dq, lo, hi, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, o
         start_n = lo
         while start_n < hi:
             dq = _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn,
-                          skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK,
+                          skd, svn, svd, smn, Lk, r16, roffs, bh, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK,
                           BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
             start_n += STEP
     else:
         for start_n in range(lo, hi, STEP):
             dq = _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, offs_n, offs_d, skn,
-                          skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK,
+                          skd, svn, svd, smn, Lk, r16, roffs, bh, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK,
                           BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M, STEP)
     return dq
 
 
 @triton.jit
 def _dkdv_range(dk, dv, lo, hi, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo, qhi, offs_d, sqm, sqd, sdom, sdod,
-                row_base, n_groups, qk_scale, dropout_p, seed, INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                bh, qk_scale, dropout_p, seed, INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr,
                 BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr, STEP: tl.constexpr,
                 BLOCK_N: tl.constexpr):
@@ -344,13 +417,13 @@ def _dkdv_range(dk, dv, lo, hi, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo,
         start_m = lo
         while start_m < hi:
             dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m,
-                                offs_d, sqm, sqd, sdom, sdod, row_base, n_groups, qk_scale, dropout_p, seed, INTERVAL,
+                                offs_d, sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL,
                                 HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N)
             start_m += STEP
     else:
         for start_m in range(lo, hi, STEP):
             dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m,
-                                offs_d, sqm, sqd, sdom, sdod, row_base, n_groups, qk_scale, dropout_p, seed, INTERVAL,
+                                offs_d, sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL,
                                 HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N)
     return dk, dv
 
@@ -387,11 +460,11 @@ def _attn_fwd(
     MAIN_BOUNDS: tl.constexpr = MASKED and not HAS_TAIL  # the main loop reaches past k_end
     ROWS_EXACT: tl.constexpr = EVEN_M and not VARLEN
 
-    rows, row_ok, klo, khi, k_start, k_end = _query_tile(pid_m, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk, first,
-                                                         BLOCK_M, VARLEN, IS_CAUSAL, HAS_MASK)
+    rows, row_ok, klo, khi, k_start, k_end, row0 = _query_tile(pid_m, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk,
+                                                               first, BLOCK_M, VARLEN, IS_CAUSAL, HAS_MASK, HAS_DROPOUT)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ids = bh * Lq + rows  # dropout counters
-    n_groups = (Lk + 7) // 8  # one dropout Philox call (128 bits) per 8 keys of 16 bits
+    r16 = row0 // 16  # dropout rows: 16 * r16 + roffs (row0 is a multiple of 16 with dropout)
+    roffs = tl.arange(0, BLOCK_M)
     q_ptrs = Q + rows[:, None] * sqm + offs_d[None, :] * sqd
     if ROWS_EXACT:
         q = tl.load(q_ptrs)
@@ -408,11 +481,11 @@ def _attn_fwd(
     if HAS_TAIL:
         k_full = k_start + (k_end - k_start) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _fwd_range(acc, m_i, l_i, k_start, k_full, q, K, V, KPM, k_end, rows, klo, khi, offs_d, skn,
-                               skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL,
+                               skd, svn, svd, smn, Lk, r16, roffs, bh, qk_scale, dropout_p, seed, INTERVAL,
                                HAS_MASK, MAIN_BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
     if HAS_TAIL:
         acc, m_i, l_i = _fwd_range(acc, m_i, l_i, k_full, k_end, q, K, V, KPM, k_end, rows, klo, khi, offs_d, skn,
-                                   skd, svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL,
+                                   skd, svn, svd, smn, Lk, r16, roffs, bh, qk_scale, dropout_p, seed, INTERVAL,
                                    HAS_MASK, True, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, TAIL)
 
     empty = l_i == 0.0  # no allowed key in the whole row
@@ -465,11 +538,11 @@ def _attn_bwd_dq(
     MAIN_BOUNDS: tl.constexpr = MASKED and not HAS_TAIL  # the main loop reaches past k_end
     ROWS_EXACT: tl.constexpr = EVEN_M and not VARLEN
 
-    rows, row_ok, klo, khi, k_start, k_end = _query_tile(pid_m, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk, first,
-                                                         BLOCK_M, VARLEN, IS_CAUSAL, HAS_MASK)
+    rows, row_ok, klo, khi, k_start, k_end, row0 = _query_tile(pid_m, b, TILES, SEQ_Q, CU_Q, CU_K, KV_LEN, Lq, Lk,
+                                                               first, BLOCK_M, VARLEN, IS_CAUSAL, HAS_MASK, HAS_DROPOUT)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ids = bh * Lq + rows
-    n_groups = (Lk + 7) // 8  # one dropout Philox call (128 bits) per 8 keys of 16 bits
+    r16 = row0 // 16  # dropout rows: 16 * r16 + roffs (row0 is a multiple of 16 with dropout)
+    roffs = tl.arange(0, BLOCK_M)
     q_ptrs = Q + rows[:, None] * sqm + offs_d[None, :] * sqd
     o_ptrs = O + rows[:, None] * som + offs_d[None, :] * sod
     do_ptrs = DO + rows[:, None] * sdom + offs_d[None, :] * sdod
@@ -494,11 +567,11 @@ def _attn_bwd_dq(
     if HAS_TAIL:
         k_full = k_start + (k_end - k_start) // BLOCK_N * BLOCK_N
     dq = _dq_range(dq, k_start, k_full, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd, svn,
-                   svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK, MAIN_BOUNDS,
+                   svd, smn, Lk, r16, roffs, bh, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK, MAIN_BOUNDS,
                    HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
     if HAS_TAIL:
         dq = _dq_range(dq, k_full, k_end, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, offs_d, skn, skd,
-                       svn, svd, smn, Lk, row_ids, n_groups, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK, True,
+                       svn, svd, smn, Lk, r16, roffs, bh, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK, True,
                        HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, TAIL)
 
     dq = dq * sm_scale
@@ -540,11 +613,9 @@ def _attn_bwd_dkdv(
     COLS_EXACT: tl.constexpr = EVEN_N and not VARLEN
 
     cols, col_own, qlo, qhi, q_start, q_end = _key_tile(pid_n, b, TILES, SEQ_K, CU_Q, CU_K, KV_LEN, KPM, smn, Lq, Lk,
-                                                        first, BLOCK_N, VARLEN, IS_CAUSAL, HAS_MASK)
+                                                        first, BLOCK_N, VARLEN, IS_CAUSAL, HAS_MASK, HAS_DROPOUT)
     offs_d = tl.arange(0, HEAD_DIM)
-    col0 = cols - tl.arange(0, BLOCK_N)  # the tile's first column (dropout groups start there)
-    col0 = tl.max(col0)
-    n_groups = (Lk + 7) // 8  # one dropout Philox call (128 bits) per 8 keys of 16 bits
+    col0 = tl.max(cols - tl.arange(0, BLOCK_N))  # the tile's first key (a multiple of 16)
     k_ptrs = K + cols[:, None] * skn + offs_d[None, :] * skd
     v_ptrs = V + cols[:, None] * svn + offs_d[None, :] * svd
     if COLS_EXACT:
@@ -563,16 +634,14 @@ def _attn_bwd_dkdv(
     if HAS_TAIL:
         q_full = q_start + (q_end - q_start) // BLOCK_M * BLOCK_M
     dk, dv = _dkdv_range(dk, dv, q_start, q_full, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo, qhi, offs_d, sqm,
-                         sqd, sdom, sdod, bh * Lq, n_groups, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK, MAIN_BOUNDS,
+                         sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK, MAIN_BOUNDS,
                          HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
     if HAS_TAIL:
         dk, dv = _dkdv_range(dk, dv, q_full, q_end, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo, qhi, offs_d,
-                             sqm, sqd, sdom, sdod, bh * Lq, n_groups, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK,
+                             sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK,
                              True, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, TAIL, BLOCK_N)
 
     dk = dk * sm_scale
-    if HAS_DROPOUT:
-        dv = dv * (1.0 / (1.0 - dropout_p))
     dk_ptrs = DK + cols[:, None] * sdkn + offs_d[None, :] * sdkd
     dv_ptrs = DV + cols[:, None] * sdvn + offs_d[None, :] * sdvd
     if COLS_EXACT:
@@ -585,18 +654,26 @@ def _attn_bwd_dkdv(
 
 @triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(OUT, H, Lq, Lk, dropout_p, seed,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """OUT: int8 (B, H, Lq, Lk) contiguous, 1 where the attention kernels keep the element (dense
-    layout; the packed layout is the dense one with B = 1, Lq = total_q, Lk = total_k)."""
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DRAWS: tl.constexpr):
+    """OUT: (B, H, Lq, Lk) contiguous: int8, 1 where the attention kernels keep the element, or with
+    DRAWS uint8, each element's random byte (dense layout; the packed layout is the dense one with
+    B = 1, Lq = total_q, Lk = total_k)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = pid_n * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(seed, bh * Lq + rows, (Lk + 7) // 8, col0, dropout_p, BLOCK_M, BLOCK_N)
+    i_off = tl.arange(0, BLOCK_M)[:, None]
+    j_off = tl.arange(0, BLOCK_N)[None, :]
+    tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0)
+    if DRAWS:
+        val = (_dropout_draws(seed, bh, pid_m * (BLOCK_M // 16), i_off, col0 // 16, j_off) >> 24).to(tl.uint8)
+    else:
+        val = _dropout_keep(seed, bh, pid_m * (BLOCK_M // 16), i_off, col0 // 16, j_off,
+                            _dropout_threshold(dropout_p)).to(tl.int8)
     ptrs = OUT + (bh * Lq + rows[:, None]) * Lk + cols[None, :]
-    tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < Lq) & (cols[None, :] < Lk))
+    tl.store(ptrs, val, mask=(rows[:, None] < Lq) & (cols[None, :] < Lk))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,7 +700,7 @@ _TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "BH_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HA
 def _gpu_configs(kind: str):
     """A small space (each config costs a compile per variant). wgmma on Hopper wants the M side
     of a dot >= 64: fwd/dq tile queries by 64 or 128; dkdv's dots have keys on the M side.
-    BLOCK_N is a multiple of 16 (one dropout Philox call covers 8 keys)."""
+    BLOCK_N is a multiple of 16 (the tail tiles and the dropout layout, `_dropout_draws`)."""
     shapes = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
         "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
         "dq": [(64, 64, 4, 3), (64, 32, 4, 3)],
@@ -737,9 +814,10 @@ def _strides(x: torch.Tensor, names: str) -> dict:
 
 
 def effective_dropout_p(dropout_p: float) -> float:
-    """The dropout probability the kernels realise: p rounded to a multiple of 1/65536 (they compare
-    16 random bits per element against a threshold), at most 65535/65536. Outputs are scaled by
-    1 / (1 - effective p), so the expectation is exact. p = 0.1 -> 0.100006."""
+    """The dropout probability the kernels realise: p rounded to a multiple of 1/256 (they compare
+    one random byte per element against a threshold, as FlashAttention-2 does), at most 255/256.
+    Outputs are scaled by 1 / (1 - effective p), so the expectation is exact. p = 0.1 -> 26/256 =
+    0.1016 (BERT's and BLIP's rate runs 1.6% high)."""
     if dropout_p <= 0.0:
         return 0.0
     return min(round(dropout_p * DROPOUT_LEVELS), DROPOUT_LEVELS - 1) / DROPOUT_LEVELS
@@ -881,6 +959,12 @@ def _varlen_args(q, k, cu_q, cu_k, causal, dropout_p, seed):
     return dict(CU_Q=cu_q, CU_K=cu_k, KPM=q, KV_LEN=q, smb=0, smn=0, **args)
 
 
+def _row_align(args: dict) -> int:
+    """Where packed query tiles start (`_query_tile`): with dropout at a multiple of 16 rows (the
+    dropout words are laid out per 16 rows), else anywhere."""
+    return 16 if args["HAS_DROPOUT"] else 1
+
+
 def _packed_strides(x: torch.Tensor, names: str) -> dict:
     """(total, H, D) seen as (1, H, total, D): batch stride 0."""
     b, h, m, d = names.split()
@@ -897,7 +981,7 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, dr
         return out, lse
     args = _varlen_args(q, k, cu_q, cu_k, causal, dropout_p, seed)
     bm, bn, *launch = _pick_config("fwd", config, args["UPCAST"], True)
-    tiles = varlen_schedule(cu_q, total_q, max_q, bm)
+    tiles = varlen_schedule(cu_q, total_q, max_q, bm, align=_row_align(args))
     with _device_guard(q):
         _launch("fwd", lambda _bm, _bn: (tiles.shape[0], H, 1), (bm, bn, *launch), first=0, Q=q, K=k, V=v, O=out,
                 LSE=lse, TILES=tiles, SEQ_Q=_sequence_ids(cu_q, total_q), **_packed_strides(q, "sqb sqh sqm sqd"),
@@ -923,8 +1007,8 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int,
            **_packed_strides(v, "svb svh svn svd"), **_packed_strides(dout, "sdob sdoh sdom sdod")}
     cfg_dq = _pick_config("dq", config, args["UPCAST"], True)
     cfg_kv = _pick_config("dkdv", config, args["UPCAST"], True)
-    q_tiles = varlen_schedule(cu_q, total_q, max_q, cfg_dq[0])
-    k_tiles = varlen_schedule(cu_k, total_k, max_k, cfg_kv[1], align=16)  # dropout groups: 16 keys
+    q_tiles = varlen_schedule(cu_q, total_q, max_q, cfg_dq[0], align=_row_align(args))
+    k_tiles = varlen_schedule(cu_k, total_k, max_k, cfg_kv[1], align=16)  # dropout words: 16 keys
     with _device_guard(q):
         _launch("dq", lambda bm, bn: (q_tiles.shape[0], H, 1), cfg_dq, first=0, Q=q, K=k, V=v, O=out, DO=dout, DQ=dq,
                 LSE=lse, DELTA=delta, TILES=q_tiles, SEQ_Q=_sequence_ids(cu_q, total_q), **qkv,
@@ -946,14 +1030,24 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device="cpu") -> torch
     Pass it to `reference.attention(..., dropout_p=effective_dropout_p(p), dropout_mask=...)` to
     reproduce a kernel call exactly.
     """
+    return _run_mask_kernel(seed, shape, effective_dropout_p(dropout_p), device, draws=False).bool()
+
+
+def dropout_draws(seed: int, shape, device="cpu") -> torch.Tensor:
+    """uint8 (B, H, Lq, Lk): each element's random byte; the kernels keep an element when its byte
+    is >= 256 * effective_dropout_p(p). For the statistical tests of the generator."""
+    return _run_mask_kernel(seed, shape, 0.0, device, draws=True)
+
+
+def _run_mask_kernel(seed: int, shape, p_eff: float, device, draws: bool) -> torch.Tensor:
     B, H, Lq, Lk = shape
-    out = torch.empty(B, H, Lq, Lk, dtype=torch.int8, device=device)
+    out = torch.empty(B, H, Lq, Lk, dtype=torch.uint8 if draws else torch.int8, device=device)
     if out.numel():
         bm, bn = 32, 32
         with _device_guard(out):
             _dropout_mask_kernel[(triton.cdiv(Lq, bm), triton.cdiv(Lk, bn), B * H)](
-                out, H, Lq, Lk, effective_dropout_p(dropout_p), int(seed), BLOCK_M=bm, BLOCK_N=bn)
-    return out.bool()
+                out, H, Lq, Lk, p_eff, int(seed), BLOCK_M=bm, BLOCK_N=bn, DRAWS=draws)
+    return out
 
 
 def varlen_dropout_keep_masks(seed: int, cu_q: torch.Tensor, cu_k: torch.Tensor, n_heads: int,
