@@ -85,26 +85,37 @@ def draw_dropout_seed() -> Tensor:
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
+def _check_qkv(op: str, layout: str, cpu_hint: str, q, k, v, **index) -> None:
+    """What `attention` and `varlen_attention` both need of their tensors: `index` (name: tensor,
+    e.g. cu_seqlens) and q, k, v are tensors on one device, q, k, v of rank len(layout) in one
+    supported dtype, on CUDA (or the CPU under the interpreter), with a supported head dim (last)."""
+    tensors = {"q": q, "k": k, "v": v, **index}
+    for name, x in tensors.items():
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != len(layout.split(",")):
+            raise ValueError(f"{op}: {name} must be {len(layout.split(','))}-D ({layout}), got shape {tuple(x.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
+    devices = {x.device for x in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: {', '.join(tensors)} must be on one device, got {sorted(map(str, devices))}")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
+        raise ValueError(
+            f"{op}: the Triton kernels need CUDA tensors (got {q.device}); CPU tensors run only under the "
+            f"Triton interpreter (TRITON_INTERPRET=1 set before triton is imported). On a CPU use {cpu_hint}."
+        )
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{op}: head dim {q.shape[-1]} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+
+
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
                  dropout_p: float = 0.0) -> None:
     """Raise ValueError (TypeError for non-tensors) naming what the fused kernels cannot take."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"attention: {name} must be 4-D (B, H, L, D), got shape {tuple(x.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
-        raise ValueError(
-            f"attention: the Triton kernels need CUDA tensors (got {q.device}); CPU tensors run only under "
-            "the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported). On a CPU use the "
-            "'sdpa' or 'reference' attention backend."
-        )
+    _check_qkv("attention", "B, H, L, D", "the 'sdpa' or 'reference' attention backend", q, k, v)
     B, H, Lq, D = q.shape
     if k.shape[:2] != (B, H) or v.shape[:2] != (B, H):
         raise ValueError(
@@ -116,8 +127,6 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Ten
         )
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"attention: k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"attention: head dim {D} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
             got = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) else type(key_padding_mask).__name__
@@ -235,32 +244,13 @@ def check_varlen_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, c
     Checks needing the values of cu_seqlens (monotone, starting at 0, ending at the totals, max
     lengths bounding every sequence) run only for CPU tensors outside torch.compile tracing: on a
     GPU they would cost a host sync."""
-    for name, x in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"varlen_attention: {name} must be a torch.Tensor, got {type(x).__name__}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != 3:
-            raise ValueError(f"varlen_attention: {name} must be 3-D (total, H, D), got shape {tuple(x.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"varlen_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"varlen_attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
-    devices = {x.device for x in (q, k, v, cu_seqlens_q, cu_seqlens_k)}
-    if len(devices) != 1:
-        raise ValueError(f"varlen_attention: q, k, v and cu_seqlens must be on one device, got {sorted(map(str, devices))}")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
-        raise ValueError(
-            f"varlen_attention: the Triton kernels need CUDA tensors (got {q.device}); CPU tensors run only under "
-            "the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported). On a CPU use "
-            "blipfast.kernels.reference.varlen_attention."
-        )
+    _check_qkv("varlen_attention", "total, H, D", "blipfast.kernels.reference.varlen_attention", q, k, v,
+               cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if q.shape[1:] != k.shape[1:] or v.shape[1:] != k.shape[1:]:
         raise ValueError(f"varlen_attention: q, k, v must share (H, D): q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"varlen_attention: k and v must have the same total length, got {k.shape[0]} and {v.shape[0]}")
-    if q.shape[2] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"varlen_attention: head dim {q.shape[2]} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2 or not cu.is_contiguous():
             raise ValueError(f"varlen_attention: {name} must be a contiguous int32 (B + 1,) tensor with B >= 1, "
