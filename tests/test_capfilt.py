@@ -19,7 +19,7 @@ from blipfast.data import DataConfig, generate_synthetic
 from blipfast.data.index import build_train_index
 from blipfast.models.caption import BlipForCaptioning
 from blipfast.models.retrieval import BlipForRetrieval
-from parity.sharp_init import sharpen_
+from tests.helpers import sharpen_
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = {
@@ -38,8 +38,8 @@ def setup(tmp_path_factory):
     cfg = from_dict(BlipConfig, MODEL)
     torch.manual_seed(0)
     cap, filt = BlipForCaptioning(cfg), BlipForRetrieval(cfg)
-    sharpen_(cap.named_parameters(), 1)
-    sharpen_(filt.named_parameters(), 2, temp=0.1)
+    sharpen_(cap, 1)
+    sharpen_(filt, 2, temp=0.1)
     paths = {"captioner": str(root / "captioner.pt"), "filter": str(root / "filter.pt")}
     torch.save({"model": cap.state_dict()}, paths["captioner"])  # the official {'model': ...} wrapper
     torch.save(filt.state_dict(), paths["filter"])  # a bare state dict

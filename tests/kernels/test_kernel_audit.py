@@ -1,0 +1,89 @@
+"""The static sm_90 audit (benchmarks/kernel_audit.py) as CI checks: every attention kernel variant
+and autotune config compiles for Hopper with the installed Triton and with triton 3.6 (the GPU
+machine's version), without a GPU, and meets the thresholds of THRESHOLDS.
+
+The audit runs once per Triton version in a subprocess (no TRITON_INTERPRET: it compiles real
+GPU code with the ptxas and cuobjdump inside the triton wheel). Triton 3.6 is looked up in
+$BLIPFAST_TRITON36 or .tri36/ (scripts/setup_venvs.sh installs it there with --no-deps).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kernel_audit import THRESHOLDS  # benchmarks/ is on pytest's pythonpath; importing it compiles nothing
+from tests.helpers import REPO
+
+TRITON36 = os.environ.get("BLIPFAST_TRITON36", os.path.join(REPO, ".tri36"))
+
+
+def _run_audit(tmp_path_factory, extra_path):
+    out = tmp_path_factory.mktemp("audit") / "audit.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([p for p in (extra_path, REPO, env.get("PYTHONPATH")) if p])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "kernel_audit.py"), "--json", str(out)],
+                         env=env, capture_output=True, text=True, timeout=1500, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-4000:]
+    print(res.stdout)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module", params=["installed", "3.6"])
+def audit(request, tmp_path_factory):
+    if request.param == "3.6":
+        if not os.path.isdir(os.path.join(TRITON36, "triton")):
+            msg = f"triton 3.6 not found at {TRITON36} (scripts/setup_venvs.sh installs it)"
+            if os.environ.get("CI"):  # CI must audit the GPU machine's compiler, never skip it
+                pytest.fail(msg, pytrace=False)
+            pytest.skip(msg)
+        result = _run_audit(tmp_path_factory, TRITON36)
+        assert result["triton"].startswith("3.6"), result["triton"]
+        return result
+    return _run_audit(tmp_path_factory, None)
+
+
+def test_every_kernel_compiles_to_wgmma_without_spills(audit):
+    rows = [r for r in audit["rows"] if r["variant"] != "candidate"]  # candidates are reported, not used
+    assert len(rows) >= 30, f"only {len(rows)} kernels audited"
+    assert {r["kernel"] for r in rows} == {"fwd", "dq", "dkdv", "itc_st", "itc_gr"}
+    assert any("varlen" in r["variant"] for r in rows)
+    spilling = [(r["kernel"], r["variant"], r["config"], r["spills"]) for r in rows if r["spills"] > THRESHOLDS["spills"]]
+    assert not spilling, f"spills: {spilling}"
+    # thin-tail launches (16 rows of 197, `thin_tail_split`) are too narrow for wgmma: mma.sync there
+    attention = [r for r in rows if r["kernel"] in ("fwd", "dq", "dkdv") and "thin-tail" not in r["variant"]]
+    not_wgmma = [(r["kernel"], r["variant"], r["config"], r["mma"]) for r in attention if r["mma"] != "wgmma"]
+    assert not not_wgmma, f"not on wgmma: {not_wgmma}"
+
+
+@pytest.mark.xfail(strict=True, reason="not met yet: the ITC gradient kernel's default 32-row tile lowers to "
+                   "mma.sync; its 64-row (wgmma) tile spills in this audit (208 B under triton 3.6, 624 B under 3.9)")
+def test_loss_kernels_on_wgmma(audit):
+    rows = [r for r in audit["rows"] if r["kernel"].startswith("itc") and r["variant"] == "default"]
+    assert rows and all(r["mma"] == "wgmma" for r in rows), rows
+    assert all(r["loop"] > 0 for r in rows), "a main loop was not found in the SASS"
+
+
+@pytest.mark.xfail(strict=True, reason="not met yet: one Philox-4x32-10 per 8 elements (16-bit thresholds, so that "
+                   "p = 0.1 is realised as 0.100006) makes the dropout loop 1.7-2.8x the loop without it (was "
+                   "3.3-8.5x with tl.rand per element)")
+def test_dropout_loop_cost(audit):
+    ratios = {(r["kernel"], r["variant"], r["config"]): r["loop_ratio"] for r in audit["rows"] if r["loop_ratio"]}
+    assert ratios
+    over = {k: round(v, 2) for k, v in ratios.items() if v > THRESHOLDS["dropout_loop_ratio"]}
+    assert not over, f"dropout loops over {THRESHOLDS['dropout_loop_ratio']}x: {over}"
+
+
+def test_vit_computed_over_useful_work(audit):
+    for w in audit["work"]:
+        if w["shape"].startswith("vit"):
+            assert w["work_ratio"] <= THRESHOLDS["vit_work_ratio"], w
+
+
+def test_packed_text_and_cross_bytes_near_the_floor(audit):
+    packed = [w for w in audit["work"] if w["path"] == "packed"]
+    assert {w["shape"] for w in packed} == {"text_self", "text_causal", "cross_text_x197"}
+    for w in packed:
+        assert w["bytes_ratio"] <= THRESHOLDS["text_bytes_ratio"], w
