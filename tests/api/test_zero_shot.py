@@ -49,6 +49,7 @@ def test_eval_set_is_balanced():
     assert set(colours.count(c) for c in set(colours)) == {30}
 
 
+@pytest.mark.slow  # 38-53 s
 def test_zero_shot_colour_beats_the_binomial_floor():
     """Colour: 360 images, chance 1/6, floor 97/360 = 26.9%; the demo model (434 steps) measured
     96.7% by ITC and 90.8% with ITM re-ranking of the top 2. Shape is evaluated and printed but

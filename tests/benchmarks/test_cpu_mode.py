@@ -217,6 +217,8 @@ def _suites(rows):
     return by
 
 
+@pytest.mark.slow  # 45-58 s
+@pytest.mark.distributed  # the trainer stage runs 2 CPU ranks
 def test_gpu_check_dry_run_every_stage_and_a_stage_killed_at_its_deadline(tmp_path):
     """gpu_check.sh --dry-run end to end, every stage (the trainer on 2 CPU ranks), with the micro
     stage made to hang: while it hangs, $OUT already holds the earlier stages' rows; it is killed
@@ -291,6 +293,7 @@ def test_gpu_check_dry_run_every_stage_and_a_stage_killed_at_its_deadline(tmp_pa
     assert "trainer (deepspeed train.py" in log and "SKIP e2e tiny B=2 triton-bf16" in log
 
 
+@pytest.mark.slow  # waits out a ~30 s deadline by design
 def test_hard_deadline_kills_a_hanging_stage_and_still_reports(tmp_path):
     """A stage whose cap is far beyond the hard deadline is killed at the deadline (less the
     summary's reserve); the earlier stage's rows and the killed stage's error row reach $OUT.

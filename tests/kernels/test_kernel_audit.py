@@ -16,6 +16,8 @@ import pytest
 from kernel_audit import THRESHOLDS  # benchmarks/ is on pytest's pythonpath; importing it compiles nothing
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.slow  # each Triton's audit compiles every variant: ~2 min with a cold Triton cache (~20 s warm)
+
 TRITON36 = os.environ.get("BLIPFAST_TRITON36", os.path.join(REPO, ".tri36"))
 
 

@@ -19,7 +19,7 @@ from blipfast.convert.original import export_original_state_dict, load_original_
 from tests.parity import harness as H
 from tests.parity.harness import base_width_config, odd_config
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.slow]  # the module's original-code run: 11-81 s (cold imports)
 
 OUT_TOL, GRAD_TOL, GRAD_FLOOR = 1e-5, 1e-4, 1e-3
 ALPHA = 0.4

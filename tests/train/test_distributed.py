@@ -17,7 +17,7 @@ from tests.dist.train_replay import compare_dicts, replay
 from tests.helpers import REPO, free_port, repo_env
 
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # the shared deepspeed launch: 24-64 s
 
 
 def launch(script, args, timeout=900):

@@ -18,7 +18,7 @@ from tests.dist.train_common import tiny_model_config
 from tests.helpers import REPO, free_port
 
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # 26-81 s each: two deepspeed runs per test
 
 EPOCHS, BATCH, NUM_TRAIN = 4, 4, 48  # 6 steps per epoch on 2 ranks, 24 in all
 TOTAL = EPOCHS * NUM_TRAIN // (2 * BATCH)
