@@ -133,8 +133,11 @@ def test_experiment_runs_end_to_end(tmp_path):
     assert s["original"]["kept"] + s["original"]["dropped"] == 32
     assert s["synthetic"]["kept"] + s["synthetic"]["dropped"] == 32
     assert res["train_samples"]["bootstrapped"] == 8 + s["kept"]
+    # held-out retrieval of the three models, each over the 8 validation images and their captions
+    assert set(res["recall"]) == {"pretrained", "noisy", "bootstrapped"}
     for r in res["recall"].values():
-        assert 0.0 <= r["r_mean"] <= 100.0
+        assert r["r_mean"] == pytest.approx(sum(r[f"{d}_r{k}"] for d in ("txt", "img") for k in (1, 5, 10)) / 6)
+        assert all((r[f"txt_r{k}"] * 8 / 100).is_integer() for k in (1, 5, 10)), r  # TR: a fraction of 8 images
     assert "precision" in ex.report(res)
     assert json.load(open(tmp_path / "results.json"))["web_images"] == 32
     # corrupt_captions: every chosen caption moved to another image

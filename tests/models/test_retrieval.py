@@ -108,7 +108,14 @@ def test_k_test_capped_and_recall_keys(gallery):
     img2txt = [[j for j in range(9) if j % 6 == i] for i in range(6)]
     out = evaluate(model, feats, txt2img, img2txt, k_test=3)
     assert set(out) >= {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"}
-    assert out["txt_r10"] == 100.0 and out["img_r10"] == 100.0  # 6 images, 9 texts: everything in the top 10
+    # Recall from the scores by hand, with every pair re-ranked (k_test capped at the gallery, so no
+    # -100 ties): the rank of each image's best text (TR) and of each text's image (IR).
+    out = evaluate(model, feats, txt2img, img2txt, k_test=100)
+    for k in (1, 5, 10):
+        tr = [min(sorted(range(9), key=lambda t: -i2t[i, t].item()).index(t) for t in img2txt[i]) < k for i in range(6)]
+        ir = [sorted(range(6), key=lambda i: -t2i[j, i].item()).index(txt2img[j]) < k for j in range(9)]
+        assert (out[f"txt_r{k}"], out[f"img_r{k}"]) == pytest.approx((100 * sum(tr) / 6, 100 * sum(ir) / 9)), k
+    assert out["r_mean"] == pytest.approx(sum(out[f"{d}_r{k}"] for d in ("txt", "img") for k in (1, 5, 10)) / 6)
 
 
 # -- fine-tuning model --------------------------------------------------------------------------

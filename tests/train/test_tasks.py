@@ -67,13 +67,24 @@ def losses(tr):
         return [json.loads(line) for line in f if '"loss"' in line]
 
 
-def test_retrieval_trains_and_evaluates(tmp_path, tokenizer):
+def test_retrieval_trains_and_evaluates(tmp_path, tokenizer, monkeypatch):
+    import blipfast.eval.retrieval as eval_retrieval
+
     run = run_config(tmp_path, "retrieval")
     run.train.eval.enabled = True
     run.train.eval.k_test = 2
     tr = trainer_for(run, tokenizer)
     before = tr.model.itm_head.weight.detach().clone()
+    evaluated = []  # the weights of each model the end-of-run evaluation extracts features with
+    extract = eval_retrieval.extract_features
+
+    def spy(model, *args, **kwargs):
+        evaluated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return extract(model, *args, **kwargs)
+
+    monkeypatch.setattr(eval_retrieval, "extract_features", spy)
     result = tr.fit()
+    monkeypatch.undo()
     assert result["steps"] == N_BATCHES
     assert not torch.equal(before, tr.model.itm_head.weight.detach())
     recs = [r for r in losses(tr) if "loss_itm" in r]
@@ -82,7 +93,13 @@ def test_retrieval_trains_and_evaluates(tmp_path, tokenizer):
     assert set(tr.momentum.module.idx_queue[0, :4].tolist()) == {0, 1, 2, 3}
     ev = result["eval"]
     assert ev["task"] == "retrieval" and ev["num_images"] == 4
-    # the reported recall is the trained weights' (not, say, the initial ones'): recomputed here
+    # The evaluated model holds the trained weights (not, say, the initial ones): with 4 images the
+    # recall alone cannot tell (R@5 and R@10 are 100 by construction, R@1 a multiple of 25).
+    trained = tr.full_state_dict()
+    assert len(evaluated) == 1 and evaluated[0].keys() == trained.keys()
+    assert all(torch.equal(evaluated[0][k], trained[k]) for k in trained), [
+        k for k in trained if not torch.equal(evaluated[0][k], trained[k])][:5]
+    # and the reported recall is those weights' recall, recomputed here
     from blipfast.eval import evaluate as ev_mod
 
     model = tr.task.build_model(run.model, tokenizer)
