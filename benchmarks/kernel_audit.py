@@ -26,7 +26,7 @@ visited, as the kernels' loop bounds decide them) the computed score elements ov
 K/V re-read per query tile) over the floor of the real tokens (q, k, v, o once each, LSE).
 Text uses BLIP's caption-length mix (`caption_lengths`: mean about 13 of 30 tokens).
 
-The thresholds CI enforces (tests/test_kernel_audit.py) are in THRESHOLDS. Figures differ between
+The thresholds CI enforces (tests/kernels/test_kernel_audit.py) are in THRESHOLDS. Figures differ between
 triton versions (registers by up to ~60 per thread): read them under the GPU machine's triton.
 """
 from __future__ import annotations

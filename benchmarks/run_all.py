@@ -270,12 +270,13 @@ def test_priority(path: str) -> Tuple[int, str]:
 
 
 def gpu_test_files(paths: List[str]) -> List[str]:
-    """Test files with GPU-marked tests under `paths` (files are taken as given), in priority order."""
+    """Test files with GPU-marked tests under `paths` (folders searched recursively: tests/ mirrors the
+    package; files are taken as given), in priority order."""
     files = []
     for p in paths:
         p = p if os.path.isabs(p) else os.path.join(REPO, p)
         if os.path.isdir(p):
-            for f in sorted(glob.glob(os.path.join(p, "test_*.py"))):
+            for f in sorted(glob.glob(os.path.join(p, "**", "test_*.py"), recursive=True)):
                 try:
                     if GPU_MARK.search(open(f, errors="replace").read()):
                         files.append(f)
@@ -294,7 +295,7 @@ def stage_tests(run_id: str, logdir: str, deadline: float, py: str) -> List[dict
     rows = []
     for i, path in enumerate(files):
         rel = os.path.relpath(path, REPO)
-        stem = os.path.basename(path)[:-3]
+        stem = rel[:-3].replace(os.sep, "_")  # test file names repeat across tests/ folders
         left = deadline - time.time()
         file_deadline = time.time() + max(left - FILE_RESERVE_S * (len(files) - i - 1), min(left, FILE_RESERVE_S))
         if left < MIN_STAGE_S:

@@ -6,7 +6,7 @@ The run's kernels come from three places, read here rather than copied:
          self-attention on a fused qkv, text self-attention with padding and dropout, the
          decoder's causal attention, cross-attention to the image tokens; the ITC loss, its
          hard-negative sampler and the LM cross-entropy at the plan's batches);
-  tests  tests/test_attention.py's GPU_CASES (read with `ast`, nothing imported), in bf16 and fp16;
+  tests  tests/kernels/test_attention.py's GPU_CASES (read with `ast`, nothing imported), in bf16 and fp16;
   micro  benchmarks/bench_attention.py's CASES and bench_losses.py's CASES.
 
 A *job* launches one workload (shape, layout, dtype, flags) through the kernels' own launchers
@@ -162,13 +162,13 @@ def _literal(path: str, name: str):
 
 
 def test_workloads() -> List[Attn]:
-    """tests/test_attention.py's GPU cases: (B, H, Lq, Lk, D, causal, mask kind, layout)."""
-    path = os.path.join(REPO, "tests", "test_attention.py")
+    """tests/kernels/test_attention.py's GPU cases: (B, H, Lq, Lk, D, causal, mask kind, layout)."""
+    path = os.path.join(REPO, "tests", "kernels", "test_attention.py")
     out = []
     try:
         cases = _literal(path, "GPU_CASES")
     except (OSError, KeyError, ValueError, SyntaxError) as e:
-        print(f"[warmup] tests/test_attention.py: no GPU_CASES literal ({e}); its kernels compile when run")
+        print(f"[warmup] tests/kernels/test_attention.py: no GPU_CASES literal ({e}); its kernels compile when run")
         return out
     for (_B, H, Lq, Lk, D, causal, mask_kind, layout) in cases.values():
         for dt in ("bf16", "fp16"):

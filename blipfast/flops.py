@@ -18,7 +18,7 @@ Conventions (the same for every provider, so MFU compares like with like):
     (packed text, cross-attention K/V once per image, used rows only): `pretrain_step` then
     counts from the real caption lengths (see `_pretrain_step_exact`).
 
-The trainer's MFU and the benchmarks both count with this module. `tests/test_benchmarks_cpu.py`
+The trainer's MFU and the benchmarks both count with this module. `tests/benchmarks/test_cpu_mode.py`
 checks these formulas against `torch.utils.flop_counter` on the
 reference path of a tiny model, so a formula that drifts from the model fails CI.
 """

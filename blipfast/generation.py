@@ -18,7 +18,7 @@ the reference venv, 4.46), so captions and answers match token for token:
 
 transformers 5.x rewrote beam search and changed rare edge cases (which candidates may finish at
 max_length, the early-stop estimate): on random toy models 2 of 60 batches differed from 4.46,
-none from 4.46 itself (tests/test_parity_tasks.py checks this in the reference venv).
+none from 4.46 itself (tests/parity/test_task_inference.py checks this in the reference venv).
 
 Decoding runs incrementally: a key/value cache holds the decoder's self-attention keys/values
 (reordered by index when beams are re-ranked) and the cross-attention keys/values of the memory

@@ -12,7 +12,7 @@ captions: by ITC alone, then with ITM re-ranking of the top k. Accuracy is repor
 chance and against the binomial floor: the smallest accuracy a classifier guessing at chance
 reaches with probability at most `alpha` on this many images.
 
-tests/test_zero_shot.py holds that floor on the demo checkpoint.
+tests/api/test_zero_shot.py holds that floor on the demo checkpoint.
 """
 from __future__ import annotations
 

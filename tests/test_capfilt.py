@@ -19,7 +19,7 @@ from blipfast.data import DataConfig, generate_synthetic
 from blipfast.data.index import build_train_index
 from blipfast.models.caption import BlipForCaptioning
 from blipfast.models.retrieval import BlipForRetrieval
-from parity.sharp_init import sharpen_
+from tests.helpers import sharpen_
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = {
@@ -38,8 +38,8 @@ def setup(tmp_path_factory):
     cfg = from_dict(BlipConfig, MODEL)
     torch.manual_seed(0)
     cap, filt = BlipForCaptioning(cfg), BlipForRetrieval(cfg)
-    sharpen_(cap.named_parameters(), 1)
-    sharpen_(filt.named_parameters(), 2, temp=0.1)
+    sharpen_(cap, 1)
+    sharpen_(filt, 2, temp=0.1)
     paths = {"captioner": str(root / "captioner.pt"), "filter": str(root / "filter.pt")}
     torch.save({"model": cap.state_dict()}, paths["captioner"])  # the official {'model': ...} wrapper
     torch.save(filt.state_dict(), paths["filter"])  # a bare state dict
@@ -133,8 +133,11 @@ def test_experiment_runs_end_to_end(tmp_path):
     assert s["original"]["kept"] + s["original"]["dropped"] == 32
     assert s["synthetic"]["kept"] + s["synthetic"]["dropped"] == 32
     assert res["train_samples"]["bootstrapped"] == 8 + s["kept"]
+    # held-out retrieval of the three models, each over the 8 validation images and their captions
+    assert set(res["recall"]) == {"pretrained", "noisy", "bootstrapped"}
     for r in res["recall"].values():
-        assert 0.0 <= r["r_mean"] <= 100.0
+        assert r["r_mean"] == pytest.approx(sum(r[f"{d}_r{k}"] for d in ("txt", "img") for k in (1, 5, 10)) / 6)
+        assert all((r[f"txt_r{k}"] * 8 / 100).is_integer() for k in (1, 5, 10)), r  # TR: a fraction of 8 images
     assert "precision" in ex.report(res)
     assert json.load(open(tmp_path / "results.json"))["web_images"] == 32
     # corrupt_captions: every chosen caption moved to another image

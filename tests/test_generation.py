@@ -21,6 +21,7 @@ from blipfast.generation import (
     top_p_filter,
 )
 from blipfast.models.med import TextDecoder, TextTransformer
+from tests.helpers import sharpen_
 
 EOS, PAD = 3, 0
 
@@ -33,15 +34,7 @@ def _sharp_decoder(seed=0, vocab=24, width=32, memory_width=20):
                      dec_token_id=5, enc_token_id=6, encoder_width=memory_width,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     dec = TextDecoder(TextTransformer(cfg, attention_backend="reference")).double().eval()
-    with torch.no_grad():
-        for name, p in dec.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0, 1.5 / math.sqrt(p.shape[-1]))
-            elif name.endswith("weight"):
-                p.normal_(1.0, 0.1)
-            else:
-                p.normal_(0, 0.2)
-    return dec
+    return sharpen_(dec, seed)
 
 
 def _full_logits(dec, seqs, memory, memory_mask=None):

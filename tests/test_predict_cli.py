@@ -10,7 +10,7 @@ import blipfast
 from blipfast.convert import export_original_state_dict
 from blipfast.models import BlipForPretraining
 from blipfast.predict import main
-from test_api import MODEL, make
+from tests.api.test_api import MODEL, make
 
 TEXTS = ["a red square", "a blue circle"]
 

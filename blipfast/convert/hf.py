@@ -17,7 +17,7 @@ HF's config defaults that are wrong for BLIP (transformers 5.24; see blip_refere
 HF also never inserts [ENC] (callers set the first token) and has no momentum encoders, queues
 or temperature. And in transformers 5.24 the text cross-attention ignores `encoder_attention_mask`
 (BlipTextAttention does not pass it on): HF's VQA answer decoder attends to padded question
-tokens, the original and blipfast do not (found by tests/test_parity_hf.py). `export_hf` writes BLIP-correct values; `load_hf` refuses a config whose numerics
+tokens, the original and blipfast do not (found by tests/convert/test_hf_parity.py). `export_hf` writes BLIP-correct values; `load_hf` refuses a config whose numerics
 differ from the model's (heads, eps, activation, widths, token ids) unless told otherwise.
 """
 from __future__ import annotations

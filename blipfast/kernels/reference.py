@@ -247,7 +247,9 @@ def lm_cross_entropy(
     'sum' sums them. Shifting for next-token prediction is the caller's job.
     """
     logits = F.linear(hidden, weight, bias)
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index,
+    if logits.dtype in (torch.float16, torch.bfloat16):  # 16-bit logits up to fp32; fp64 stays fp64
+        logits = logits.float()
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index,
                            label_smoothing=label_smoothing, reduction=reduction)
 
 

@@ -7,7 +7,8 @@ import os
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import REPO
+
 BATCH = 4  # per rank
 WORLD = 2
 STEPS = 3

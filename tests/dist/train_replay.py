@@ -9,13 +9,9 @@ rate and weight decay on every parameter.
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_common import SEED, STEPS, WORLD, fixed_negatives, make_batch, tiny_model_config  # noqa: E402
+from tests.dist.train_common import SEED, STEPS, WORLD, fixed_negatives, make_batch, tiny_model_config
 
 
 def original_lr(lr, warmup_lr, warmup_steps, decay, min_lr, epoch, i):

@@ -1,4 +1,5 @@
-"""Run by tests/test_train_distributed.py as `deepspeed --num_gpus 2 tests/dist/zero_stages.py --out DIR`.
+"""Run by tests/train/test_distributed.py as `deepspeed --num_gpus 2 tests/dist/zero_stages.py --out DIR`
+with the repository root on PYTHONPATH (helpers.repo_env), for `tests.dist.train_common`.
 
 In one launch (each costs ~20 s of start-up): the tiny model trained for 3 steps under ZeRO-1,
 2 and 3 (fp32, fixed batches and hard negatives), recording per step each rank's losses, the
@@ -14,8 +15,7 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_common import STEPS, FixedLoader, fixed_negatives, run_config  # noqa: E402
+from tests.dist.train_common import STEPS, FixedLoader, fixed_negatives, run_config
 
 
 def full_grads(trainer):

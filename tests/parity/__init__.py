@@ -1,5 +1,7 @@
-"""Parity harness against the original BLIP code (PyPI blip-vit), which runs in its own venv.
+"""Parity tests against the original BLIP code (PyPI blip-vit), which runs in its own venv.
 
-Files here are imported by both sides: `sharp_init.py` is plain torch; `original_env.py` and
-`run_original.py` run only under the reference venv's python; `harness.py` only in blipfast's.
+`harness.py` is blipfast's side (its venv only); `original_env.py`, `run_original.py` and
+`run_original_tasks_inference.py` run only under the reference venv's python, started as
+`python -m tests.parity.run_original ...` from the repository root; the weight rule both sides
+share is tests/helpers.py's `sharpen_` (plain torch).
 """

@@ -1,8 +1,10 @@
 """blipfast side of the parity harness: the reference venv, jobs, blipfast's own steps, comparison.
 
 The original code needs transformers 4.x and timm, so it runs in its own venv
-(`.venv-ref`, or the python named by BLIPFAST_REF_PYTHON) through `run_original.py`; jobs and
-results travel as torch.save files. Keep subprocess calls few: each costs ~7 s of imports.
+(`.venv-ref`, or the python named by BLIPFAST_REF_PYTHON) through `run_original.py` (or
+`run_original_tasks_inference.py`), started as `python -m tests.parity.<script>` from the
+repository root; jobs and results travel as torch.save files. Keep subprocess calls few: each
+costs ~7 s of imports.
 """
 from __future__ import annotations
 
@@ -14,11 +16,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pytest
 import torch
 
-from .sharp_init import random_queues_, sharpen_
+from tests.helpers import REPO, random_queues_, rel_err, repo_env, sharpen_
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-RUN_SCRIPT = os.path.join(HERE, "run_original.py")
 ADAMW = {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.05}
 
 
@@ -38,14 +37,15 @@ def require_reference() -> str:
     pytest.skip(msg)
 
 
-def run_reference(jobs: Dict[str, dict], workdir: str, timeout: float = 600) -> Dict[str, dict]:
-    """Run `run_original.py` once on all `jobs`; return its results keyed by job name."""
+def run_reference(jobs: Dict[str, dict], workdir: str, timeout: float = 600,
+                  script: str = "tests.parity.run_original") -> Dict[str, dict]:
+    """Run the original-code `script` (a module of tests/parity) once on all `jobs`; return its
+    results keyed by job name."""
     py = require_reference()
     jobs_path, results_path = os.path.join(workdir, "jobs.pt"), os.path.join(workdir, "results.pt")
     torch.save(jobs, jobs_path)
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([py, RUN_SCRIPT, jobs_path, results_path], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=REPO)
+    proc = subprocess.run([py, "-m", script, jobs_path, results_path], capture_output=True, text=True,
+                          timeout=timeout, env=repo_env(PYTHONWARNINGS="ignore"), cwd=REPO)
     if proc.returncode != 0 or not os.path.isfile(results_path):
         raise RuntimeError(f"the original code failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return torch.load(results_path, map_location="cpu", weights_only=True)
@@ -91,7 +91,7 @@ def base_width_config(attention_backend: str = "sdpa"):
 def sharpen_model_(model, seed: int, queue_ptr: int = 0, temp: float = 0.09) -> None:
     """Every parameter re-drawn at a sharp scale (momentum copies independently of the online
     ones, so the momentum update is visible), unit-norm random queues, a chosen queue pointer."""
-    sharpen_(model.named_parameters(), seed, temp=temp)
+    sharpen_(model, seed, temp=temp, momentum="draw")
     if hasattr(model, "image_queue"):
         random_queues_(model.image_queue, model.text_queue, seed + 1)
         ptr = model.queue_ptr if hasattr(model, "queue_ptr") else model.ptr_queue  # retrieval's name
@@ -216,19 +216,6 @@ def negatives_of(ref_step: dict) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
 
 
 # -- comparison -------------------------------------------------------------------------------
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
-    """||ours - ref|| / max(||ref||, floor), in fp64; inf on shape or NaN/inf mismatch."""
-    ours, ref = ours.detach().double(), ref.detach().double()
-    if ours.shape != ref.shape:
-        ours = ours.reshape(ref.shape) if ours.numel() == ref.numel() else None
-        if ours is None:
-            return math.inf
-    if not torch.equal(torch.isfinite(ours), torch.isfinite(ref)):
-        return math.inf
-    denom = max(ref.norm().item(), floor)
-    return (ours - ref).norm().item() / denom if denom > 0 else (ours - ref).norm().item()
 
 
 def _describe(ours: torch.Tensor, ref: torch.Tensor, err: float) -> str:

@@ -1,6 +1,6 @@
 """Run the ORIGINAL BLIP code on jobs prepared by blipfast's tests; save what it computed.
 
-    <ref venv>/bin/python tests/parity/run_original.py JOBS.pt RESULTS.pt
+    cd REPO && <ref venv>/bin/python -m tests.parity.run_original JOBS.pt RESULTS.pt
 
 JOBS.pt: {name: job}. A job builds an original model (`kind`: pretrain = BLIP_Pretrain,
 retrieval = BLIP_Retrieval, caption = BLIP_Decoder, vqa = BLIP_VQA) for a blipfast config dict,
@@ -28,10 +28,8 @@ import torch
 import torch.nn.functional as F
 from transformers import BatchEncoding
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ -> parity.*
-
-from parity.original_env import build, init_process_group  # noqa: E402
-from parity.sharp_init import random_queues_, sharpen_  # noqa: E402
+from tests.helpers import random_queues_, sharpen_
+from tests.parity.original_env import build, init_process_group
 
 HOOKED = ("visual_encoder", "vision_proj", "text_proj", "itm_head")  # each runs once per forward
 
@@ -148,7 +146,7 @@ def run_job(job, workdir):
         model.load_state_dict(job["state_dict"], strict=True)  # raises on any key / shape mismatch
         out["strict_load"] = "ok"
     elif job["weights"] == "own":
-        sharpen_(model.named_parameters(), job["seed"], temp=job.get("temp", 0.09))
+        sharpen_(model, job["seed"], temp=job.get("temp", 0.09), momentum="draw")
         random_queues_(model.image_queue, model.text_queue, job["seed"] + 1)
         model.queue_ptr.fill_(job.get("queue_ptr", 0))
         out["state_dict"] = {k: v.detach().clone() for k, v in model.state_dict().items()}

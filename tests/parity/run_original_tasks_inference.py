@@ -1,6 +1,6 @@
-"""Run the ORIGINAL BLIP task models' inference on jobs from tests/test_parity_tasks.py.
+"""Run the ORIGINAL BLIP task models' inference on jobs from tests/parity/test_task_inference.py.
 
-    <ref venv>/bin/python tests/parity/run_original_tasks_inference.py JOBS.pt RESULTS.pt
+    cd REPO && <ref venv>/bin/python -m tests.parity.run_original_tasks_inference JOBS.pt RESULTS.pt
 
 Job kinds (each loads blipfast's export with `load_state_dict(strict=True)`):
 
@@ -25,9 +25,7 @@ import traceback
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ -> parity.*
-
-from parity.original_env import build  # noqa: E402
+from tests.parity.original_env import build
 
 
 def caption_generate(job, workdir):
@@ -150,7 +148,7 @@ KINDS = {"caption_generate": caption_generate, "vqa_generate": vqa_generate, "re
 
 
 def main(jobs_path, results_path):
-    from parity.original_env import init_process_group
+    from tests.parity.original_env import init_process_group
 
     torch.set_num_threads(int(os.environ.get("BLIPFAST_REF_THREADS", "2")))
     jobs = torch.load(jobs_path, map_location="cpu", weights_only=True)
