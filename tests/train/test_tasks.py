@@ -117,14 +117,32 @@ def test_retrieval_positives_are_the_loaders_image_ids(tmp_path, tokenizer):
     assert tr.momentum.module.idx_queue[0, :4].tolist() == [5, 5, 6, 6]
 
 
-def test_caption_loss_falls_and_evaluates(tmp_path, tokenizer):
+def test_caption_loss_falls_and_evaluates(tmp_path, tokenizer, monkeypatch):
+    from blipfast.models.caption import BlipForCaptioning
+
     run = run_config(tmp_path, "caption", lr=3e-3)
     run.train.eval.enabled = True
     run.train.eval.num_beams, run.train.eval.max_caption_len, run.train.eval.min_caption_len = 2, 8, 5
     run.train.eval.num_captions = 4
     tr = trainer_for(run, tokenizer)
     assert tr.momentum.state_dict() == {}
+    evaluated = []  # the weights of each model the end-of-run evaluation generates with
+    generate = BlipForCaptioning.generate
+
+    def spy(model, *args, **kwargs):
+        evaluated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(BlipForCaptioning, "generate", spy)
     result = tr.fit()
+    monkeypatch.undo()
+    trained = tr.full_state_dict()  # the captions come from the trained weights, not the initial ones
+    assert evaluated and all(e.keys() == trained.keys() for e in evaluated)
+    assert all(torch.equal(e[k], trained[k]) for e in evaluated for k in trained)
+    model = tr.task.build_model(run.model, tokenizer)
+    model.load_state_dict(trained)
+    want = model.eval().generate(eval_set(tokenizer).images, num_beams=2, max_length=8, min_length=5)
+    assert [c["generated"] for c in result["eval"]["captions"]] == want
     recs = [r["loss_lm"] for r in losses(tr)]
     assert len(recs) == N_BATCHES and all(math.isfinite(v) for v in recs)
     assert recs[-1] < recs[0]
