@@ -14,8 +14,8 @@ import torch
 
 import blipfast.kernels as K
 from blipfast.kernels import reference as ref
-
-from tests.kernels.test_attention import ATOL, DEVICE, assert_within
+from tests.helpers import assert_close
+from tests.kernels.test_attention import ATOL, DEVICE
 
 pytestmark = pytest.mark.kernels  # also run under triton 3.6, the GPU machine's (scripts/test.sh)
 
@@ -65,7 +65,7 @@ def check_varlen(lens_q, lens_k, H, D, causal, dtype, config=None):
     same = run_ref(q, k, v, cu_q, cu_k, dout, causal, dtype)
     for name, a, e, t in zip(("out", "dq", "dk", "dv"), got, exact, same):
         torch_err = (t.double() - e).abs().max().item() if e.numel() else 0.0
-        assert_within(a, e, 2 * torch_err + ATOL[dtype] * max(1.0, e.abs().max().item() if e.numel() else 0.0), name)
+        assert_close(name, a, e, 2 * torch_err + ATOL[dtype] * max(1.0, e.abs().max().item() if e.numel() else 0.0))
     return got
 
 
@@ -110,7 +110,7 @@ def test_varlen_strided_views_of_a_fused_qkv():
     got = run_varlen(q, k, v, cu, cu, dout, True)
     exact = run_ref(q, k, v, cu, cu, dout, True, torch.float64)
     for name, a, e in zip(("out", "dq", "dk", "dv"), got, exact):
-        assert_within(a, e, 1e-5 * max(1.0, e.abs().max().item()), name)
+        assert_close(name, a, e, 1e-5 * max(1.0, e.abs().max().item()))
 
 
 def test_varlen_equals_padded_attention():
@@ -124,7 +124,7 @@ def test_varlen_equals_padded_attention():
     dense = K.attention(pad(q), pad(k), pad(v), key_padding_mask=mask, causal=True)  # (B, H, L, D)
     packed = K.varlen_attention(q, k, v, cu, cu, L, L, causal=True)
     for b, (a, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        assert_within(packed[a:e], dense[b, :, :e - a].transpose(0, 1), 1e-6, f"sequence {b}")
+        assert_close(f"sequence {b}", packed[a:e], dense[b, :, :e - a].transpose(0, 1), 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def test_varlen_dropout_gradients_use_the_forward_mask():
         masks = fa.varlen_dropout_keep_masks(1234, cu_q, cu_k, 2, p)
         exact = run_ref(q, k, v, cu_q, cu_k, dout, causal, torch.float64, fa.effective_dropout_p(p), masks)
         for name, a, e in zip(("out", "dq", "dk", "dv"), got, exact):
-            assert_within(a, e, 1e-5 * max(1.0, e.abs().max().item()), f"{name} causal={causal}")
+            assert_close(f"{name} causal={causal}", a, e, 1e-5 * max(1.0, e.abs().max().item()))
         no_drop = ref.varlen_attention(q, k, v, cu_q, cu_k, causal=causal)
         assert (got[0] - no_drop).abs().max() > 1e-2  # the dropout did something
 
@@ -185,7 +185,7 @@ def test_varlen_public_call_draws_the_seed_like_attention():
     masks = fa.varlen_dropout_keep_masks(int(attn_mod.draw_dropout_seed()), cu, cu, 2, p)
     exact = ref.varlen_attention(q.double(), k.double(), v.double(), cu, cu, dropout_p=fa.effective_dropout_p(p),
                                  dropout_masks=masks)
-    assert_within(out, exact, 1e-5, "out")
+    assert_close("out", out, exact, 1e-5)
 
 
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -332,9 +332,9 @@ def test_varlen_torch_compile_fullgraph_matches_eager():
     out = compiled(q1, k1, v1)
     out.sum().backward()
     exact = run_ref(q, k, v, cu, cu, torch.full(q.shape, 2.0), True, torch.float64)
-    assert_within(out.detach(), 2 * exact[0], 1e-5, "compiled out")
+    assert_close("compiled out", out.detach(), 2 * exact[0], 1e-5)
     for name, a, e in zip(("dq", "dk", "dv"), (q1.grad, k1.grad, v1.grad), exact[1:]):
-        assert_within(a, e, 1e-5, f"compiled {name}")
+        assert_close(f"compiled {name}", a, e, 1e-5)
 
 
 def _bad_varlen():
@@ -394,7 +394,7 @@ def test_gpu_varlen_matches_reference(case, dtype):
     low = run_ref(q, k, v, cu_q, cu_k, dout, causal, dtype)
     for name, a, e, t in zip(("out", "dq", "dk", "dv"), got, exact, low):
         torch_err = (t.float() - e).abs().max().item()
-        assert_within(a, e, 2 * torch_err + ATOL[dtype] * max(1.0, e.abs().max().item()), name)
+        assert_close(name, a, e, 2 * torch_err + ATOL[dtype] * max(1.0, e.abs().max().item()))
 
 
 @pytest.mark.gpu
@@ -409,4 +409,4 @@ def test_gpu_varlen_dropout_matches_reference_given_mask():
     low = run_ref(q, k, v, cu, cu, dout, True, torch.bfloat16, pe, masks)
     for name, a, e, t in zip(("out", "dq", "dk", "dv"), got, exact, low):
         torch_err = (t.float() - e).abs().max().item()
-        assert_within(a, e, 2 * torch_err + ATOL[torch.bfloat16] * max(1.0, e.abs().max().item()), name)
+        assert_close(name, a, e, 2 * torch_err + ATOL[torch.bfloat16] * max(1.0, e.abs().max().item()))
