@@ -255,7 +255,7 @@ def attention_variants():
 FUSED_VARIANTS = ("dense", "causal+kpm")
 
 
-def fused_bwd_rows(log=None) -> List[Row]:
+def fused_bwd_rows(log=None, candidates: bool = True) -> List[Row]:
     """Candidate rows for the deterministic fused backward (`backward(fused_dq=True)`: the dK/dV
     kernel with FUSED_DQ, 5 matmuls per tile, one program per (batch, head)): kernel "dkdvq", each
     dense variant with and without dropout under each of its configs, next to the two-kernel path
@@ -273,7 +273,10 @@ def fused_bwd_rows(log=None) -> List[Row]:
                                          f"w{c.num_warps} s{c.num_stages}"))
                 if log:
                     log(rows[-1])
-            for c in fa._gpu_configs("dkdv_fused"):
+            # the fused configs, and (tried, spilling: see fa._gpu_configs) the pipelined ones
+            tried = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                     for m, n, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2))]
+            for c in fa._gpu_configs("dkdv_fused") + (tried if candidates else []):
                 if not fa.fits_registers(c, drop):
                     continue
                 k = compile_sm90(fa._attn_bwd_dkdv, dict(flags, **c.kwargs, FUSED_DQ=True), c.num_warps, c.num_stages)

@@ -839,10 +839,11 @@ def _gpu_configs(kind: str):
         "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
         "dq": [(64, 64, 4, 3), (64, 32, 4, 3)],
         "dkdv": [(32, 64, 4, 3), (64, 128, 8, 2)],
-        # one program per (batch, head) walking every tile (`backward(fused_dq=True)`). 64 x 64 under
-        # 4 warps and 64 x 128 spill (benchmarks/kernel_audit.py --fused-bwd); 32-query tiles put the
-        # fifth dot (dS^T K: queries on its M side) on mma.sync
-        "dkdv_fused": [(32, 64, 4, 3), (64, 64, 8, 2)],
+        # one program per (batch, head) walking every tile (`backward(fused_dq=True)`). Without
+        # software pipelining (1 stage): with 2-3 stages, 64 x 64 and 64 x 128 tiles, the dropout or
+        # causal variants spill under triton 3.9 or 3.6 (benchmarks/kernel_audit.py --fused-bwd).
+        # 32-query tiles put the fifth dot (dS^T K: queries on its M side) on mma.sync.
+        "dkdv_fused": [(32, 64, 4, 1)],
     }[kind]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
