@@ -4,6 +4,7 @@ autotune config for sm_90 with the installed Triton, then read what the compiler
     python benchmarks/kernel_audit.py                 # the full table (every config)
     python benchmarks/kernel_audit.py --quick         # the first config of each kernel only
     python benchmarks/kernel_audit.py --json out.json
+    python benchmarks/kernel_audit.py --fused-bwd     # the fused 5-matmul backward (a prototype) vs dq + dkdv
 
 Per compiled kernel it reports:
   regs, spills      registers per thread and spill bytes (STACK + LOCAL) from `cuobjdump -res-usage`
@@ -74,7 +75,7 @@ FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p", "alpha"}
 ITC_POINTERS = {"q_ptr": "*bf16", "qm_ptr": "*bf16", "k_ptr": "*bf16", "queue_ptr": "*bf16", "idx_ptr": "*i64",
                 "idxq_ptr": "*i64"}
 INT64_ARGS = {"seed"}
-POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "OUT": "*i8", "CU_Q": "*i32", "CU_K": "*i32",
+POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "DQACC": "*fp32", "KPM": "*u8", "OUT": "*i8", "CU_Q": "*i32", "CU_K": "*i32",
                  "SEQ_Q": "*i32", "SEQ_K": "*i32", "TILES": "*i32", "KV_LEN": "*i32"}
 
 
@@ -83,7 +84,7 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, elem="bf
     """Compile `fn` for sm_90 as a launch with contiguous-head-dim bf16 tensors would. types:
     argument types that override the rules below; not_divisible: arguments a launch would not give
     16-divisibility (a row stride of 30522)."""
-    sig, consts, attrs = {}, dict(constexprs), {}
+    sig, consts, attrs = {}, {k: v for k, v in constexprs.items() if k in fn.arg_names}, {}
     ptr_suffix = any(n.endswith("_ptr") for n in fn.arg_names)  # the loss kernels name pointers x_ptr
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -144,6 +145,23 @@ def loop_instructions(sass: str) -> int:
     return best
 
 
+def inner_loop_instructions(sass: str) -> int:
+    """Like `loop_instructions`, for kernels with nested loops (the fused backward walks key tiles,
+    then query tiles): the longest backward-branch span holding a wgmma (HGMMA) that holds no other
+    such span, i.e. the main innermost loop."""
+    instrs = [(int(a, 16), op, rest) for a, _, op, rest in _INSTR.findall(sass)]
+    spans = []
+    for addr, op, rest in instrs:
+        if op != "BRA":
+            continue
+        m = re.search(r"0x([0-9a-f]+)", rest)
+        target = int(m.group(1), 16) if m else addr
+        if target < addr and any(target <= a <= addr and o.startswith("HGMMA") for a, o, _ in instrs):
+            spans.append((target, addr))
+    inner = [(t, a) for t, a in spans if not any((t2, a2) != (t, a) and t <= t2 and a2 <= a for t2, a2 in spans)]
+    return max((len([o for x, o, _ in instrs if t <= x <= a and o != "NOP"]) for t, a in inner), default=0)
+
+
 def occupancy(regs: int, smem: int, num_warps: int) -> float:
     """Resident warps / 64 on an sm_90 SM (registers allocated per warp in units of 256)."""
     regs_per_warp = math.ceil(regs * 32 / 256) * 256
@@ -201,7 +219,9 @@ def audit_kernel(name: str, fn, constexprs: dict, num_warps: int, num_stages: in
 # the kernels and their variants
 
 
-ATTN_BASE = dict(HEAD_DIM=64, UPCAST=False, DOT_PREC="tf32", INTERPRET=False, EVEN_M=False, EVEN_N=False)
+# FUSED_DQ (dkdv only; `compile_sm90` drops flags a kernel does not take): the two-kernel backward
+ATTN_BASE = dict(HEAD_DIM=64, UPCAST=False, DOT_PREC="tf32", INTERPRET=False, EVEN_M=False, EVEN_N=False,
+                 FUSED_DQ=False)
 # (variant name, flags). Each is compiled with and without dropout.
 ATTN_VARIANTS = {
     "dense": dict(IS_CAUSAL=False, HAS_MASK=False, VARLEN=False),
@@ -230,6 +250,69 @@ def attention_variants():
                 else:  # the autotuner's space for this variant (fa._prune drops the same tiles)
                     configs = [c for c in fa._gpu_configs(kind) if fa.fits_registers(c, drop)]
                 yield kind, fn, vname + ("+dropout" if drop else ""), dict(ATTN_BASE, **flags, HAS_DROPOUT=drop), configs
+
+
+FUSED_VARIANTS = ("dense", "causal+kpm")
+
+
+def fused_bwd_rows(log=None, candidates: bool = True) -> List[Row]:
+    """Candidate rows for the deterministic fused backward (`backward(fused_dq=True)`: the dK/dV
+    kernel with FUSED_DQ, 5 matmuls per tile, one program per (batch, head)): kernel "dkdvq", each
+    dense variant with and without dropout under each of its configs, next to the two-kernel path
+    ("dq" + "dkdv", their first configs) of the same variant. The fused kernel's `loop` is its
+    main innermost loop (`inner_loop_instructions`: it also walks key tiles in an outer loop)."""
+    rows: List[Row] = []
+    for vname in FUSED_VARIANTS:
+        for drop in (False, True):
+            flags = dict(ATTN_BASE, **ATTN_VARIANTS[vname], HAS_DROPOUT=drop)
+            variant = vname + ("+dropout" if drop else "")
+            for kind in ("dq", "dkdv"):
+                c = fa._gpu_configs(kind)[0]
+                rows.append(audit_kernel(kind, fa._KERNELS[kind], dict(flags, **c.kwargs), c.num_warps,
+                                         c.num_stages, variant, f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} "
+                                         f"w{c.num_warps} s{c.num_stages}"))
+                if log:
+                    log(rows[-1])
+            # the fused configs, and (tried, spilling: see fa._gpu_configs) the pipelined ones
+            tried = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                     for m, n, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2))]
+            for c in fa._gpu_configs("dkdv_fused") + (tried if candidates else []):
+                if not fa.fits_registers(c, drop):
+                    continue
+                k = compile_sm90(fa._attn_bwd_dkdv, dict(flags, **c.kwargs, FUSED_DQ=True), c.num_warps, c.num_stages)
+                usage = _res_usage(k.asm["cubin"])
+                mma = "+".join(kd for kd, op in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync"))
+                               if op in k.asm["ptx"])
+                rows.append(Row("dkdvq", variant, f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} "
+                                f"s{c.num_stages}", usage["regs"], usage["spills"], k.metadata.shared,
+                                occupancy(usage["regs"], k.metadata.shared, c.num_warps), mma or "none",
+                                inner_loop_instructions(usage["sass"])))
+                if log:
+                    log(rows[-1])
+    return rows
+
+
+def format_fused(rows: List[Row]) -> str:
+    """Per variant: SASS warp-instructions of the main loops per 64 x 64 (query x key) tile, i.e.
+    loop instructions x warps x 4096 / tile elements (every warp runs the loop body once per tile),
+    of the two-kernel path (dq's plus dkdv's) against each fused config's."""
+    def per64(r):
+        tile, warps = r.config.split()[:2]
+        m, n = (int(x) for x in tile.split("x"))
+        return r.loop * int(warps[1:]) * 4096 / (m * n)
+
+    head = f"{'variant':20} {'path':26} {'regs':>9} {'spill':>7} {'occ':>11} {'warp-instr/64x64':>16}"
+    lines = [head, "-" * len(head)]
+    for variant in dict.fromkeys(r.variant for r in rows):
+        dq, kv = (next(r for r in rows if r.variant == variant and r.kernel == k) for k in ("dq", "dkdv"))
+        lines.append(f"{variant:20} {'dq ' + dq.config.split()[0] + ' + dkdv ' + kv.config.split()[0]:26} "
+                     f"{dq.regs:4d}+{kv.regs:<4d} {dq.spills:3d}+{kv.spills:<3d} {dq.occ:.3f}+{kv.occ:.3f} "
+                     f"{per64(dq) + per64(kv):16.0f}")
+        for r in rows:
+            if r.variant == variant and r.kernel == "dkdvq":
+                lines.append(f"{'':20} {'fused ' + r.config:26} {r.regs:9d} {r.spills:7d} {r.occ:11.3f} "
+                             f"{per64(r):16.0f}")
+    return "\n".join(lines)
 
 
 def run_compile_audit(quick: bool = False, log=None) -> List[Row]:
@@ -456,7 +539,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="first autotune config of each kernel only")
     ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--fused-bwd", action="store_true",
+                    help="only the fused deterministic backward (kernel dkdvq) against dq + dkdv")
     args = ap.parse_args(argv)
+    if args.fused_bwd:
+        print(f"# fused backward candidates: triton {triton.__version__}, target sm_90")
+        rows = fused_bwd_rows()
+        print(format_rows(rows))
+        print()
+        print(format_fused(rows))
+        return
     rows = run_compile_audit(quick=args.quick)
     work = work_table()
     print(f"# kernel audit: triton {triton.__version__}, target sm_90 (compiled without a GPU)")

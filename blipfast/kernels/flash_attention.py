@@ -35,6 +35,12 @@ forward and both backward kernels regenerate the same bits; `dropout_keep_mask` 
 for tests, `dropout_draws` the bytes. With dropout, packed query tiles start at a multiple of 16
 rows (as key tiles always do).
 
+Backward: by default a dQ kernel (S, dP, dQ: 3 matmuls per (query tile, key tile)) and a dK/dV
+kernel (S, dP, dV, dK: 4). `backward(fused_dq=True)` (dense layout; a prototype, off: `FUSED_DQ`)
+runs the dK/dV kernel alone with FUSED_DQ, 5 matmuls per tile: one program per (batch, head) walks
+its key tiles in order and adds dS K into fp32 dQ rows only it touches, so it stays deterministic
+without atomics; it needs more registers (benchmarks/kernel_audit.py --fused-bwd).
+
 This module holds no autograd logic; `attention.py` builds the custom ops and the public functions.
 """
 from __future__ import annotations
@@ -313,11 +319,13 @@ def _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, o
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m, offs_d, sqm, sqd,
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, q_end, cols, col0, qlo, qhi, offs_m, offs_d, sqm, sqd,
                sdom, sdod, bh, qk_scale, dropout_p, seed,
                INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr, BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One query tile of dV += P^T dO and dK += dS^T Q, computed transposed (keys along rows)."""
+               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               FUSED_DQ: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One query tile of dV += P^T dO and dK += dS^T Q, computed transposed (keys along rows); with
+    FUSED_DQ also dQ += dS K, added into the fp32 rows DQACC (HEAD_DIM-strided) of the query tile."""
     rows = start_m + offs_m
     q_ptrs = Q + rows[:, None] * sqm + offs_d[None, :] * sqd
     do_ptrs = DO + rows[:, None] * sdom + offs_d[None, :] * sdod
@@ -355,6 +363,14 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo,
     dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PREC)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    if FUSED_DQ:  # the fifth matmul: dQ_i += dS_ij K_j into this (batch, head)'s fp32 rows
+        dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC)  # (BLOCK_M, HEAD_DIM)
+        acc_ptrs = DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :]
+        if BOUNDS:
+            tl.store(acc_ptrs, tl.load(acc_ptrs, mask=rows[:, None] < q_end, other=0.0) + dq_part,
+                     mask=rows[:, None] < q_end)
+        else:
+            tl.store(acc_ptrs, tl.load(acc_ptrs) + dq_part)
     return dk, dv
 
 
@@ -406,25 +422,25 @@ def _dq_range(dq, lo, hi, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, o
 
 
 @triton.jit
-def _dkdv_range(dk, dv, lo, hi, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo, qhi, offs_d, sqm, sqd, sdom, sdod,
+def _dkdv_range(dk, dv, lo, hi, k, v, Q, DO, LSE, DELTA, DQACC, q_end, cols, col0, qlo, qhi, offs_d, sqm, sqd, sdom, sdod,
                 bh, qk_scale, dropout_p, seed, INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr,
                 BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr, STEP: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                BLOCK_N: tl.constexpr, FUSED_DQ: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Query tiles lo, lo + STEP, ... < hi of dK/dV."""
     offs_m = tl.arange(0, STEP)
     if INTERPRET:
         start_m = lo
         while start_m < hi:
-            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m,
-                                offs_d, sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL,
-                                HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N)
+            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, q_end, cols, col0, qlo, qhi,
+                                offs_m, offs_d, sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL,
+                                HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N, FUSED_DQ, HEAD_DIM)
             start_m += STEP
     else:
         for start_m in range(lo, hi, STEP):
-            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, q_end, cols, col0, qlo, qhi, offs_m,
-                                offs_d, sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL,
-                                HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N)
+            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, q_end, cols, col0, qlo, qhi,
+                                offs_m, offs_d, sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL,
+                                HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N, FUSED_DQ, HEAD_DIM)
     return dk, dv
 
 
@@ -582,35 +598,20 @@ def _attn_bwd_dq(
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smn,
-    H, Lq, Lk, first, qk_scale, sm_scale, dropout_p, seed,
-    LQ_BUCKET, LK_BUCKET, BH_BUCKET,
-    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * H + h
-    Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    DO += b * sdob + h * sdoh
-    DK += b * sdkb + h * sdkh
-    DV += b * sdvb + h * sdvh
-    LSE += bh * Lq
-    DELTA += bh * Lq
-    KPM += b * smb
+@triton.jit
+def _dkdv_tile(pid_n, first, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
+               sqm, sqd, skn, skd, svn, svd, sdom, sdod, sdkn, sdkd, sdvn, sdvd, smn, b, bh, Lq, Lk,
+               qk_scale, sm_scale, dropout_p, seed,
+               HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, COLS_EXACT: tl.constexpr,
+               FUSED_DQ: tl.constexpr):
+    """dK and dV of key tile `pid_n` (keys first + pid_n * BLOCK_N + arange(BLOCK_N)), pointers
+    already offset to the (batch, head); with FUSED_DQ also its dS K terms into DQACC."""
     MASKED: tl.constexpr = VARLEN or IS_CAUSAL or HAS_MASK or not EVEN_M
     INTERVAL: tl.constexpr = VARLEN or IS_CAUSAL
     HAS_TAIL: tl.constexpr = MASKED and BLOCK_M > TAIL
     MAIN_BOUNDS: tl.constexpr = MASKED and not HAS_TAIL
-    COLS_EXACT: tl.constexpr = EVEN_N and not VARLEN
 
     cols, col_own, qlo, qhi, q_start, q_end = _key_tile(pid_n, b, TILES, SEQ_K, CU_Q, CU_K, KV_LEN, KPM, smn, Lq, Lk,
                                                         first, BLOCK_N, VARLEN, IS_CAUSAL, HAS_MASK, HAS_DROPOUT)
@@ -633,13 +634,13 @@ def _attn_bwd_dkdv(
     q_full = q_end
     if HAS_TAIL:
         q_full = q_start + (q_end - q_start) // BLOCK_M * BLOCK_M
-    dk, dv = _dkdv_range(dk, dv, q_start, q_full, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo, qhi, offs_d, sqm,
-                         sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK, MAIN_BOUNDS,
-                         HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N)
+    dk, dv = _dkdv_range(dk, dv, q_start, q_full, k, v, Q, DO, LSE, DELTA, DQACC, q_end, cols, col0, qlo, qhi, offs_d,
+                         sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK, MAIN_BOUNDS,
+                         HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N, FUSED_DQ, HEAD_DIM)
     if HAS_TAIL:
-        dk, dv = _dkdv_range(dk, dv, q_full, q_end, k, v, Q, DO, LSE, DELTA, q_end, cols, col0, qlo, qhi, offs_d,
-                             sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK,
-                             True, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, TAIL, BLOCK_N)
+        dk, dv = _dkdv_range(dk, dv, q_full, q_end, k, v, Q, DO, LSE, DELTA, DQACC, q_end, cols, col0, qlo, qhi,
+                             offs_d, sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK,
+                             True, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, TAIL, BLOCK_N, FUSED_DQ, HEAD_DIM)
 
     dk = dk * sm_scale
     dk_ptrs = DK + cols[:, None] * sdkn + offs_d[None, :] * sdkd
@@ -650,6 +651,139 @@ def _attn_bwd_dkdv(
     else:
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_own[:, None])
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_own[:, None])
+
+
+@triton.jit
+def _fused_dq_prologue(O, DO, DELTA, DQACC, som, sod, sdom, sdod, Lq,
+                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
+    """FUSED_DQ, before any key tile: delta = rowsum(dO * O) and DQACC = 0 for every query row of
+    the (batch, head) (the work `_attn_bwd_dq` does otherwise)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    if INTERPRET:
+        r0 = Lq * 0
+        while r0 < Lq:
+            rows = r0 + tl.arange(0, BLOCK_M)
+            ok = rows < Lq
+            o = tl.load(O + rows[:, None] * som + offs_d[None, :] * sod, mask=ok[:, None], other=0.0)
+            do = tl.load(DO + rows[:, None] * sdom + offs_d[None, :] * sdod, mask=ok[:, None], other=0.0)
+            tl.store(DELTA + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=ok)
+            tl.store(DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :],
+                     tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), mask=ok[:, None])
+            r0 += BLOCK_M
+    else:
+        for r0 in range(0, Lq, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            ok = rows < Lq
+            o = tl.load(O + rows[:, None] * som + offs_d[None, :] * sod, mask=ok[:, None], other=0.0)
+            do = tl.load(DO + rows[:, None] * sdom + offs_d[None, :] * sdod, mask=ok[:, None], other=0.0)
+            tl.store(DELTA + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=ok)
+            tl.store(DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :],
+                     tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), mask=ok[:, None])
+
+
+@triton.jit
+def _fused_dq_epilogue(DQ, DQACC, sdqm, sdqd, Lq, sm_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
+    """FUSED_DQ, after the last key tile: DQ = sm_scale * DQACC in DQ's dtype."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    if INTERPRET:
+        r0 = Lq * 0
+        while r0 < Lq:
+            rows = r0 + tl.arange(0, BLOCK_M)
+            ok = rows[:, None] < Lq
+            acc = tl.load(DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok, other=0.0)
+            tl.store(DQ + rows[:, None] * sdqm + offs_d[None, :] * sdqd, (acc * sm_scale).to(DQ.dtype.element_ty),
+                     mask=ok)
+            r0 += BLOCK_M
+    else:
+        for r0 in range(0, Lq, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            ok = rows[:, None] < Lq
+            acc = tl.load(DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok, other=0.0)
+            tl.store(DQ + rows[:, None] * sdqm + offs_d[None, :] * sdqd, (acc * sm_scale).to(DQ.dtype.element_ty),
+                     mask=ok)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dkdv(
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smn,
+    H, Lq, Lk, first, qk_scale, sm_scale, dropout_p, seed,
+    LQ_BUCKET, LK_BUCKET, BH_BUCKET,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
+):
+    """Without FUSED_DQ: grid (key tiles, heads, batch), dK/dV of one key tile (O, DQ, DQACC unused).
+
+    FUSED_DQ (dense layout only): grid (1, heads, batch). One program walks every key tile of its
+    (batch, head) in order, and for each query tile adds dS K into DQACC, an fp32 (B, H, Lq, HEAD_DIM)
+    scratch only this program touches: each dQ row sums its key tiles in a fixed order, without
+    atomics, so the result is deterministic. 5 matmuls per (query tile, key tile), not 3 + 4."""
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + h
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    DO += b * sdob + h * sdoh
+    DK += b * sdkb + h * sdkh
+    DV += b * sdvb + h * sdvh
+    LSE += bh * Lq
+    DELTA += bh * Lq
+    KPM += b * smb
+    if FUSED_DQ:
+        tl.static_assert(not VARLEN, "FUSED_DQ: dense layout only")
+        O += b * sob + h * soh
+        DQ += b * sdqb + h * sdqh
+        DQACC += bh * Lq * HEAD_DIM
+        _fused_dq_prologue(O, DO, DELTA, DQACC, som, sod, sdom, sdod, Lq, HEAD_DIM, BLOCK_M, INTERPRET)
+        # Stores above (and each key tile's below) are re-read by other threads of the program:
+        # a CTA barrier orders them (bar.sync also makes global writes visible within the CTA).
+        tl.debug_barrier()
+        # full BLOCK_N key tiles, then a thin tail of keys in TAIL-wide tiles (`thin_tail_split`)
+        rest = Lk % BLOCK_N
+        split = Lk
+        if (Lk > BLOCK_N) & (rest > 0) & (rest <= BLOCK_N // 4):
+            split = Lk - rest
+        n_main = tl.cdiv(split, BLOCK_N)
+        n_tail = tl.cdiv(Lk - split, TAIL)
+        if INTERPRET:
+            t = n_main * 0
+            while t < n_main:
+                _dkdv_tile(t, 0, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
+                           sqm, sqd, skn, skd, svn, svd, sdom, sdod, sdkn, sdkd, sdvn, sdvd, smn, b, bh, Lq, Lk,
+                           qk_scale, sm_scale, dropout_p, seed, HEAD_DIM, IS_CAUSAL, HAS_MASK, VARLEN, HAS_DROPOUT,
+                           UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N, True)
+                t += 1
+            t = n_tail * 0
+            while t < n_tail:
+                _dkdv_tile(t, split, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
+                           sqm, sqd, skn, skd, svn, svd, sdom, sdod, sdkn, sdkd, sdvn, sdvd, smn, b, bh, Lq, Lk,
+                           qk_scale, sm_scale, dropout_p, seed, HEAD_DIM, IS_CAUSAL, HAS_MASK, VARLEN, HAS_DROPOUT,
+                           UPCAST, DOT_PREC, INTERPRET, BLOCK_M, TAIL, EVEN_M, False, True)
+                t += 1
+        else:
+            for t in range(0, n_main):
+                _dkdv_tile(t, 0, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
+                           sqm, sqd, skn, skd, svn, svd, sdom, sdod, sdkn, sdkd, sdvn, sdvd, smn, b, bh, Lq, Lk,
+                           qk_scale, sm_scale, dropout_p, seed, HEAD_DIM, IS_CAUSAL, HAS_MASK, VARLEN, HAS_DROPOUT,
+                           UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N, True)
+                tl.debug_barrier()  # key tile t's dQ stores before key tile t + 1 reads the same rows
+            for t in range(0, n_tail):
+                _dkdv_tile(t, split, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
+                           sqm, sqd, skn, skd, svn, svd, sdom, sdod, sdkn, sdkd, sdvn, sdvd, smn, b, bh, Lq, Lk,
+                           qk_scale, sm_scale, dropout_p, seed, HEAD_DIM, IS_CAUSAL, HAS_MASK, VARLEN, HAS_DROPOUT,
+                           UPCAST, DOT_PREC, INTERPRET, BLOCK_M, TAIL, EVEN_M, False, True)
+                tl.debug_barrier()
+        _fused_dq_epilogue(DQ, DQACC, sdqm, sdqd, Lq, sm_scale, HEAD_DIM, BLOCK_M, INTERPRET)
+    else:
+        _dkdv_tile(tl.program_id(0), first, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q,
+                   CU_K, sqm, sqd, skn, skd, svn, svd, sdom, sdod, sdkn, sdkd, sdvn, sdvd, smn, b, bh, Lq, Lk,
+                   qk_scale, sm_scale, dropout_p, seed, HEAD_DIM, IS_CAUSAL, HAS_MASK, VARLEN, HAS_DROPOUT,
+                   UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N and not VARLEN, False)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -684,10 +818,10 @@ def _dropout_mask_kernel(OUT, H, Lq, Lk, dropout_p, seed,
 
 # (BLOCK_M, BLOCK_N) under the interpreter, whose cost is per tile, not per element: 64 x 64 was the
 # fastest there (N = 197 runs 4 ragged tiles). Tests pass other tilings explicitly.
-INTERPRETER_BLOCKS = {"fwd": (64, 64), "dq": (64, 64), "dkdv": (64, 64)}
+INTERPRETER_BLOCKS = {"fwd": (64, 64), "dq": (64, 64), "dkdv": (64, 64), "dkdv_fused": (64, 64)}
 # fp32 on a GPU (true fp32 dots on FMA units, not a speed path): one fixed (BLOCK_M, BLOCK_N,
 # warps, stages); small tiles, because ptxas took a minute over a 64 x 64 tile at head dim 128.
-FP32_BLOCKS = {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 4, 2)}
+FP32_BLOCKS = {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dkdv_fused": (32, 32, 4, 2)}
 # The packed layout on a GPU (fp16/bf16): 64-row query tiles hold several short sequences; dK/dV
 # programs own 64 keys and walk 32-query tiles (wgmma wants the keys side >= 64).
 VARLEN_BLOCKS = {"fwd": (64, 64, 4, 3), "dq": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3)}
@@ -705,6 +839,11 @@ def _gpu_configs(kind: str):
         "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
         "dq": [(64, 64, 4, 3), (64, 32, 4, 3)],
         "dkdv": [(32, 64, 4, 3), (64, 128, 8, 2)],
+        # one program per (batch, head) walking every tile (`backward(fused_dq=True)`). Without
+        # software pipelining (1 stage): with 2-3 stages, 64 x 64 and 64 x 128 tiles, the dropout or
+        # causal variants spill under triton 3.9 or 3.6 (benchmarks/kernel_audit.py --fused-bwd).
+        # 32-query tiles put the fifth dot (dS^T K: queries on its M side) on mma.sync.
+        "dkdv_fused": [(32, 64, 4, 1)],
     }[kind]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
@@ -737,6 +876,10 @@ _EVEN = {
     "EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0,
 }
 _KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
+# The deterministic fused backward (FUSED_DQ=True): the dK/dV kernel, one program per (batch, head).
+_FUSED_KERNELS = {"dkdv_fused": _attn_bwd_dkdv}
+# Whether `backward` runs the fused 5-matmul kernel by default (a prototype: off; see `backward`).
+FUSED_DQ = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -744,7 +887,7 @@ def _launcher(kind: str, tuned: bool):
     """The kernel wrapped with the EVEN_* heuristics, and with the autotuner when `tuned` (built
     lazily: nothing here may touch a GPU driver at import time). Tuning results are cached on
     disk (cache_results) under the full key, so later processes on the same machine skip the search."""
-    fn = triton.heuristics(_EVEN)(_KERNELS[kind])
+    fn = triton.heuristics(_EVEN)({**_KERNELS, **_FUSED_KERNELS}[kind])
     if tuned:
         fn = triton.autotune(_gpu_configs(kind), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune},
                              do_bench=_quick_bench, cache_results=True)(fn)
@@ -888,8 +1031,12 @@ def forward(q, k, v, key_padding_mask: Optional[torch.Tensor], causal: bool, dro
 
 
 def backward(dout, q, k, v, out, lse, key_padding_mask, causal: bool, dropout_p: float,
-             softmax_scale: float, seed: int, config=None):
-    """Launch the dQ kernel (which also writes delta), then the dK/dV kernel. Returns (dq, dk, dv)."""
+             softmax_scale: float, seed: int, config=None, fused_dq: Optional[bool] = None):
+    """Launch the dQ kernel (which also writes delta), then the dK/dV kernel. Returns (dq, dk, dv).
+
+    fused_dq (default: the module's FUSED_DQ): one launch of the dK/dV kernel with FUSED_DQ, one
+    program per (batch, head), 5 matmuls per tile instead of 7, deterministic (no atomics), with
+    an fp32 (B, H, Lq, D) scratch for dQ."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     dq = empty_blhd(B, H, Lq, D, q)
@@ -902,13 +1049,21 @@ def backward(dout, q, k, v, out, lse, key_padding_mask, causal: bool, dropout_p:
     args.update(qk_scale=softmax_scale * LOG2E, sm_scale=softmax_scale)
     qkv = {**_strides(q, "sqb sqh sqm sqd"), **_strides(k, "skb skh skn skd"), **_strides(v, "svb svh svn svd"),
            **_strides(dout, "sdob sdoh sdom sdod")}
+    outs = {**_strides(out, "sob soh som sod"), **_strides(dq, "sdqb sdqh sdqm sdqd"),
+            **_strides(dk, "sdkb sdkh sdkn sdkd"), **_strides(dv, "sdvb sdvh sdvn sdvd")}
     with _device_guard(q):
+        if FUSED_DQ if fused_dq is None else fused_dq:
+            dq_acc = torch.empty(B, H, Lq, D, dtype=torch.float32, device=q.device)  # zeroed by the kernel
+            _launch("dkdv_fused", lambda bm, bn: (1, H, B), _pick_config("dkdv_fused", config, args["UPCAST"], False),
+                    first=0, Q=q, K=k, V=v, O=out, DO=dout, DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta, DQACC=dq_acc,
+                    SEQ_K=q, FUSED_DQ=True, **qkv, **outs, **args)
+            return dq, dk, dv
         _launch_dense("dq", Lq, 0, H, B, _pick_config("dq", config, args["UPCAST"], False), Q=q, K=k, V=v, O=out,
                       DO=dout, DQ=dq, LSE=lse, DELTA=delta, SEQ_Q=q, **qkv,
                 **_strides(out, "sob soh som sod"), **_strides(dq, "sdqb sdqh sdqm sdqd"), **args)
-        _launch_dense("dkdv", Lk, 1, H, B, _pick_config("dkdv", config, args["UPCAST"], False), Q=q, K=k, V=v,
-                      DO=dout, DK=dk, DV=dv, LSE=lse, DELTA=delta, SEQ_K=q, **qkv,
-                **_strides(dk, "sdkb sdkh sdkn sdkd"), **_strides(dv, "sdvb sdvh sdvn sdvd"), **args)
+        _launch_dense("dkdv", Lk, 1, H, B, _pick_config("dkdv", config, args["UPCAST"], False), Q=q, K=k, V=v, O=out,
+                      DO=dout, DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta, DQACC=delta, SEQ_K=q, FUSED_DQ=False,
+                      **qkv, **outs, **args)
     return dq, dk, dv
 
 
@@ -1013,9 +1168,11 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int,
         _launch("dq", lambda bm, bn: (q_tiles.shape[0], H, 1), cfg_dq, first=0, Q=q, K=k, V=v, O=out, DO=dout, DQ=dq,
                 LSE=lse, DELTA=delta, TILES=q_tiles, SEQ_Q=_sequence_ids(cu_q, total_q), **qkv,
                 **_packed_strides(out, "sob soh som sod"), **_packed_strides(dq, "sdqb sdqh sdqm sdqd"), **args)
-        _launch("dkdv", lambda bm, bn: (k_tiles.shape[0], H, 1), cfg_kv, first=0, Q=q, K=k, V=v, DO=dout, DK=dk, DV=dv,
-                LSE=lse, DELTA=delta, TILES=k_tiles, SEQ_K=_sequence_ids(cu_k, total_k), **qkv,
-                **_packed_strides(dk, "sdkb sdkh sdkn sdkd"), **_packed_strides(dv, "sdvb sdvh sdvn sdvd"), **args)
+        _launch("dkdv", lambda bm, bn: (k_tiles.shape[0], H, 1), cfg_kv, first=0, Q=q, K=k, V=v, O=out, DO=dout,
+                DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta, DQACC=delta, TILES=k_tiles,
+                SEQ_K=_sequence_ids(cu_k, total_k), FUSED_DQ=False, **qkv, **_packed_strides(out, "sob soh som sod"),
+                **_packed_strides(dq, "sdqb sdqh sdqm sdqd"), **_packed_strides(dk, "sdkb sdkh sdkn sdkd"),
+                **_packed_strides(dv, "sdvb sdvh sdvn sdvd"), **args)
     return dq, dk, dv
 
 

@@ -106,6 +106,29 @@ def check_against_reference(q, k, v, mask, causal, scale=None, config=None, seed
     return got
 
 
+@pytest.fixture(params=[False, True], ids=["two_kernel", "fused_dq"])
+def backward_path(request, monkeypatch):
+    """Runs a test under both dense backwards: dQ and dK/dV kernels (7 matmuls per tile), and the
+    deterministic fused one (`fa.backward(fused_dq=True)`: 5 matmuls, one program per (batch, head)).
+    The spy checks the path really taken: a fused backward launches one kernel, "dkdv_fused"."""
+    monkeypatch.setattr(fa, "FUSED_DQ", request.param)
+    kinds = []
+    real_launch = fa._launch
+
+    def spy(kind, *args, **kwargs):
+        kinds.append(kind)
+        return real_launch(kind, *args, **kwargs)
+
+    monkeypatch.setattr(fa, "_launch", spy)
+    yield request.param
+    backward_kinds = [k for k in kinds if k != "fwd"]
+    if backward_kinds:  # (a test may run forwards only)
+        if request.param:
+            assert set(backward_kinds) == {"dkdv_fused"}, kinds
+        else:
+            assert "dkdv_fused" not in backward_kinds and {"dq", "dkdv"} <= set(backward_kinds), kinds
+
+
 # ---------------------------------------------------------------------------------------------
 # forward and gradients against the fp64 reference
 
@@ -126,20 +149,20 @@ CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_matches_reference(case, dtype):
+def test_matches_reference(case, dtype, backward_path):
     B, H, Lq, Lk, D, causal, mask_kind, layout = CASES[case]
     q, k, v = make_qkv(B, H, Lq, Lk, D, dtype, layout)
     check_against_reference(q, k, v, make_mask(mask_kind, B, Lk), causal)
 
 
 @pytest.mark.parametrize("config", [(16, 32), (32, 16)], ids=["bm16_bn32", "bm32_bn16"])
-def test_tilings_where_blocks_differ(config):
+def test_tilings_where_blocks_differ(config, backward_path):
     """Causal bounds (first/last tile per block) with BLOCK_M != BLOCK_N, ragged tails, a mask."""
     q, k, v = make_qkv(2, 1, 45, 38, 32, torch.float32)
     check_against_reference(q, k, v, make_mask("padded", 2, 38), causal=True, config=config)
 
 
-def test_thin_tails_run_as_a_second_launch():
+def test_thin_tails_run_as_a_second_launch(backward_path):
     """69 queries x 67 keys in 32-wide tiles: 64 + a 5-row (3-key) tail launched with 16-wide
     tiles (`thin_tail_split`), causal and masked."""
     assert [fa.thin_tail_split(n, 64) for n in (197, 577, 35, 100, 64, 70)] == [192, 576, 35, 100, 64, 64]
@@ -147,12 +170,12 @@ def test_thin_tails_run_as_a_second_launch():
     check_against_reference(q, k, v, make_mask("padded", 2, 67), causal=True, config=(32, 32))
 
 
-def test_custom_scale():
+def test_custom_scale(backward_path):
     q, k, v = make_qkv(1, 1, 35, 35, 32, torch.float32)
     check_against_reference(q, k, v, None, False, scale=0.37)
 
 
-def test_rows_without_keys_are_zero_with_zero_grads():
+def test_rows_without_keys_are_zero_with_zero_grads(backward_path):
     q, k, v = make_qkv(2, 2, 9, 12, 16, torch.float32)
     mask = make_mask("padded", 2, 12)  # batch 0: no key at all
     q, k, v = (x.requires_grad_() for x in (q, k, v))
@@ -165,7 +188,7 @@ def test_rows_without_keys_are_zero_with_zero_grads():
     assert out[1].abs().sum() > 0
 
 
-def test_output_layout_and_determinism():
+def test_output_layout_and_determinism(backward_path):
     """Output stored (B, L, H, D) (the merge of heads is a view); two backwards are bitwise equal."""
     q, k, v = make_qkv(1, 2, 35, 35, 32, torch.float32, "heads_view")
     mask = make_mask("prefix", 1, 35)
@@ -210,7 +233,7 @@ def test_dropout_expectation_matches_no_dropout():
 
 @pytest.mark.parametrize("causal,mask_kind,Lq,Lk", [(True, "prefix", 35, 35), (False, "padded", 21, 70)],
                          ids=["causal_padded", "cross_masked"])
-def test_dropout_gradients_use_the_forward_mask(causal, mask_kind, Lq, Lk):
+def test_dropout_gradients_use_the_forward_mask(causal, mask_kind, Lq, Lk, backward_path):
     """The public call's output and gradients equal the reference given the kernel's own mask."""
     p = 0.2
     q, k, v = make_qkv(2, 2, Lq, Lk, 32, torch.float32)
@@ -231,7 +254,7 @@ def test_dropout_gradients_use_the_forward_mask(causal, mask_kind, Lq, Lk):
 
 
 @pytest.mark.parametrize("config", [(16, 32), (32, 16), (64, 64)], ids=["bm16_bn32", "bm32_bn16", "bm64_bn64"])
-def test_dropout_mask_does_not_depend_on_the_tiling(config):
+def test_dropout_mask_does_not_depend_on_the_tiling(config, backward_path):
     """Forward, dQ and dK/dV under 16-, 32- and 64-wide query and key tiles (and 16-wide tails)
     regenerate the mask `dropout_keep_mask` returns (a 32 x 32 tiling of its own)."""
     p, seed, Lq, Lk = 0.3, 77, 70, 70
@@ -245,6 +268,25 @@ def test_dropout_mask_does_not_depend_on_the_tiling(config):
                           dropout_mask=keep)
     for name, a, e in zip(("out", "dq", "dk", "dv"), got, exact):
         assert_close(f"{name} {config}", a, e, 1e-5 * max(1.0, e.abs().max().item()))
+
+
+def test_fused_dq_vit_577_ragged_tail_with_dropout_is_deterministic():
+    """The fused backward at ViT-L's 577 tokens (9 x 64 + a 1-key thin tail walked in 16-wide key
+    tiles, and a 1-row query tail), dropout on: gradients equal the fp64 reference given the
+    kernels' mask, and two backwards are bitwise equal (on a GPU this is the check that the fixed
+    per-row order of the dQ sums, without atomics, holds; on a CPU that the scratch is initialised)."""
+    p, seed, L = 0.1, 11, 577
+    q, k, v = make_qkv(1, 1, L, L, 16, torch.float32, "fused_qkv")
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    out, lse = fa.forward(q, k, v, None, False, p, fa.default_scale(16), seed)
+    runs = [fa.backward(dout, q, k, v, out, lse, None, False, p, fa.default_scale(16), seed, fused_dq=True)
+            for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    keep = attn_mod.dropout_keep_mask(seed, (1, 1, L, L), p, device=DEVICE)
+    exact = run_reference(q, k, v, dout, None, False, torch.float64, dropout_p=fa.effective_dropout_p(p),
+                          dropout_mask=keep)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), (out, *runs[0]), exact):
+        assert_close(name, a, e, 1e-5 * max(1.0, e.abs().max().item()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,3 +431,28 @@ def test_gpu_dropout_matches_reference_given_mask():
     for name, a, e, t in zip(("out", "dq", "dk", "dv"), (out.detach(), qq.grad, kk.grad, vv.grad), exact, low):
         torch_err = (t.float() - e).abs().max().item()
         assert_close(name, a, e, 2 * torch_err + ATOL[torch.bfloat16] * max(1.0, e.abs().max().item()))
+
+
+@pytest.mark.gpu
+def test_gpu_fused_dq_every_config_is_correct_and_deterministic():
+    """The fused backward (`fa.backward(fused_dq=True)`) under each of its configs on a ragged
+    causal masked bf16 case, with dropout: within the flash-attention rule of the reference given
+    the kernels' mask, and bitwise equal over two runs (the per-row order of the dQ sums is fixed
+    by the key-tile loop and its barriers: no atomics)."""
+    p, seed, (B, H, Lq, Lk, D) = 0.1, 5, (4, 4, 97, 203, 64)
+    q, k, v = make_qkv(B, H, Lq, Lk, D, torch.bfloat16, "heads_view")
+    mask = make_mask("padded", B, Lk)
+    dout = torch.randn(q.shape, device=DEVICE, dtype=torch.bfloat16)
+    keep = attn_mod.dropout_keep_mask(seed, (B, H, Lq, Lk), p, device=DEVICE)
+    p_eff = fa.effective_dropout_p(p)
+    exact = run_reference(q, k, v, dout, mask, True, torch.float32, dropout_p=p_eff, dropout_mask=keep)
+    low = run_reference(q, k, v, dout, mask, True, torch.bfloat16, dropout_p=p_eff, dropout_mask=keep)
+    out, lse = fa.forward(q, k, v, mask, True, p, fa.default_scale(D), seed)
+    for c in fa._gpu_configs("dkdv_fused"):
+        cfg = {"dkdv_fused": (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)}
+        runs = [fa.backward(dout, q, k, v, out, lse, mask, True, p, fa.default_scale(D), seed, config=cfg,
+                            fused_dq=True) for _ in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), cfg
+        for name, a, e, t in zip(("dq", "dk", "dv"), runs[0], exact[1:], low[1:]):
+            torch_err = (t.float() - e).abs().max().item()
+            assert_close(f"{name} {cfg}", a, e, 2 * torch_err + ATOL[torch.bfloat16] * max(1.0, e.abs().max().item()))
