@@ -50,7 +50,8 @@ def audit(request, tmp_path_factory):
 def test_every_kernel_compiles_to_wgmma_without_spills(audit):
     rows = [r for r in audit["rows"] if r["variant"] != "candidate"]  # candidates are reported, not used
     assert len(rows) >= 30, f"only {len(rows)} kernels audited"
-    assert {r["kernel"] for r in rows} == {"fwd", "dq", "dkdv", "itc_st", "itc_gr", "ce"}
+    # dkdvq: the opt-in fused 5-matmul backward (its dS^T K has 32 rows: wgmma + mma.sync, not checked below)
+    assert {r["kernel"] for r in rows} == {"fwd", "dq", "dkdv", "dkdvq", "itc_st", "itc_gr", "ce"}
     assert any("varlen" in r["variant"] for r in rows)
     spilling = [(r["kernel"], r["variant"], r["config"], r["spills"]) for r in rows if r["spills"] > THRESHOLDS["spills"]]
     assert not spilling, f"spills: {spilling}"
