@@ -20,6 +20,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # subprocesses
 
 
+def tiny_model(depth: int = 1) -> dict:
+    """A tiny BLIP `model:` section (32 wide, `depth` layers per tower, the demo tokenizer's ids,
+    reference backends) for tests that build models or write run / eval YAML files."""
+    return {
+        "vision": {"image_size": 32, "patch_size": 16, "width": 32, "depth": depth, "num_heads": 2},
+        "text": {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": depth, "num_attention_heads": 2,
+                 "intermediate_size": 64, "max_position_embeddings": 64, "cls_token_id": 2, "sep_token_id": 3,
+                 "dec_token_id": 5, "enc_token_id": 6},
+        "embed_dim": 16, "queue_size": 32, "attention_backend": "reference", "loss_backend": "reference",
+    }
+
+
 def repo_env(**extra) -> dict:
     """os.environ for a child process that imports `tests.*` (and blipfast) from this checkout:
     the repository root first on PYTHONPATH, what was there after it; `extra` set on top."""

@@ -19,16 +19,9 @@ from blipfast.data import DataConfig, generate_synthetic
 from blipfast.data.index import build_train_index
 from blipfast.models.caption import BlipForCaptioning
 from blipfast.models.retrieval import BlipForRetrieval
-from tests.helpers import sharpen_
+from tests.helpers import REPO, sharpen_, tiny_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = {
-    "vision": {"image_size": 32, "patch_size": 16, "width": 32, "depth": 1, "num_heads": 2},
-    "text": {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-             "intermediate_size": 64, "max_position_embeddings": 64, "cls_token_id": 2, "sep_token_id": 3,
-             "dec_token_id": 5, "enc_token_id": 6},
-    "embed_dim": 16, "queue_size": 32, "attention_backend": "reference", "loss_backend": "reference",
-}
+MODEL = tiny_model(depth=1)
 
 
 @pytest.fixture(scope="module")

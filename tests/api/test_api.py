@@ -1,6 +1,5 @@
 """blipfast.load over every checkpoint layout, and the Predictor's features and scores held to the
 task models' own computations (tiny random models, the demo vocabulary)."""
-import os
 
 import pytest
 import torch
@@ -12,15 +11,9 @@ from blipfast.convert import export_hf, export_original_state_dict
 from blipfast.data import build_demo_tokenizer
 from blipfast.models import BlipForCaptioning, BlipForPretraining, BlipForRetrieval, BlipForVQA
 from tests.dist.train_common import make_batch, tiny_model_config, train_config
-from tests.helpers import sharpen_
+from tests.helpers import sharpen_, tiny_model
 
-MODEL = {
-    "vision": {"image_size": 32, "patch_size": 16, "width": 32, "depth": 2, "num_heads": 2},
-    "text": {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-             "intermediate_size": 64, "max_position_embeddings": 64, "cls_token_id": 2, "sep_token_id": 3,
-             "dec_token_id": 5, "enc_token_id": 6},
-    "embed_dim": 16, "queue_size": 32, "attention_backend": "reference", "loss_backend": "reference",
-}
+MODEL = tiny_model(depth=2)
 # Heads are not in the weights, and 32 is no released BLIP width: tell the loader.
 HEADS = {"vision.num_heads": 2, "text.num_attention_heads": 2, "attention_backend": "reference",
          "loss_backend": "reference"}

@@ -10,20 +10,14 @@ import torch
 import yaml
 
 from blipfast.config import BlipConfig, from_dict
-from blipfast.data import DataConfig, build_eval_set, build_demo_tokenizer, generate_synthetic
+from blipfast.data import DataConfig, build_demo_tokenizer, build_eval_set, generate_synthetic
 from blipfast.eval.caption import main
-from blipfast.eval.cli import shard_batches
 from blipfast.eval.caption_metrics import caption_scores
+from blipfast.eval.cli import shard_batches
 from blipfast.models.caption import BlipForCaptioning
-from tests.helpers import REPO, run_cli_ranks, sharpen_
+from tests.helpers import REPO, run_cli_ranks, sharpen_, tiny_model
 
-MODEL = {
-    "vision": {"image_size": 32, "patch_size": 16, "width": 32, "depth": 1, "num_heads": 2},
-    "text": {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-             "intermediate_size": 64, "max_position_embeddings": 64, "cls_token_id": 2, "sep_token_id": 3,
-             "dec_token_id": 5, "enc_token_id": 6},
-    "embed_dim": 16, "queue_size": 32, "attention_backend": "reference", "loss_backend": "reference",
-}
+MODEL = tiny_model(depth=1)
 NUM_VAL = 7  # with batch_size 2: 4 batches, so 2 ranks get images 0..3 and 4..6
 EVAL = {"batch_size": 2, "num_beams": 2, "max_length": 12, "min_length": 6, "device": "cpu"}
 

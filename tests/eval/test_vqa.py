@@ -14,15 +14,9 @@ from blipfast.data.vqa import build_vqa_eval_set
 from blipfast.eval.vqa import VqaEvalConfig, accuracy, main
 from blipfast.eval.vqa_metrics import vqa_score
 from blipfast.models.vqa import BlipForVQA
-from tests.helpers import REPO, run_cli_ranks, sharpen_
+from tests.helpers import REPO, run_cli_ranks, sharpen_, tiny_model
 
-MODEL = {
-    "vision": {"image_size": 32, "patch_size": 16, "width": 32, "depth": 1, "num_heads": 2},
-    "text": {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-             "intermediate_size": 64, "max_position_embeddings": 64, "cls_token_id": 2, "sep_token_id": 3,
-             "dec_token_id": 5, "enc_token_id": 6},
-    "embed_dim": 16, "queue_size": 32, "attention_backend": "reference", "loss_backend": "reference",
-}
+MODEL = tiny_model(depth=1)
 NUM_VAL = 4  # 12 questions; batch 5: 3 batches, so 2 ranks get questions 0..9 and 10..11
 EVAL = {"batch_size": 5, "k_test": 6, "device": "cpu"}
 
