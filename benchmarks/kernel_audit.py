@@ -93,7 +93,7 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, elem="bf
             sig[name] = ITC_POINTERS.get(name, "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif not ptr_suffix and (name in "QKVO" or (name.isupper() and len(name) > 1
-                                                    and not name.endswith("BUCKET"))):  # attention pointers
+                                                    and not name.endswith(("BUCKET", "_KEY")))):  # attention pointers
             sig[name] = POINTER_TYPES.get(name, f"*{elem}")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in FLOAT_ARGS:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import zlib
 from typing import Optional
 
 import torch
@@ -449,12 +450,12 @@ def _dkdv_range(dk, dv, lo, hi, k, v, Q, DO, LSE, DELTA, DQACC, q_end, cols, col
 # come from the schedule `TILES` (row spans of the packed (total_q, H, D) queries).
 
 
-@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
+@triton.jit(do_not_specialize=["seed", "DEVICE_KEY"])  # a fresh seed per call must not recompile
 def _attn_fwd(
     Q, K, V, O, LSE, KPM, KV_LEN, TILES, SEQ_Q, CU_Q, CU_K,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smn,
     H, Lq, Lk, first, qk_scale, dropout_p, seed,
-    LQ_BUCKET, LK_BUCKET, BH_BUCKET,  # only read by the autotuner's key
+    LQ_BUCKET, LK_BUCKET, BH_BUCKET, DEVICE_KEY,  # only read by the autotuner's key
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -524,13 +525,13 @@ def _attn_fwd(
 # owns its output rows, so the backward is deterministic.
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "DEVICE_KEY"])
 def _attn_bwd_dq(
     Q, K, V, O, DO, DQ, LSE, DELTA, KPM, KV_LEN, TILES, SEQ_Q, CU_Q, CU_K,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd, smb, smn,
     H, Lq, Lk, first, qk_scale, sm_scale, dropout_p, seed,
-    LQ_BUCKET, LK_BUCKET, BH_BUCKET,
+    LQ_BUCKET, LK_BUCKET, BH_BUCKET, DEVICE_KEY,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -704,13 +705,13 @@ def _fused_dq_epilogue(DQ, DQACC, sdqm, sdqd, Lq, sm_scale,
                      mask=ok)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "DEVICE_KEY"])
 def _attn_bwd_dkdv(
     Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smn,
     H, Lq, Lk, first, qk_scale, sm_scale, dropout_p, seed,
-    LQ_BUCKET, LK_BUCKET, BH_BUCKET,
+    LQ_BUCKET, LK_BUCKET, BH_BUCKET, DEVICE_KEY,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -828,7 +829,29 @@ VARLEN_BLOCKS = {"fwd": (64, 64, 4, 3), "dq": (64, 64, 4, 3), "dkdv": (32, 64, 4
 
 # BH_BUCKET: the same lengths at B*H = 192 and 3072 fill the GPU differently, so a config tuned on
 # one must not be reused for the other (tuning results are also cached on disk, per key).
-_TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "BH_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT"]
+# DEVICE_KEY (`device_key`): Triton's own disk key names the architecture only (sm_90), so without
+# it a result tuned on an H100 would be reused on an H200 sharing the cache (an NFS home).
+_TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "BH_BUCKET", "DEVICE_KEY", "HEAD_DIM", "IS_CAUSAL", "HAS_MASK",
+             "HAS_DROPOUT"]
+
+
+def device_key(name: str, sm_count: int, total_memory: int) -> int:
+    """A 31-bit id of a GPU model (name, SM count, memory size: an H100 SXM, an H100 PCIe and an
+    H200 differ in at least one), for the autotuner's key."""
+    return zlib.crc32(f"{name}|{sm_count}|{total_memory}".encode()) & 0x7FFFFFFF
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_key(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return device_key(props.name, props.multi_processor_count, props.total_memory)
+
+
+def _device_key(device: torch.device) -> int:
+    """`device_key` of a CUDA tensor's GPU; 0 elsewhere (the interpreter does not autotune)."""
+    if device.type != "cuda":
+        return 0
+    return _cuda_device_key(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _gpu_configs(kind: str):
@@ -974,7 +997,7 @@ def _common(q, Lq, Lk, B, H, causal, dropout_p, seed, has_mask, varlen):
     return dict(
         H=H, Lq=Lq, Lk=Lk, dropout_p=p, seed=int(seed),
         LQ_BUCKET=triton.next_power_of_2(Lq), LK_BUCKET=triton.next_power_of_2(Lk),
-        BH_BUCKET=triton.next_power_of_2(B * H),
+        BH_BUCKET=triton.next_power_of_2(B * H), DEVICE_KEY=_device_key(q.device),
         HEAD_DIM=q.shape[-1], IS_CAUSAL=bool(causal), HAS_MASK=has_mask, VARLEN=varlen,
         HAS_DROPOUT=p > 0.0,
         UPCAST=upcast,

@@ -340,6 +340,21 @@ def test_bad_inputs_raise_clear_errors(case):
         K.attention(*args, **kwargs)
 
 
+def test_autotune_key_names_the_gpu_model():
+    """Triton's on-disk tuning cache keys on the architecture (sm_90) only: our key adds the GPU
+    model, so an H100's tuning is not reused on an H200 (same sm_90, other bandwidth)."""
+    h100 = fa.device_key("NVIDIA H100 80GB HBM3", 132, 85_029_158_912)
+    h100_pcie = fa.device_key("NVIDIA H100 PCIe", 114, 85_029_158_912)
+    h200 = fa.device_key("NVIDIA H200", 132, 150_754_820_096)
+    assert len({h100, h100_pcie, h200}) == 3 and all(0 <= x < 2**31 for x in (h100, h100_pcie, h200))
+    assert "DEVICE_KEY" in fa._TUNE_KEY
+    for kind in fa._KERNELS:
+        assert "DEVICE_KEY" in fa._launcher(kind, True).keys, kind  # the autotuner keys (and caches) on it
+        assert "DEVICE_KEY" in fa._KERNELS[kind].arg_names
+    q = torch.zeros(1, 1, 4, 16)
+    assert fa._common(q, 4, 4, 1, 1, False, 0.0, 0, False, False)["DEVICE_KEY"] == 0  # CPU: not tuned
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-without-interpreter path")
 def test_cpu_without_interpreter_is_refused():
     """Without TRITON_INTERPRET, CPU tensors are refused with a pointer to sdpa/reference, and the
