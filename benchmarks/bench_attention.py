@@ -62,7 +62,11 @@ CASES = {
     "cross_35x197": (768, 12, 35, 197, 64, False, False, "heads_view"),
     "cross_35x577": (192, 12, 35, 577, 64, False, False, "heads_view"),
 }
-PROVIDERS = ("triton", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "xformers", "flash_attn", "reference")
+PROVIDERS = ("triton", "triton-bwd5", "triton-bwd7", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "xformers",
+             "flash_attn", "reference")
+# blipfast's backward schedules, forced (plain "triton": the one measured faster per tuning key,
+# `flash_attention.FUSED_DQ`): the fused 5-matmul kernel, or the dQ and dK/dV kernels (7 matmuls).
+FORCED_BWD = {"triton-bwd5": True, "triton-bwd7": False, "triton-varlen-bwd5": True, "triton-varlen-bwd7": False}
 MODES = ("fwd", "bwd", "fwd+bwd")
 DRY_CASES = ("vit_b_197", "causal_35_padded", "cross_35x197")  # one per kind keeps the dry run short
 HBM_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0}  # most specific first
@@ -124,7 +128,7 @@ def make_provider(name: str) -> Callable:
                 pytest.skip(f"{name} needs CUDA")
             return sdpa_provider("math")
         return sdpa_provider(name.split("-", 1)[1])
-    if name == "triton":
+    if name == "triton" or name in FORCED_BWD:
         if not CUDA:
             pytest.skip("the Triton kernels need CUDA here (the interpreter is for tests)")
         from blipfast.kernels import attention
@@ -135,6 +139,24 @@ def make_provider(name: str) -> Callable:
     except BackendUnavailable as e:
         pytest.skip(str(e))
     return lambda q, k, v, mask, causal: backend(q, k, v, key_padding_mask=mask, causal=causal)
+
+
+def forced_backward(provider: str, mode: str, run: Callable[[], object]) -> Callable[[], object]:
+    """`run` with the provider's backward schedule forced (FORCED_BWD); a forced provider's forward
+    is plain "triton"'s, so its fwd rows are skipped."""
+    if provider not in FORCED_BWD:
+        return run
+    if mode == "fwd":
+        pytest.skip(f"{provider}: the same forward as triton")
+    from blipfast.kernels import flash_attention as fa
+
+    def call():
+        before, fa.FUSED_DQ = fa.FUSED_DQ, FORCED_BWD[provider]
+        try:
+            return run()
+        finally:
+            fa.FUSED_DQ = before
+    return call
 
 
 def make_run(call: Callable, mode: str, qkv, mask, dout, causal: bool) -> Callable[[], object]:
@@ -203,7 +225,7 @@ def test_attention(benchmark, case, provider, mode):
     tol = 0.05 if DTYPE == torch.bfloat16 else 1e-4
     assert max_err <= tol, f"{provider} forward differs from the fp32 reference by {max_err:.3g} (> {tol})"
 
-    run = make_run(call, mode, qkv, mask, dout, causal)
+    run = forced_backward(provider, mode, make_run(call, mode, qkv, mask, dout, causal))
     warmup, iters = (1, 3) if DRY else (3, 10)
     with harness.peak_memory(DEVICE) as mem:
         times = harness.time_iterations(run, DEVICE, warmup=warmup, iters=iters, max_seconds=0.5)

@@ -35,11 +35,12 @@ forward and both backward kernels regenerate the same bits; `dropout_keep_mask` 
 for tests, `dropout_draws` the bytes. With dropout, packed query tiles start at a multiple of 16
 rows (as key tiles always do).
 
-Backward: by default a dQ kernel (S, dP, dQ: 3 matmuls per (query tile, key tile)) and a dK/dV
-kernel (S, dP, dV, dK: 4). `backward(fused_dq=True)` (dense layout; a prototype, off: `FUSED_DQ`)
-runs the dK/dV kernel alone with FUSED_DQ, 5 matmuls per tile: one program per (batch, head) walks
-its key tiles in order and adds dS K into fp32 dQ rows only it touches, so it stays deterministic
-without atomics; it needs more registers (benchmarks/kernel_audit.py --fused-bwd).
+Backward: two schedules, both deterministic. A dQ kernel (S, dP, dQ: 3 matmuls per (query tile,
+key tile)) and a dK/dV kernel (S, dP, dV, dK: 4); or the dK/dV kernel alone with FUSED_DQ, 5 matmuls
+per tile: one program per (batch, head) walks its key tiles in order and adds dS K into fp32 dQ
+rows only it touches, so it needs no atomics; it needs more registers and runs fewer programs
+(benchmarks/kernel_audit.py --fused-bwd). On a GPU the faster one is measured per tuning key at
+the first backward (`FUSED_DQ`, `backward(fused_dq=...)` to force one).
 
 This module holds no autograd logic; `attention.py` builds the custom ops and the public functions.
 """
@@ -901,8 +902,40 @@ _EVEN = {
 _KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
 # The deterministic fused backward (FUSED_DQ=True): the dK/dV kernel, one program per (batch, head).
 _FUSED_KERNELS = {"dkdv_fused": _attn_bwd_dkdv}
-# Whether `backward` runs the fused 5-matmul kernel by default (a prototype: off; see `backward`).
-FUSED_DQ = False
+# Which backward runs when a call does not say (`fused_dq=None`): True, the fused 5-matmul kernel;
+# False, the dQ and dK/dV kernels (7 matmuls); None, measured: on a GPU, the first backward of each
+# tuning key times both (each under its own autotuned tiles) and keeps the faster for that key
+# (`_measured_fused_choice`). Static counts cannot settle it: the fused kernel does 16-26% fewer
+# instructions per tile but runs fewer, unpipelined programs (benchmarks/kernel_audit.py --fused-bwd).
+# The interpreter and fp32 take the two-kernel path.
+FUSED_DQ: Optional[bool] = None
+# tuning key (`_choice_key`) -> True when the fused backward was the faster there
+_FUSED_CHOICE: dict = {}
+
+
+def _choice_key(args: dict, dtype: torch.dtype, varlen: bool) -> tuple:
+    return (varlen, str(dtype), *(args[k] for k in _TUNE_KEY))
+
+
+def _measured_fused_choice(key: tuple, fused, two_kernel, bench=None) -> bool:
+    """Whether to run the fused backward for `key`: cached, or timed now. fused / two_kernel:
+    zero-argument launches of each path on the call's own tensors (they overwrite the same
+    outputs, so the timing leaves nothing behind). bench(fn) -> ms (default: `_quick_bench`)."""
+    if key not in _FUSED_CHOICE:
+        bench = bench or (lambda fn: _quick_bench(fn, None))
+        t_fused, t_two = bench(fused), bench(two_kernel)
+        _FUSED_CHOICE[key] = t_fused < t_two
+    return _FUSED_CHOICE[key]
+
+
+def _use_fused(fused_dq: Optional[bool], args: dict, q: torch.Tensor, varlen: bool, fused, two_kernel) -> bool:
+    """Resolve the backward path of one call (`FUSED_DQ`)."""
+    choice = FUSED_DQ if fused_dq is None else fused_dq
+    if choice is not None:
+        return bool(choice)
+    if not q.is_cuda or args["UPCAST"] or args["INTERPRET"] or torch.cuda.is_current_stream_capturing():
+        return False  # nothing to measure (or no timing allowed: a CUDA graph is being captured)
+    return _measured_fused_choice(_choice_key(args, q.dtype, varlen), fused, two_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1057,9 +1090,10 @@ def backward(dout, q, k, v, out, lse, key_padding_mask, causal: bool, dropout_p:
              softmax_scale: float, seed: int, config=None, fused_dq: Optional[bool] = None):
     """Launch the dQ kernel (which also writes delta), then the dK/dV kernel. Returns (dq, dk, dv).
 
-    fused_dq (default: the module's FUSED_DQ): one launch of the dK/dV kernel with FUSED_DQ, one
-    program per (batch, head), 5 matmuls per tile instead of 7, deterministic (no atomics), with
-    an fp32 (B, H, Lq, D) scratch for dQ."""
+    fused_dq=True: one launch of the dK/dV kernel with FUSED_DQ, one program per (batch, head),
+    5 matmuls per tile instead of 7, deterministic (no atomics), with an fp32 (B, H, Lq, D)
+    scratch for dQ. None (default): the module's FUSED_DQ, by default the faster of the two as
+    measured on this GPU for this tuning key."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     dq = empty_blhd(B, H, Lq, D, q)
@@ -1074,19 +1108,23 @@ def backward(dout, q, k, v, out, lse, key_padding_mask, causal: bool, dropout_p:
            **_strides(dout, "sdob sdoh sdom sdod")}
     outs = {**_strides(out, "sob soh som sod"), **_strides(dq, "sdqb sdqh sdqm sdqd"),
             **_strides(dk, "sdkb sdkh sdkn sdkd"), **_strides(dv, "sdvb sdvh sdvn sdvd")}
-    with _device_guard(q):
-        if FUSED_DQ if fused_dq is None else fused_dq:
-            dq_acc = torch.empty(B, H, Lq, D, dtype=torch.float32, device=q.device)  # zeroed by the kernel
-            _launch("dkdv_fused", lambda bm, bn: (1, H, B), _pick_config("dkdv_fused", config, args["UPCAST"], False),
-                    first=0, Q=q, K=k, V=v, O=out, DO=dout, DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta, DQACC=dq_acc,
-                    SEQ_K=q, FUSED_DQ=True, **qkv, **outs, **args)
-            return dq, dk, dv
+
+    def fused():
+        dq_acc = torch.empty(B, H, Lq, D, dtype=torch.float32, device=q.device)  # zeroed by the kernel
+        _launch("dkdv_fused", lambda bm, bn: (1, H, B), _pick_config("dkdv_fused", config, args["UPCAST"], False),
+                first=0, Q=q, K=k, V=v, O=out, DO=dout, DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta, DQACC=dq_acc,
+                SEQ_K=q, FUSED_DQ=True, **qkv, **outs, **args)
+
+    def two_kernel():
         _launch_dense("dq", Lq, 0, H, B, _pick_config("dq", config, args["UPCAST"], False), Q=q, K=k, V=v, O=out,
-                      DO=dout, DQ=dq, LSE=lse, DELTA=delta, SEQ_Q=q, **qkv,
-                **_strides(out, "sob soh som sod"), **_strides(dq, "sdqb sdqh sdqm sdqd"), **args)
+                      DO=dout, DQ=dq, LSE=lse, DELTA=delta, SEQ_Q=q, **qkv, **_strides(out, "sob soh som sod"),
+                      **_strides(dq, "sdqb sdqh sdqm sdqd"), **args)
         _launch_dense("dkdv", Lk, 1, H, B, _pick_config("dkdv", config, args["UPCAST"], False), Q=q, K=k, V=v, O=out,
                       DO=dout, DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta, DQACC=delta, SEQ_K=q, FUSED_DQ=False,
                       **qkv, **outs, **args)
+
+    with _device_guard(q):
+        (fused if _use_fused(fused_dq, args, q, False, fused, two_kernel) else two_kernel)()
     return dq, dk, dv
 
 

@@ -471,3 +471,75 @@ def test_gpu_fused_dq_every_config_is_correct_and_deterministic():
         for name, a, e, t in zip(("dq", "dk", "dv"), runs[0], exact[1:], low[1:]):
             torch_err = (t.float() - e).abs().max().item()
             assert_close(f"{name} {cfg}", a, e, 2 * torch_err + ATOL[torch.bfloat16] * max(1.0, e.abs().max().item()))
+
+
+# ---------------------------------------------------------------------------------------------
+# which backward runs: forced, or measured per tuning key on a GPU (`fa.FUSED_DQ = None`)
+
+
+def test_measured_backward_choice_takes_the_faster_once_per_key(monkeypatch):
+    monkeypatch.setattr(fa, "_FUSED_CHOICE", {})
+    timed = []
+
+    def bench(times):
+        def run(fn):
+            timed.append(fn)
+            return times[fn]
+        return run
+
+    fused, two = object(), object()
+    assert fa._measured_fused_choice(("a",), fused, two, bench({fused: 1.0, two: 2.0})) is True
+    assert fa._measured_fused_choice(("b",), fused, two, bench({fused: 3.0, two: 2.0})) is False
+    assert len(timed) == 4
+    # cached per key: no timing the second time, whatever the clock would say now
+    assert fa._measured_fused_choice(("a",), fused, two, bench({fused: 9.0, two: 1.0})) is True
+    assert len(timed) == 4
+
+
+def test_backward_choice_key_and_forcing(monkeypatch):
+    """The choice is keyed like the autotuner (shape buckets, flags, GPU model) plus dtype and
+    layout; a forced path (argument, then module switch) is never measured; without a GPU (or
+    under the interpreter, or in fp32) nothing is measured and the two-kernel path runs."""
+    q = torch.zeros(2, 3, 40, 64)
+    args = fa._common(q, 40, 40, 2, 3, True, 0.1, 0, True, False)
+    key = fa._choice_key(args, torch.bfloat16, False)
+    assert key != fa._choice_key(args, torch.float16, False) != fa._choice_key(args, torch.bfloat16, True)
+    assert key != fa._choice_key(dict(args, DEVICE_KEY=1), torch.bfloat16, False)
+    assert key != fa._choice_key(dict(args, BH_BUCKET=2 * args["BH_BUCKET"]), torch.bfloat16, False)
+
+    def never(*a, **k):
+        raise AssertionError("measured")
+
+    monkeypatch.setattr(fa, "_measured_fused_choice", never)
+    for module, arg, want in [(None, True, True), (None, False, False), (True, None, True), (False, None, False),
+                              (True, False, False), (None, None, False)]:
+        monkeypatch.setattr(fa, "FUSED_DQ", module)
+        assert fa._use_fused(arg, args, q, False, None, None) is want, (module, arg)
+
+
+def test_default_backward_on_cpu_runs_the_two_kernel_path(monkeypatch):
+    monkeypatch.setattr(fa, "FUSED_DQ", None)
+    kinds = []
+    real_launch = fa._launch
+    monkeypatch.setattr(fa, "_launch", lambda kind, *a, **k: (kinds.append(kind), real_launch(kind, *a, **k))[1])
+    q, k, v = make_qkv(1, 2, 20, 20, 16, torch.float32)
+    out, lse = fa.forward(q, k, v, None, False, 0.0, 0.25, 0)
+    fa.backward(torch.ones_like(out), q, k, v, out, lse, None, False, 0.0, 0.25, 0)
+    assert kinds == ["fwd", "dq", "dkdv"]
+
+
+@pytest.mark.gpu
+def test_gpu_measured_backward_choice_is_cached_and_used(monkeypatch):
+    """On a GPU, the default backward times both paths once for the key, caches the winner, and its
+    gradients are then bitwise those of the forced winner."""
+    monkeypatch.setattr(fa, "FUSED_DQ", None)
+    monkeypatch.setattr(fa, "_FUSED_CHOICE", {})
+    B, H, L, D, p, seed = 8, 12, 197, 64, 0.0, 3
+    q, k, v = make_qkv(B, H, L, L, D, torch.bfloat16, "fused_qkv")
+    dout = torch.randn(q.shape, device=DEVICE, dtype=torch.bfloat16)
+    out, lse = fa.forward(q, k, v, None, False, p, fa.default_scale(D), seed)
+    got = fa.backward(dout, q, k, v, out, lse, None, False, p, fa.default_scale(D), seed)
+    (choice,) = fa._FUSED_CHOICE.values()
+    forced = fa.backward(dout, q, k, v, out, lse, None, False, p, fa.default_scale(D), seed, fused_dq=choice)
+    assert all(torch.equal(a, b) for a, b in zip(got, forced))
+    print(f"measured backward choice at B={B} H={H} L={L}: {'fused 5-matmul' if choice else 'dq + dkdv'}")
