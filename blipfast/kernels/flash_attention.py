@@ -862,7 +862,9 @@ def _gpu_configs(kind: str):
     shapes = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
         "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
         "dq": [(64, 64, 4, 3), (64, 32, 4, 3)],
-        "dkdv": [(32, 64, 4, 3), (64, 128, 8, 2)],
+        # (16, 64): 123-164 registers, so 6-8 warps per SM (occupancy 0.19-0.25) where 32 x 64 gets
+        # 4-6, at about 1.6x the instructions per query row (a 16-wide wgmma): only a timing can choose.
+        "dkdv": [(32, 64, 4, 3), (16, 64, 4, 3), (64, 128, 8, 2)],
         # one program per (batch, head) walking every tile (`backward(fused_dq=True)`). Without
         # software pipelining (1 stage): with 2-3 stages, 64 x 64 and 64 x 128 tiles, the dropout or
         # causal variants spill under triton 3.9 or 3.6 (benchmarks/kernel_audit.py --fused-bwd).

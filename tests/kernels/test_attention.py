@@ -155,7 +155,7 @@ def test_matches_reference(case, dtype, backward_path):
     check_against_reference(q, k, v, make_mask(mask_kind, B, Lk), causal)
 
 
-@pytest.mark.parametrize("config", [(16, 32), (32, 16)], ids=["bm16_bn32", "bm32_bn16"])
+@pytest.mark.parametrize("config", [(16, 32), (32, 16), (16, 64)], ids=["bm16_bn32", "bm32_bn16", "bm16_bn64"])
 def test_tilings_where_blocks_differ(config, backward_path):
     """Causal bounds (first/last tile per block) with BLOCK_M != BLOCK_N, ragged tails, a mask."""
     q, k, v = make_qkv(2, 1, 45, 38, 32, torch.float32)
