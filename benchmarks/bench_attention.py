@@ -257,7 +257,8 @@ VARLEN_CASES = {  # name: (B, H, D, causal, keys per sequence: None = self-atten
     "packed_text_causal": (256, 12, 64, True, None),
     "packed_cross_x197": (768, 12, 64, False, 197),
 }
-VARLEN_PROVIDERS = ("triton-varlen", "triton-padded", "sdpa-padded", "flash_attn-varlen", "xformers-blockdiag")
+VARLEN_PROVIDERS = ("triton-varlen", "triton-varlen-bwd5", "triton-varlen-bwd7", "triton-padded", "sdpa-padded",
+                    "flash_attn-varlen", "xformers-blockdiag")
 
 
 def varlen_inputs(case: str, seed: int = 0):
@@ -288,7 +289,7 @@ def _pad(x, cu, lens, L):
 def varlen_provider(name: str, lens_q, lens_k, cu_q, cu_k, causal) -> Callable:
     """call(q, k, v) -> packed (total_q, H, D) output (padded providers pad, attend and unpad)."""
     mq, mk = max(lens_q), max(lens_k)
-    if name == "triton-varlen":
+    if name == "triton-varlen" or name in FORCED_BWD:
         if not CUDA:
             pytest.skip("the Triton kernels need CUDA here (the interpreter is for tests)")
         from blipfast.kernels import varlen_attention
@@ -346,7 +347,8 @@ def test_varlen_attention(benchmark, case, provider, mode):
     tol = 0.05 if DTYPE == torch.bfloat16 else 1e-4
     assert max_err <= tol, f"{provider} differs from the fp32 reference by {max_err:.3g} (> {tol})"
     dout = torch.randn_like(out)
-    run = make_run(lambda q, k, v, _m, _c: call(q, k, v), mode, qkv, None, dout, causal)
+    run = forced_backward(provider, mode, make_run(lambda q, k, v, _m, _c: call(q, k, v), mode, qkv, None, dout,
+                                                   causal))
     warmup, iters = (1, 3) if DRY else (3, 10)
     with harness.peak_memory(DEVICE) as mem:
         times = harness.time_iterations(run, DEVICE, warmup=warmup, iters=iters, max_seconds=0.5)

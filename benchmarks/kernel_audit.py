@@ -4,7 +4,8 @@ autotune config for sm_90 with the installed Triton, then read what the compiler
     python benchmarks/kernel_audit.py                 # the full table (every config)
     python benchmarks/kernel_audit.py --quick         # the first config of each kernel only
     python benchmarks/kernel_audit.py --json out.json
-    python benchmarks/kernel_audit.py --fused-bwd     # the fused 5-matmul backward (a prototype) vs dq + dkdv
+    python benchmarks/kernel_audit.py --fused-bwd     # the fused 5-matmul backward (a prototype) vs dq + dkdv,
+                                                      # dense and packed (varlen)
 
 Per compiled kernel it reports:
   regs, spills      registers per thread and spill bytes (STACK + LOCAL) from `cuobjdump -res-usage`
@@ -76,7 +77,8 @@ ITC_POINTERS = {"q_ptr": "*bf16", "qm_ptr": "*bf16", "k_ptr": "*bf16", "queue_pt
                 "idxq_ptr": "*i64"}
 INT64_ARGS = {"seed"}
 POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "DQACC": "*fp32", "KPM": "*u8", "OUT": "*i8", "CU_Q": "*i32", "CU_K": "*i32",
-                 "SEQ_Q": "*i32", "SEQ_K": "*i32", "TILES": "*i32", "KV_LEN": "*i32"}
+                 "SEQ_Q": "*i32", "SEQ_K": "*i32", "TILES": "*i32", "KV_LEN": "*i32",
+                 "QSPANS": "*i32"}
 
 
 def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, elem="bf16", types=None,
@@ -252,41 +254,52 @@ def attention_variants():
                 yield kind, fn, vname + ("+dropout" if drop else ""), dict(ATTN_BASE, **flags, HAS_DROPOUT=drop), configs
 
 
-FUSED_VARIANTS = ("dense", "causal+kpm")
+FUSED_VARIANTS = ("dense", "causal+kpm", "varlen", "varlen+causal")
+
+
+def _fixed_configs(kinds_blocks) -> list:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in kinds_blocks]
 
 
 def fused_bwd_rows(log=None, candidates: bool = True) -> List[Row]:
-    """Candidate rows for the deterministic fused backward (`backward(fused_dq=True)`: the dK/dV
-    kernel with FUSED_DQ, 5 matmuls per tile, one program per (batch, head)): kernel "dkdvq", each
-    dense variant with and without dropout under each of its configs, next to the two-kernel path
-    ("dq" + "dkdv", their first configs) of the same variant. The fused kernel's `loop` is its
-    main innermost loop (`inner_loop_instructions`: it also walks key tiles in an outer loop)."""
+    """Candidate rows for the deterministic fused backward (`backward(fused_dq=True)` and
+    `varlen_backward(fused_dq=True)`: the dK/dV kernel with FUSED_DQ, 5 matmuls per tile, one
+    program per (batch, head), or per group of key tiles holding whole packed sequences): kernel
+    "dkdvq", each variant with and without dropout under each of its configs (packed: its fixed
+    block, VARLEN_BLOCKS), next to the two-kernel path ("dq" + "dkdv", their first configs; packed:
+    their fixed blocks) of the same variant. The fused kernel's `loop` is its main innermost loop
+    (`inner_loop_instructions`: it also walks key tiles in an outer loop)."""
     rows: List[Row] = []
     for vname in FUSED_VARIANTS:
         for drop in (False, True):
             flags = dict(ATTN_BASE, **ATTN_VARIANTS[vname], HAS_DROPOUT=drop)
             variant = vname + ("+dropout" if drop else "")
+            varlen = flags["VARLEN"]
             for kind in ("dq", "dkdv"):
-                c = fa._gpu_configs(kind)[0]
+                c = _fixed_configs([fa.VARLEN_BLOCKS[kind]])[0] if varlen else fa._gpu_configs(kind)[0]
                 rows.append(audit_kernel(kind, fa._KERNELS[kind], dict(flags, **c.kwargs), c.num_warps,
                                          c.num_stages, variant, f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} "
                                          f"w{c.num_warps} s{c.num_stages}"))
                 if log:
                     log(rows[-1])
             # the fused configs, and (tried, spilling: see fa._gpu_configs) the pipelined ones
-            tried = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                     for m, n, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2))]
-            for c in fa._gpu_configs("dkdv_fused") + (tried if candidates else []):
+            tried = _fixed_configs(((32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2)))
+            own = _fixed_configs([fa.VARLEN_BLOCKS["dkdv_fused"]]) if varlen else fa._gpu_configs("dkdv_fused")
+            # packed: a runtime `group` (chunked keys: the cross-attention's 197 per caption), and the
+            # packed schedule's group = 1, which a launch specialises as a constant ("g1")
+            groups = [{}, {"group": 1}] if varlen else [{}]
+            for c, g in [(c, g) for c in own for g in groups] + [(c, {}) for c in (tried if candidates else [])]:
                 if not fa.fits_registers(c, drop):
                     continue
-                k = compile_sm90(fa._attn_bwd_dkdv, dict(flags, **c.kwargs, FUSED_DQ=True), c.num_warps, c.num_stages)
+                k = compile_sm90(fa._attn_bwd_dkdv, dict(flags, **c.kwargs, **g, FUSED_DQ=True), c.num_warps,
+                                 c.num_stages)
                 usage = _res_usage(k.asm["cubin"])
                 mma = "+".join(kd for kd, op in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync"))
                                if op in k.asm["ptx"])
                 rows.append(Row("dkdvq", variant, f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} "
-                                f"s{c.num_stages}", usage["regs"], usage["spills"], k.metadata.shared,
-                                occupancy(usage["regs"], k.metadata.shared, c.num_warps), mma or "none",
-                                inner_loop_instructions(usage["sass"])))
+                                f"s{c.num_stages}" + (" g1" if g else ""), usage["regs"], usage["spills"],
+                                k.metadata.shared, occupancy(usage["regs"], k.metadata.shared, c.num_warps),
+                                mma or "none", inner_loop_instructions(usage["sass"])))
                 if log:
                     log(rows[-1])
     return rows

@@ -37,10 +37,14 @@ rows (as key tiles always do).
 
 Backward: two schedules, both deterministic. A dQ kernel (S, dP, dQ: 3 matmuls per (query tile,
 key tile)) and a dK/dV kernel (S, dP, dV, dK: 4); or the dK/dV kernel alone with FUSED_DQ, 5 matmuls
-per tile: one program per (batch, head) walks its key tiles in order and adds dS K into fp32 dQ
-rows only it touches, so it needs no atomics; it needs more registers and runs fewer programs
-(benchmarks/kernel_audit.py --fused-bwd). On a GPU the faster one is measured per tuning key at
-the first backward (`FUSED_DQ`, `backward(fused_dq=...)` to force one).
+per tile: each program walks its key tiles in order and adds dS K into fp32 dQ rows only it
+touches, so it needs no atomics; it needs more registers and runs fewer programs
+(benchmarks/kernel_audit.py --fused-bwd). Dense: one program per (batch, head). Packed: one per
+group of key tiles holding whole sequences (`varlen_fused_schedule`: a tile of several short
+sequences, or all chunks of a long one), owning those sequences' query rows; with dropout its query
+tiles may start in the sequence before (16-row alignment), and those rows are masked out of its
+delta reads and dQ writes. On a GPU the faster schedule is measured per tuning key at the first
+backward (`FUSED_DQ`; `backward(fused_dq=...)`, `varlen_backward(fused_dq=...)` force one).
 
 This module holds no autograd logic; `attention.py` builds the custom ops and the public functions.
 """
@@ -321,13 +325,15 @@ def _dq_step(dq, q, do, lse, delta, K, V, KPM, start_n, k_end, rows, klo, khi, o
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, q_end, cols, col0, qlo, qhi, offs_m, offs_d, sqm, sqd,
-               sdom, sdod, bh, qk_scale, dropout_p, seed,
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, q_end, q_own, cols, col0, qlo, qhi, offs_m, offs_d,
+               sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed,
                INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr, BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               FUSED_DQ: tl.constexpr, HEAD_DIM: tl.constexpr):
+               FUSED_DQ: tl.constexpr, OWN_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """One query tile of dV += P^T dO and dK += dS^T Q, computed transposed (keys along rows); with
-    FUSED_DQ also dQ += dS K, added into the fp32 rows DQACC (HEAD_DIM-strided) of the query tile."""
+    FUSED_DQ also dQ += dS K, added into the fp32 rows DQACC (HEAD_DIM-strided) of the query tile.
+    OWN_ROWS (fused, packed, dropout): rows below `q_own` belong to another program's sequences:
+    their delta is not read (that program may not have written it yet) and their DQACC not touched."""
     rows = start_m + offs_m
     q_ptrs = Q + rows[:, None] * sqm + offs_d[None, :] * sqd
     do_ptrs = DO + rows[:, None] * sdom + offs_d[None, :] * sdod
@@ -336,11 +342,19 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, q_end, cols, col
         do = tl.load(do_ptrs, mask=rows[:, None] < q_end, other=0.0)
         # lse = +inf makes every probability of a query row past the range exactly 0.
         lse = tl.load(LSE + rows, mask=rows < q_end, other=float("inf"))
-        delta = tl.load(DELTA + rows, mask=rows < q_end, other=0.0)
     else:
         q = tl.load(q_ptrs)
         do = tl.load(do_ptrs)
         lse = tl.load(LSE + rows)
+    if OWN_ROWS:  # the rows this program may read delta of and add dQ into
+        mine = rows >= q_own
+        if BOUNDS:
+            mine = mine & (rows < q_end)
+        # a foreign row has p = 0, but 0 * (dp - garbage) is NaN when garbage is: load 0 instead
+        delta = tl.load(DELTA + rows, mask=mine, other=0.0)
+    elif BOUNDS:
+        delta = tl.load(DELTA + rows, mask=rows < q_end, other=0.0)
+    else:
         delta = tl.load(DELTA + rows)
     if UPCAST:
         q = q.to(tl.float32)
@@ -365,10 +379,12 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, q_end, cols, col
     dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PREC)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
-    if FUSED_DQ:  # the fifth matmul: dQ_i += dS_ij K_j into this (batch, head)'s fp32 rows
+    if FUSED_DQ:  # the fifth matmul: dQ_i += dS_ij K_j into fp32 rows only this program touches
         dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC)  # (BLOCK_M, HEAD_DIM)
         acc_ptrs = DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :]
-        if BOUNDS:
+        if OWN_ROWS:  # adding 0 to a foreign row is still a write: it races with the owner's (a lost update)
+            tl.store(acc_ptrs, tl.load(acc_ptrs, mask=mine[:, None], other=0.0) + dq_part, mask=mine[:, None])
+        elif BOUNDS:
             tl.store(acc_ptrs, tl.load(acc_ptrs, mask=rows[:, None] < q_end, other=0.0) + dq_part,
                      mask=rows[:, None] < q_end)
         else:
@@ -424,25 +440,27 @@ def _dq_range(dq, lo, hi, q, do, lse, delta, K, V, KPM, k_end, rows, klo, khi, o
 
 
 @triton.jit
-def _dkdv_range(dk, dv, lo, hi, k, v, Q, DO, LSE, DELTA, DQACC, q_end, cols, col0, qlo, qhi, offs_d, sqm, sqd, sdom, sdod,
-                bh, qk_scale, dropout_p, seed, INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr,
+def _dkdv_range(dk, dv, lo, hi, k, v, Q, DO, LSE, DELTA, DQACC, q_end, q_own, cols, col0, qlo, qhi, offs_d, sqm, sqd,
+                sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL: tl.constexpr, HAS_MASK: tl.constexpr,
                 BOUNDS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr, STEP: tl.constexpr,
-                BLOCK_N: tl.constexpr, FUSED_DQ: tl.constexpr, HEAD_DIM: tl.constexpr):
+                BLOCK_N: tl.constexpr, FUSED_DQ: tl.constexpr, OWN_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Query tiles lo, lo + STEP, ... < hi of dK/dV."""
     offs_m = tl.arange(0, STEP)
     if INTERPRET:
         start_m = lo
         while start_m < hi:
-            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, q_end, cols, col0, qlo, qhi,
+            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, q_end, q_own, cols, col0, qlo, qhi,
                                 offs_m, offs_d, sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL,
-                                HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N, FUSED_DQ, HEAD_DIM)
+                                HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N, FUSED_DQ, OWN_ROWS,
+                                HEAD_DIM)
             start_m += STEP
     else:
         for start_m in range(lo, hi, STEP):
-            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, q_end, cols, col0, qlo, qhi,
+            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, q_end, q_own, cols, col0, qlo, qhi,
                                 offs_m, offs_d, sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL,
-                                HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N, FUSED_DQ, HEAD_DIM)
+                                HAS_MASK, BOUNDS, HAS_DROPOUT, UPCAST, DOT_PREC, STEP, BLOCK_N, FUSED_DQ, OWN_ROWS,
+                                HEAD_DIM)
     return dk, dv
 
 
@@ -601,7 +619,7 @@ def _attn_bwd_dq(
 
 
 @triton.jit
-def _dkdv_tile(pid_n, first, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
+def _dkdv_tile(pid_n, first, q_own, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
                sqm, sqd, skn, skd, svn, svd, sdom, sdod, sdkn, sdkd, sdvn, sdvd, smn, b, bh, Lq, Lk,
                qk_scale, sm_scale, dropout_p, seed,
                HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
@@ -609,9 +627,13 @@ def _dkdv_tile(pid_n, first, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, COLS_EXACT: tl.constexpr,
                FUSED_DQ: tl.constexpr):
     """dK and dV of key tile `pid_n` (keys first + pid_n * BLOCK_N + arange(BLOCK_N)), pointers
-    already offset to the (batch, head); with FUSED_DQ also its dS K terms into DQACC."""
+    already offset to the (batch, head); with FUSED_DQ also its dS K terms into DQACC (packed: only
+    into query rows >= q_own, the program's first row)."""
     MASKED: tl.constexpr = VARLEN or IS_CAUSAL or HAS_MASK or not EVEN_M
     INTERVAL: tl.constexpr = VARLEN or IS_CAUSAL
+    # With dropout, q_start is rounded down to 16 rows: the first query tile may hold rows of the
+    # sequences before (another program's). Without dropout it starts at an owned row.
+    OWN_ROWS: tl.constexpr = FUSED_DQ and VARLEN and HAS_DROPOUT
     HAS_TAIL: tl.constexpr = MASKED and BLOCK_M > TAIL
     MAIN_BOUNDS: tl.constexpr = MASKED and not HAS_TAIL
 
@@ -636,13 +658,14 @@ def _dkdv_tile(pid_n, first, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN
     q_full = q_end
     if HAS_TAIL:
         q_full = q_start + (q_end - q_start) // BLOCK_M * BLOCK_M
-    dk, dv = _dkdv_range(dk, dv, q_start, q_full, k, v, Q, DO, LSE, DELTA, DQACC, q_end, cols, col0, qlo, qhi, offs_d,
-                         sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK, MAIN_BOUNDS,
-                         HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N, FUSED_DQ, HEAD_DIM)
+    dk, dv = _dkdv_range(dk, dv, q_start, q_full, k, v, Q, DO, LSE, DELTA, DQACC, q_end, q_own, cols, col0, qlo, qhi,
+                         offs_d, sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK, MAIN_BOUNDS,
+                         HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N, FUSED_DQ, OWN_ROWS, HEAD_DIM)
     if HAS_TAIL:
-        dk, dv = _dkdv_range(dk, dv, q_full, q_end, k, v, Q, DO, LSE, DELTA, DQACC, q_end, cols, col0, qlo, qhi,
+        dk, dv = _dkdv_range(dk, dv, q_full, q_end, k, v, Q, DO, LSE, DELTA, DQACC, q_end, q_own, cols, col0, qlo, qhi,
                              offs_d, sqm, sqd, sdom, sdod, bh, qk_scale, dropout_p, seed, INTERVAL, HAS_MASK,
-                             True, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, TAIL, BLOCK_N, FUSED_DQ, HEAD_DIM)
+                             True, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, TAIL, BLOCK_N, FUSED_DQ, OWN_ROWS,
+                             HEAD_DIM)
 
     dk = dk * sm_scale
     dk_ptrs = DK + cols[:, None] * sdkn + offs_d[None, :] * sdkd
@@ -656,16 +679,16 @@ def _dkdv_tile(pid_n, first, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN
 
 
 @triton.jit
-def _fused_dq_prologue(O, DO, DELTA, DQACC, som, sod, sdom, sdod, Lq,
+def _fused_dq_prologue(O, DO, DELTA, DQACC, som, sod, sdom, sdod, lo, hi,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
-    """FUSED_DQ, before any key tile: delta = rowsum(dO * O) and DQACC = 0 for every query row of
-    the (batch, head) (the work `_attn_bwd_dq` does otherwise)."""
+    """FUSED_DQ, before any key tile: delta = rowsum(dO * O) and DQACC = 0 for the program's query
+    rows [lo, hi) (the work `_attn_bwd_dq` does otherwise); no other row is written."""
     offs_d = tl.arange(0, HEAD_DIM)
     if INTERPRET:
-        r0 = Lq * 0
-        while r0 < Lq:
+        r0 = lo + hi * 0
+        while r0 < hi:
             rows = r0 + tl.arange(0, BLOCK_M)
-            ok = rows < Lq
+            ok = rows < hi
             o = tl.load(O + rows[:, None] * som + offs_d[None, :] * sod, mask=ok[:, None], other=0.0)
             do = tl.load(DO + rows[:, None] * sdom + offs_d[None, :] * sdod, mask=ok[:, None], other=0.0)
             tl.store(DELTA + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=ok)
@@ -673,9 +696,9 @@ def _fused_dq_prologue(O, DO, DELTA, DQACC, som, sod, sdom, sdod, Lq,
                      tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), mask=ok[:, None])
             r0 += BLOCK_M
     else:
-        for r0 in range(0, Lq, BLOCK_M):
+        for r0 in range(lo, hi, BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
-            ok = rows < Lq
+            ok = rows < hi
             o = tl.load(O + rows[:, None] * som + offs_d[None, :] * sod, mask=ok[:, None], other=0.0)
             do = tl.load(DO + rows[:, None] * sdom + offs_d[None, :] * sdod, mask=ok[:, None], other=0.0)
             tl.store(DELTA + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=ok)
@@ -684,23 +707,23 @@ def _fused_dq_prologue(O, DO, DELTA, DQACC, som, sod, sdom, sdod, Lq,
 
 
 @triton.jit
-def _fused_dq_epilogue(DQ, DQACC, sdqm, sdqd, Lq, sm_scale,
+def _fused_dq_epilogue(DQ, DQACC, sdqm, sdqd, lo, hi, sm_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
-    """FUSED_DQ, after the last key tile: DQ = sm_scale * DQACC in DQ's dtype."""
+    """FUSED_DQ, after the last key tile: DQ = sm_scale * DQACC in DQ's dtype, rows [lo, hi)."""
     offs_d = tl.arange(0, HEAD_DIM)
     if INTERPRET:
-        r0 = Lq * 0
-        while r0 < Lq:
+        r0 = lo + hi * 0
+        while r0 < hi:
             rows = r0 + tl.arange(0, BLOCK_M)
-            ok = rows[:, None] < Lq
+            ok = rows[:, None] < hi
             acc = tl.load(DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok, other=0.0)
             tl.store(DQ + rows[:, None] * sdqm + offs_d[None, :] * sdqd, (acc * sm_scale).to(DQ.dtype.element_ty),
                      mask=ok)
             r0 += BLOCK_M
     else:
-        for r0 in range(0, Lq, BLOCK_M):
+        for r0 in range(lo, hi, BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
-            ok = rows[:, None] < Lq
+            ok = rows[:, None] < hi
             acc = tl.load(DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok, other=0.0)
             tl.store(DQ + rows[:, None] * sdqm + offs_d[None, :] * sdqd, (acc * sm_scale).to(DQ.dtype.element_ty),
                      mask=ok)
@@ -708,22 +731,26 @@ def _fused_dq_epilogue(DQ, DQACC, sdqm, sdqd, Lq, sm_scale,
 
 @triton.jit(do_not_specialize=["seed", "DEVICE_KEY"])
 def _attn_bwd_dkdv(
-    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K, QSPANS,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smn,
-    H, Lq, Lk, first, qk_scale, sm_scale, dropout_p, seed,
+    H, Lq, Lk, first, group, qk_scale, sm_scale, dropout_p, seed,
     LQ_BUCKET, LK_BUCKET, BH_BUCKET, DEVICE_KEY,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     FUSED_DQ: tl.constexpr,
 ):
-    """Without FUSED_DQ: grid (key tiles, heads, batch), dK/dV of one key tile (O, DQ, DQACC unused).
+    """Without FUSED_DQ: grid (key tiles, heads, batch), dK/dV of one key tile (O, DQ, DQACC,
+    QSPANS, group unused).
 
-    FUSED_DQ (dense layout only): grid (1, heads, batch). One program walks every key tile of its
-    (batch, head) in order, and for each query tile adds dS K into DQACC, an fp32 (B, H, Lq, HEAD_DIM)
-    scratch only this program touches: each dQ row sums its key tiles in a fixed order, without
-    atomics, so the result is deterministic. 5 matmuls per (query tile, key tile), not 3 + 4."""
+    FUSED_DQ: each program walks its key tiles in order, and for each query tile adds dS K into
+    DQACC, an fp32 (B, H, Lq, HEAD_DIM) scratch, in rows that no other program touches: each dQ
+    row sums its key tiles in a fixed order, without atomics, so the result is deterministic.
+    5 matmuls per (query tile, key tile), not 3 + 4. Dense: grid (1, heads, batch), every key tile
+    and query row of the (batch, head). Packed (VARLEN): grid (programs, heads, 1); program p walks
+    key tiles [p * group, (p + 1) * group) of TILES, which hold whole key sequences
+    (`varlen_fused_schedule`), and owns query rows QSPANS[p] = [lo, hi), those sequences' queries."""
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     bh = b * H + h
@@ -737,52 +764,63 @@ def _attn_bwd_dkdv(
     DELTA += bh * Lq
     KPM += b * smb
     if FUSED_DQ:
-        tl.static_assert(not VARLEN, "FUSED_DQ: dense layout only")
         O += b * sob + h * soh
         DQ += b * sdqb + h * sdqh
         DQACC += bh * Lq * HEAD_DIM
-        _fused_dq_prologue(O, DO, DELTA, DQACC, som, sod, sdom, sdod, Lq, HEAD_DIM, BLOCK_M, INTERPRET)
+        if VARLEN:
+            pid = tl.program_id(0)
+            q_lo = tl.load(QSPANS + 2 * pid)
+            q_hi = tl.load(QSPANS + 2 * pid + 1)
+            t_lo = pid * group
+            t_hi = t_lo + group
+        else:
+            q_lo = 0
+            q_hi = Lq
+            # full BLOCK_N key tiles, then a thin tail of keys in TAIL-wide tiles (`thin_tail_split`)
+            rest = Lk % BLOCK_N
+            split = Lk
+            if (Lk > BLOCK_N) & (rest > 0) & (rest <= BLOCK_N // 4):
+                split = Lk - rest
+            t_lo = 0
+            t_hi = tl.cdiv(split, BLOCK_N)
+            n_tail = tl.cdiv(Lk - split, TAIL)
+        _fused_dq_prologue(O, DO, DELTA, DQACC, som, sod, sdom, sdod, q_lo, q_hi, HEAD_DIM, BLOCK_M, INTERPRET)
         # Stores above (and each key tile's below) are re-read by other threads of the program:
         # a CTA barrier orders them (bar.sync also makes global writes visible within the CTA).
         tl.debug_barrier()
-        # full BLOCK_N key tiles, then a thin tail of keys in TAIL-wide tiles (`thin_tail_split`)
-        rest = Lk % BLOCK_N
-        split = Lk
-        if (Lk > BLOCK_N) & (rest > 0) & (rest <= BLOCK_N // 4):
-            split = Lk - rest
-        n_main = tl.cdiv(split, BLOCK_N)
-        n_tail = tl.cdiv(Lk - split, TAIL)
         if INTERPRET:
-            t = n_main * 0
-            while t < n_main:
-                _dkdv_tile(t, 0, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
+            t = t_lo + Lq * 0
+            while t < t_hi:
+                _dkdv_tile(t, 0, q_lo, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
                            sqm, sqd, skn, skd, svn, svd, sdom, sdod, sdkn, sdkd, sdvn, sdvd, smn, b, bh, Lq, Lk,
                            qk_scale, sm_scale, dropout_p, seed, HEAD_DIM, IS_CAUSAL, HAS_MASK, VARLEN, HAS_DROPOUT,
-                           UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N, True)
+                           UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N and not VARLEN, True)
                 t += 1
-            t = n_tail * 0
-            while t < n_tail:
-                _dkdv_tile(t, split, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
-                           sqm, sqd, skn, skd, svn, svd, sdom, sdod, sdkn, sdkd, sdvn, sdvd, smn, b, bh, Lq, Lk,
-                           qk_scale, sm_scale, dropout_p, seed, HEAD_DIM, IS_CAUSAL, HAS_MASK, VARLEN, HAS_DROPOUT,
-                           UPCAST, DOT_PREC, INTERPRET, BLOCK_M, TAIL, EVEN_M, False, True)
-                t += 1
+            if not VARLEN:
+                t = n_tail * 0
+                while t < n_tail:
+                    _dkdv_tile(t, split, q_lo, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K,
+                               CU_Q, CU_K, sqm, sqd, skn, skd, svn, svd, sdom, sdod, sdkn, sdkd, sdvn, sdvd, smn, b,
+                               bh, Lq, Lk, qk_scale, sm_scale, dropout_p, seed, HEAD_DIM, IS_CAUSAL, HAS_MASK,
+                               VARLEN, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, TAIL, EVEN_M, False, True)
+                    t += 1
         else:
-            for t in range(0, n_main):
-                _dkdv_tile(t, 0, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
+            for t in range(t_lo, t_hi):
+                _dkdv_tile(t, 0, q_lo, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
                            sqm, sqd, skn, skd, svn, svd, sdom, sdod, sdkn, sdkd, sdvn, sdvd, smn, b, bh, Lq, Lk,
                            qk_scale, sm_scale, dropout_p, seed, HEAD_DIM, IS_CAUSAL, HAS_MASK, VARLEN, HAS_DROPOUT,
-                           UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N, True)
+                           UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N and not VARLEN, True)
                 tl.debug_barrier()  # key tile t's dQ stores before key tile t + 1 reads the same rows
-            for t in range(0, n_tail):
-                _dkdv_tile(t, split, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q, CU_K,
-                           sqm, sqd, skn, skd, svn, svd, sdom, sdod, sdkn, sdkd, sdvn, sdvd, smn, b, bh, Lq, Lk,
-                           qk_scale, sm_scale, dropout_p, seed, HEAD_DIM, IS_CAUSAL, HAS_MASK, VARLEN, HAS_DROPOUT,
-                           UPCAST, DOT_PREC, INTERPRET, BLOCK_M, TAIL, EVEN_M, False, True)
-                tl.debug_barrier()
-        _fused_dq_epilogue(DQ, DQACC, sdqm, sdqd, Lq, sm_scale, HEAD_DIM, BLOCK_M, INTERPRET)
+            if not VARLEN:
+                for t in range(0, n_tail):
+                    _dkdv_tile(t, split, q_lo, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K,
+                               CU_Q, CU_K, sqm, sqd, skn, skd, svn, svd, sdom, sdod, sdkn, sdkd, sdvn, sdvd, smn, b,
+                               bh, Lq, Lk, qk_scale, sm_scale, dropout_p, seed, HEAD_DIM, IS_CAUSAL, HAS_MASK,
+                               VARLEN, HAS_DROPOUT, UPCAST, DOT_PREC, INTERPRET, BLOCK_M, TAIL, EVEN_M, False, True)
+                    tl.debug_barrier()
+        _fused_dq_epilogue(DQ, DQACC, sdqm, sdqd, q_lo, q_hi, sm_scale, HEAD_DIM, BLOCK_M, INTERPRET)
     else:
-        _dkdv_tile(tl.program_id(0), first, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q,
+        _dkdv_tile(tl.program_id(0), first, 0, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM, KV_LEN, TILES, SEQ_K, CU_Q,
                    CU_K, sqm, sqd, skn, skd, svn, svd, sdom, sdod, sdkn, sdkd, sdvn, sdvd, smn, b, bh, Lq, Lk,
                    qk_scale, sm_scale, dropout_p, seed, HEAD_DIM, IS_CAUSAL, HAS_MASK, VARLEN, HAS_DROPOUT,
                    UPCAST, DOT_PREC, INTERPRET, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N and not VARLEN, False)
@@ -826,7 +864,9 @@ INTERPRETER_BLOCKS = {"fwd": (64, 64), "dq": (64, 64), "dkdv": (64, 64), "dkdv_f
 FP32_BLOCKS = {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dkdv_fused": (32, 32, 4, 2)}
 # The packed layout on a GPU (fp16/bf16): 64-row query tiles hold several short sequences; dK/dV
 # programs own 64 keys and walk 32-query tiles (wgmma wants the keys side >= 64).
-VARLEN_BLOCKS = {"fwd": (64, 64, 4, 3), "dq": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3)}
+VARLEN_BLOCKS = {"fwd": (64, 64, 4, 3), "dq": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3),
+                 # the fused backward: `_gpu_configs("dkdv_fused")`'s tile (1 stage: see there)
+                 "dkdv_fused": (32, 64, 4, 1)}
 
 # BH_BUCKET: the same lengths at B*H = 192 and 3072 fill the GPU differently, so a config tuned on
 # one must not be reused for the other (tuning results are also cached on disk, per key).
@@ -902,7 +942,8 @@ _EVEN = {
     "EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0,
 }
 _KERNELS = {"fwd": _attn_fwd, "dq": _attn_bwd_dq, "dkdv": _attn_bwd_dkdv}
-# The deterministic fused backward (FUSED_DQ=True): the dK/dV kernel, one program per (batch, head).
+# The deterministic fused backward (FUSED_DQ=True): the dK/dV kernel, one program per (batch, head)
+# (packed: per group of key tiles holding whole sequences, `varlen_fused_schedule`).
 _FUSED_KERNELS = {"dkdv_fused": _attn_bwd_dkdv}
 # Which backward runs when a call does not say (`fused_dq=None`): True, the fused 5-matmul kernel;
 # False, the dQ and dK/dV kernels (7 matmuls); None, measured: on a GPU, the first backward of each
@@ -1115,15 +1156,15 @@ def backward(dout, q, k, v, out, lse, key_padding_mask, causal: bool, dropout_p:
         dq_acc = torch.empty(B, H, Lq, D, dtype=torch.float32, device=q.device)  # zeroed by the kernel
         _launch("dkdv_fused", lambda bm, bn: (1, H, B), _pick_config("dkdv_fused", config, args["UPCAST"], False),
                 first=0, Q=q, K=k, V=v, O=out, DO=dout, DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta, DQACC=dq_acc,
-                SEQ_K=q, FUSED_DQ=True, **qkv, **outs, **args)
+                SEQ_K=q, QSPANS=q, group=1, FUSED_DQ=True, **qkv, **outs, **args)
 
     def two_kernel():
         _launch_dense("dq", Lq, 0, H, B, _pick_config("dq", config, args["UPCAST"], False), Q=q, K=k, V=v, O=out,
                       DO=dout, DQ=dq, LSE=lse, DELTA=delta, SEQ_Q=q, **qkv, **_strides(out, "sob soh som sod"),
                       **_strides(dq, "sdqb sdqh sdqm sdqd"), **args)
         _launch_dense("dkdv", Lk, 1, H, B, _pick_config("dkdv", config, args["UPCAST"], False), Q=q, K=k, V=v, O=out,
-                      DO=dout, DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta, DQACC=delta, SEQ_K=q, FUSED_DQ=False,
-                      **qkv, **outs, **args)
+                      DO=dout, DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta, DQACC=delta, SEQ_K=q, QSPANS=q, group=1,
+                      FUSED_DQ=False, **qkv, **outs, **args)
 
     with _device_guard(q):
         (fused if _use_fused(fused_dq, args, q, False, fused, two_kernel) else two_kernel)()
@@ -1145,23 +1186,43 @@ def varlen_schedule(cu: torch.Tensor, total: int, max_len: int, block: int, alig
     `block`-row spans, starting at its first row rounded down to `align`. The schedule with fewer
     tiles is used; spans may be empty (their program does nothing). `max_len` must bound every
     sequence's length (the callers check it)."""
+    return _varlen_plan(cu, total, max_len, block, align)[0]
+
+
+def _varlen_plan(cu: torch.Tensor, total: int, max_len: int, block: int, align: int):
+    """`varlen_schedule`'s tiles, with the sequences they hold: (tiles, seqs, group). Consecutive
+    groups of `group` tiles hold whole sequences: group g holds sequences [seqs[g], seqs[g + 1])
+    and no key of any other (packing: group = 1, tile t holds the sequences starting in window t;
+    chunking: group = chunks per sequence, group g is sequence g)."""
     B = cu.numel() - 1
     cu = cu.to(torch.int64)
     W = block - (align - 1) - max_len + 1
     n_chunks = triton.cdiv(max_len + align - 1, block)
     if W >= 1 and triton.cdiv(total, W) <= B * n_chunks:
         n = max(1, triton.cdiv(total, W))
-        first = torch.searchsorted(cu[:-1].contiguous(), torch.arange(n + 1, device=cu.device) * W)
+        first = torch.searchsorted(cu[:-1].contiguous(), torch.arange(n + 1, device=cu.device) * W)  # (n + 1,)
         bounds = cu[first]  # first = B (no sequence left) gives cu[B] = total
-        tiles = torch.stack((bounds[:-1], bounds[1:]), 1)
-    else:
-        starts, ends = cu[:-1, None], cu[1:, None]
-        base = starts - starts % align
-        c = torch.arange(max(n_chunks, 1), device=cu.device)[None, :]
-        lo = torch.maximum(starts, base + c * block)
-        hi = torch.maximum(torch.minimum(ends, base + (c + 1) * block), lo)
-        tiles = torch.stack((lo, hi), -1).reshape(-1, 2)
-    return tiles.to(torch.int32).contiguous()
+        return torch.stack((bounds[:-1], bounds[1:]), 1).to(torch.int32).contiguous(), first, 1
+    starts, ends = cu[:-1, None], cu[1:, None]  # (B, 1)
+    base = starts - starts % align
+    c = torch.arange(max(n_chunks, 1), device=cu.device)[None, :]  # (1, chunks)
+    lo = torch.maximum(starts, base + c * block)
+    hi = torch.maximum(torch.minimum(ends, base + (c + 1) * block), lo)
+    tiles = torch.stack((lo, hi), -1).reshape(-1, 2)  # (B, chunks, 2) -> (B * chunks, 2), sequence-major
+    return tiles.to(torch.int32).contiguous(), torch.arange(B + 1, device=cu.device), max(n_chunks, 1)
+
+
+def varlen_fused_schedule(cu_q: torch.Tensor, cu_k: torch.Tensor, total_k: int, max_k: int, block: int):
+    """The fused backward's schedule (device ops, no sync): (key tiles (n_programs * group, 2) int32,
+    query spans (n_programs, 2) int32, group). Program p walks key tiles [p * group, (p + 1) * group)
+    (`varlen_schedule` of the keys, 16-aligned), which hold whole key sequences and no key of
+    another, and owns [lo, hi) = the query rows of those sequences: no other program's key tile
+    touches them, so it alone adds into their dQ. A sequence left out (no keys, after the last
+    window) gets no program: its dQ is 0, as it must be."""
+    tiles, seqs, group = _varlen_plan(cu_k, total_k, max_k, block, 16)  # 16: dropout words per 16 keys
+    rows = cu_q.to(torch.int64)[seqs]  # (n_programs + 1,)
+    spans = torch.stack((rows[:-1], rows[1:]), 1).to(torch.int32).contiguous()
+    return tiles, spans, group
 
 
 def _sequence_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
@@ -1209,8 +1270,13 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, dr
 
 
 def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, dropout_p: float,
-                    softmax_scale: float, seed: int, config=None):
-    """dQ then dK/dV over packed sequences. Returns (dq, dk, dv), shaped like q, k, v."""
+                    softmax_scale: float, seed: int, config=None, fused_dq: Optional[bool] = None):
+    """dQ then dK/dV over packed sequences. Returns (dq, dk, dv), shaped like q, k, v.
+
+    fused_dq=True: one launch of the dK/dV kernel with FUSED_DQ, one program per group of key
+    tiles holding whole sequences (`varlen_fused_schedule`), 5 matmuls per tile instead of 7,
+    deterministic (no atomics), with an fp32 (H, total_q, D) scratch for dQ. None (default): the
+    module's FUSED_DQ, by default the faster of the two as measured on this GPU for this key."""
     total_q, H, D = q.shape
     total_k = k.shape[0]
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
@@ -1223,6 +1289,34 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int,
     args.update(qk_scale=softmax_scale * LOG2E, sm_scale=softmax_scale)
     qkv = {**_packed_strides(q, "sqb sqh sqm sqd"), **_packed_strides(k, "skb skh skn skd"),
            **_packed_strides(v, "svb svh svn svd"), **_packed_strides(dout, "sdob sdoh sdom sdod")}
+    outs = {**_packed_strides(out, "sob soh som sod"), **_packed_strides(dq, "sdqb sdqh sdqm sdqd"),
+            **_packed_strides(dk, "sdkb sdkh sdkn sdkd"), **_packed_strides(dv, "sdvb sdvh sdvn sdvd")}
+
+    def fused():
+        cfg = _pick_config("dkdv_fused", config, args["UPCAST"], True)
+        tiles, spans, group = varlen_fused_schedule(cu_q, cu_k, total_k, max_k, cfg[1])
+        dq_acc = torch.empty(H, total_q, D, dtype=torch.float32, device=q.device)  # zeroed by the kernel, per program
+        _launch("dkdv_fused", lambda bm, bn: (spans.shape[0], H, 1), cfg, first=0, Q=q, K=k, V=v, O=out,
+                DO=dout, DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta, DQACC=dq_acc, TILES=tiles, QSPANS=spans,
+                group=group, SEQ_K=_sequence_ids(cu_k, total_k), FUSED_DQ=True, **qkv, **outs, **args)
+
+    def two_kernel():
+        cfg_dq = _pick_config("dq", config, args["UPCAST"], True)
+        cfg_kv = _pick_config("dkdv", config, args["UPCAST"], True)
+        q_tiles = varlen_schedule(cu_q, total_q, max_q, cfg_dq[0], align=_row_align(args))
+        k_tiles = varlen_schedule(cu_k, total_k, max_k, cfg_kv[1], align=16)  # dropout words: 16 keys
+        _launch("dq", lambda bm, bn: (q_tiles.shape[0], H, 1), cfg_dq, first=0, Q=q, K=k, V=v, O=out, DO=dout, DQ=dq,
+                LSE=lse, DELTA=delta, TILES=q_tiles, SEQ_Q=_sequence_ids(cu_q, total_q), **qkv,
+                **_packed_strides(out, "sob soh som sod"), **_packed_strides(dq, "sdqb sdqh sdqm sdqd"), **args)
+        _launch("dkdv", lambda bm, bn: (k_tiles.shape[0], H, 1), cfg_kv, first=0, Q=q, K=k, V=v, O=out, DO=dout,
+                DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta, DQACC=delta, TILES=k_tiles, QSPANS=k_tiles, group=1,
+                SEQ_K=_sequence_ids(cu_k, total_k), FUSED_DQ=False, **qkv, **outs, **args)
+
+    # both paths write the same rows (a row no key sees keeps its zero in either), so the timing
+    # runs of a measured choice leave nothing the chosen path does not overwrite
+    with _device_guard(q):
+        (fused if _use_fused(fused_dq, args, q, True, fused, two_kernel) else two_kernel)()
+    return dq, dk, dv
     cfg_dq = _pick_config("dq", config, args["UPCAST"], True)
     cfg_kv = _pick_config("dkdv", config, args["UPCAST"], True)
     q_tiles = varlen_schedule(cu_q, total_q, max_q, cfg_dq[0], align=_row_align(args))
@@ -1232,10 +1326,8 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int,
                 LSE=lse, DELTA=delta, TILES=q_tiles, SEQ_Q=_sequence_ids(cu_q, total_q), **qkv,
                 **_packed_strides(out, "sob soh som sod"), **_packed_strides(dq, "sdqb sdqh sdqm sdqd"), **args)
         _launch("dkdv", lambda bm, bn: (k_tiles.shape[0], H, 1), cfg_kv, first=0, Q=q, K=k, V=v, O=out, DO=dout,
-                DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta, DQACC=delta, TILES=k_tiles,
-                SEQ_K=_sequence_ids(cu_k, total_k), FUSED_DQ=False, **qkv, **_packed_strides(out, "sob soh som sod"),
-                **_packed_strides(dq, "sdqb sdqh sdqm sdqd"), **_packed_strides(dk, "sdkb sdkh sdkn sdkd"),
-                **_packed_strides(dv, "sdvb sdvh sdvn sdvd"), **args)
+                DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta, DQACC=delta, TILES=k_tiles, QSPANS=k_tiles, group=1,
+                SEQ_K=_sequence_ids(cu_k, total_k), FUSED_DQ=False, **qkv, **outs, **args)
     return dq, dk, dv
 
 

@@ -108,8 +108,9 @@ def check_against_reference(q, k, v, mask, causal, scale=None, config=None, seed
 
 @pytest.fixture(params=[False, True], ids=["two_kernel", "fused_dq"])
 def backward_path(request, monkeypatch):
-    """Runs a test under both dense backwards: dQ and dK/dV kernels (7 matmuls per tile), and the
-    deterministic fused one (`fa.backward(fused_dq=True)`: 5 matmuls, one program per (batch, head)).
+    """Runs a test under both backwards: dQ and dK/dV kernels (7 matmuls per tile), and the
+    deterministic fused one (`fa.backward` / `fa.varlen_backward` with FUSED_DQ: 5 matmuls, one
+    program per (batch, head), or per group of packed sequences; test_varlen_attention uses it too).
     The spy checks the path really taken: a fused backward launches one kernel, "dkdv_fused"."""
     monkeypatch.setattr(fa, "FUSED_DQ", request.param)
     kinds = []

@@ -53,6 +53,8 @@ def test_every_kernel_compiles_to_wgmma_without_spills(audit):
     # dkdvq: the opt-in fused 5-matmul backward (its dS^T K has 32 rows: wgmma + mma.sync, not checked below)
     assert {r["kernel"] for r in rows} == {"fwd", "dq", "dkdv", "dkdvq", "itc_st", "itc_gr", "ce"}
     assert any("varlen" in r["variant"] for r in rows)
+    fused = {r["variant"] for r in rows if r["kernel"] == "dkdvq"}  # dense and packed, with and without dropout
+    assert {"dense", "varlen", "varlen+causal", "varlen+dropout", "varlen+causal+dropout"} <= fused, fused
     spilling = [(r["kernel"], r["variant"], r["config"], r["spills"]) for r in rows if r["spills"] > THRESHOLDS["spills"]]
     assert not spilling, f"spills: {spilling}"
     # thin-tail launches (16 rows of 197, `thin_tail_split`) are too narrow for wgmma: mma.sync there

@@ -5,6 +5,8 @@ Under the interpreter (CPU) each program instance costs ~10-20 ms, so the packed
 odd lengths (1, 13, the tails of 197 and 577), several sequences per query tile, empty sequences,
 causal and cross attention are each covered. Tolerances follow the flash-attention rule used in
 test_attention.py: error vs fp64 <= 2x PyTorch's own error in the same dtype + a small atol.
+Gradient tests run on both backwards (the `backward_path` fixture): the dQ and dK/dV kernels, and
+the deterministic fused one (`varlen_backward(fused_dq=True)`).
 """
 import importlib
 import math
@@ -15,7 +17,7 @@ import torch
 import blipfast.kernels as K
 from blipfast.kernels import reference as ref
 from tests.helpers import assert_close
-from tests.kernels.test_attention import ATOL, DEVICE
+from tests.kernels.test_attention import ATOL, DEVICE, backward_path  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.kernels  # also run under triton 3.6, the GPU machine's (scripts/test.sh)
 
@@ -84,22 +86,22 @@ CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_varlen_matches_reference(case, dtype):
+def test_varlen_matches_reference(case, dtype, backward_path):
     lens_q, lens_k, H, D, causal = CASES[case]
     check_varlen(lens_q, lens_k if lens_k is not None else lens_q, H, D, causal, dtype)
 
 
-def test_varlen_vit_577_tail():
+def test_varlen_vit_577_tail(backward_path):
     check_varlen([577], [577], 1, 16, False, torch.float16)
 
 
 @pytest.mark.parametrize("config", [(16, 32), (32, 16), (128, 64)], ids=["bm16_bn32", "bm32_bn16", "bm128_bn64"])
-def test_varlen_tilings(config):
+def test_varlen_tilings(config, backward_path):
     """Other tilings pack differently (more or fewer sequences per tile, chunked long sequences)."""
     check_varlen(TEXT + [70], TEXT + [40], 1, 32, True, torch.float32, config=config)
 
 
-def test_varlen_strided_views_of_a_fused_qkv():
+def test_varlen_strided_views_of_a_fused_qkv(backward_path):
     """q, k, v as views of one packed (total, 3, H, D) projection (row stride 3 H D), causal."""
     lens = [13, 1, 30, 7]
     g = torch.Generator().manual_seed(3)
@@ -158,11 +160,136 @@ def test_schedule_chunks_long_sequences():
     assert all(hi - (lo - lo % 16) <= 64 for lo, hi in tiles)
 
 
+def test_fused_schedule_gives_each_sequence_to_one_program():
+    """`varlen_fused_schedule`: program p's key tiles [p * group, (p + 1) * group) hold whole key
+    sequences, exactly those whose query rows are its span; spans are disjoint and every query row
+    of a sequence with keys is in one. Both schedules: packed (short keys) and chunked (197 keys)."""
+    g = torch.Generator().manual_seed(2)
+    lens_q = torch.randint(0, 31, (40,), generator=g).tolist() + [0, 7]
+    for lens_k, block, chunked in ((torch.randint(0, 31, (42,), generator=g).tolist(), 64, False),
+                                   ([197] * 40 + [0, 197], 64, True), ([5, 0] * 21, 32, False)):
+        cu_q, cu_k = cu_of(lens_q).cpu(), cu_of(lens_k).cpu()
+        tiles, spans, group = fa.varlen_fused_schedule(cu_q, cu_k, int(cu_k[-1]), max(lens_k), block)
+        assert (group > 1) == chunked and tiles.shape[0] == spans.shape[0] * group
+        owner_q = torch.full((int(cu_q[-1]),), -1)
+        owner_k = torch.full((int(cu_k[-1]),), -1)
+        for p, (qlo, qhi) in enumerate(spans.tolist()):
+            assert (owner_q[qlo:qhi] == -1).all(), "query rows owned twice"
+            owner_q[qlo:qhi] = p
+            for lo, hi in tiles[p * group:(p + 1) * group].tolist():
+                assert hi - (lo - lo % 16) <= block
+                owner_k[lo:hi] = p
+        for b in range(len(lens_q)):  # a sequence's keys and queries have one owner (or none: no keys)
+            keys, queries = owner_k[cu_k[b]:cu_k[b + 1]], owner_q[cu_q[b]:cu_q[b + 1]]
+            assert keys.numel() == 0 or (keys == keys[0]).all() and keys[0] >= 0
+            if keys.numel() and queries.numel():
+                assert (queries == keys[0]).all(), f"sequence {b}: keys in program {keys[0]}, queries elsewhere"
+
+
+def _one_program_at_a_time(monkeypatch, checked):
+    """Replace the fused launch by one launch per program (its slice of the schedule), with
+    sentinels around it: DELTA NaN and DQACC -0.0 everywhere before each program, and after it
+    outside the program's query rows DELTA still NaN, DQACC still -0.0 (adding +0.0, the dQ term of
+    a row the keys do not see, turns -0.0 into +0.0: a write shows even when it changes no value),
+    and DQ, DK, DV bitwise unchanged outside its rows and keys. Appends each program's span to
+    `checked`. On a GPU programs run concurrently, and a write to another program's rows (even of
+    +0) can lose that program's update; here they run one by one, so the writes are checked instead."""
+    real_launch = fa._launch
+
+    def launch(kind, grid, config, **kw):
+        if kind != "dkdv_fused":
+            return real_launch(kind, grid, config, **kw)
+        tiles, spans, group, H = kw["TILES"], kw["QSPANS"], kw["group"], kw["H"]
+        total_q, total_k = kw["DQ"].shape[0], kw["DK"].shape[0]
+        for p, (qlo, qhi) in enumerate(spans.tolist()):
+            mine = tiles[p * group:(p + 1) * group].clone()
+            kw["DELTA"].fill_(float("nan"))
+            kw["DQACC"].fill_(-0.0)
+            before = {n: kw[n].clone() for n in ("DQ", "DK", "DV")}
+            one = {**kw, "TILES": mine, "QSPANS": spans[p:p + 1].clone()}  # program p as program 0 of a 1-program grid
+            real_launch(kind, lambda bm, bn: (1, H, 1), config, **one)
+            rows = torch.ones(total_q, dtype=torch.bool)
+            rows[qlo:qhi] = False  # rows outside the program's span
+            keys = torch.ones(total_k, dtype=torch.bool)
+            for lo, hi in mine.tolist():
+                keys[lo:hi] = False
+            assert kw["DELTA"][:, rows].isnan().all(), f"program {p} wrote delta outside rows [{qlo}, {qhi})"
+            acc = kw["DQACC"][:, rows]
+            assert ((acc == 0) & acc.signbit()).all(), f"program {p} wrote DQACC outside rows [{qlo}, {qhi})"
+            assert torch.isfinite(kw["DELTA"][:, qlo:qhi]).all(), f"program {p}: delta of its rows"
+            for name, outside in (("DQ", rows), ("DK", keys), ("DV", keys)):
+                was, now = before[name][outside], kw[name][outside]
+                assert torch.equal(was.view(torch.int32), now.view(torch.int32)), f"program {p} wrote {name} outside"
+                assert torch.isfinite(kw[name]).all(), f"program {p}: {name} not finite"
+            checked.append((qlo, qhi))
+
+    monkeypatch.setattr(fa, "_launch", launch)
+
+
+# Lengths not multiples of 16, several sequences per key tile or chunked keys, so that with dropout
+# query tiles (rounded down to 16 rows) start inside the sequences of the program before.
+FUSED_OWNERSHIP = {
+    "packed_self": ([13, 7, 20, 5, 30, 11], None, False),
+    "packed_causal": ([13, 7, 20, 5, 30, 11], None, True),
+    "chunked_cross_x197": ([13, 7, 20, 9], [197, 197, 197, 197], False),
+}
+
+
+@pytest.mark.parametrize("case", list(FUSED_OWNERSHIP))
+def test_fused_varlen_programs_write_only_their_own_rows(case, monkeypatch):
+    """The fused backward with dropout, run one program at a time (`_one_program_at_a_time`):
+    no program writes delta, dQ, its fp32 scratch, dK or dV outside its own rows and keys (a
+    foreign write races with the owner on a GPU), and the gradients still equal the fp64 reference
+    given the kernels' dropout mask (programs are independent)."""
+    p, seed, (lens_q, lens_k, causal) = 0.3, 21, FUSED_OWNERSHIP[case]
+    lens_k = lens_k or lens_q
+    q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, 2, 16, torch.float32, seed=4)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    scale = fa.default_scale(16)
+    out, lse = fa.varlen_forward(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal, p, scale, seed)
+    checked = []
+    _one_program_at_a_time(monkeypatch, checked)
+    got = fa.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max(lens_q), max(lens_k), causal, p, scale, seed,
+                             fused_dq=True)
+    foreign = [lo for lo, hi in checked if hi > lo and lo % 16]
+    assert len(checked) > 1 and foreign, f"no program whose first query tile holds foreign rows: {checked}"
+    masks = fa.varlen_dropout_keep_masks(seed, cu_q, cu_k, 2, p)
+    exact = run_ref(q, k, v, cu_q, cu_k, dout, causal, torch.float64, fa.effective_dropout_p(p), masks)
+    for name, a, e in zip(("dq", "dk", "dv"), got, exact[1:]):
+        assert_close(name, a, e, 1e-5 * max(1.0, e.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fused_varlen_dropout_is_deterministic_and_matches_reference(dtype):
+    """Text queries (lengths 1..30) against 197 image keys each (the chunked schedule: one program
+    walks a caption's key chunks in order) and causal packed text, with dropout: two fused
+    backwards are bitwise equal, and within the flash-attention rule of the fp64 reference given
+    the kernels' mask (fp16: 2x PyTorch's own fp16 error + atol)."""
+    p, seed = 0.1, 5
+    for lens_q, lens_k, causal in (([1, 30, 13, 2], [197] * 4, False), ([1, 30, 13, 2, 17, 9], None, True)):
+        lens_k = lens_k or lens_q
+        q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, 2, 32, dtype, seed=6)
+        dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
+        scale, mq, mk = fa.default_scale(32), max(lens_q), max(lens_k)
+        out, lse = fa.varlen_forward(q, k, v, cu_q, cu_k, mq, mk, causal, p, scale, seed)
+        runs = [fa.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, mq, mk, causal, p, scale, seed, fused_dq=True)
+                for _ in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), f"causal={causal}: not deterministic"
+        masks = fa.varlen_dropout_keep_masks(seed, cu_q, cu_k, 2, p)
+        pe = fa.effective_dropout_p(p)
+        exact = run_ref(q, k, v, cu_q, cu_k, dout, causal, torch.float64, pe, masks)
+        same = run_ref(q, k, v, cu_q, cu_k, dout, causal, dtype, pe, masks)
+        for name, a, e, t in zip(("out", "dq", "dk", "dv"), (out, *runs[0]), exact, same):
+            torch_err = (t.double() - e).abs().max().item()
+            assert_close(f"{name} causal={causal}", a, e,
+                         2 * torch_err + ATOL[dtype] * max(1.0, e.abs().max().item()))
+
+
 # ---------------------------------------------------------------------------------------------
 # dropout: the mask's statistics, and gradients against the reference given the kernel's mask
 
 
-def test_varlen_dropout_gradients_use_the_forward_mask():
+def test_varlen_dropout_gradients_use_the_forward_mask(backward_path):
     p, lens_q, lens_k = 0.2, [13, 1, 30, 5, 17], [20, 3, 30, 5, 40]
     q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, 2, 32, torch.float32)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
@@ -320,7 +447,7 @@ def test_effective_dropout_p():
 # torch.compile and bad inputs
 
 
-def test_varlen_torch_compile_fullgraph_matches_eager():
+def test_varlen_torch_compile_fullgraph_matches_eager(backward_path):
     lens = [5, 1, 9]
     q, k, v, cu, _ = make_packed(lens, lens, 1, 16, torch.float32)
 
@@ -410,3 +537,43 @@ def test_gpu_varlen_dropout_matches_reference_given_mask():
     for name, a, e, t in zip(("out", "dq", "dk", "dv"), got, exact, low):
         torch_err = (t.float() - e).abs().max().item()
         assert_close(name, a, e, 2 * torch_err + ATOL[torch.bfloat16] * max(1.0, e.abs().max().item()))
+
+
+@pytest.mark.gpu
+def test_gpu_fused_varlen_dropout_is_correct_and_deterministic():
+    """The fused packed backward (`varlen_backward(fused_dq=True)`, VARLEN_BLOCKS["dkdv_fused"]) in
+    bf16 with dropout at BLIP's text shapes: causal packed captions (several per key tile, and
+    programs running concurrently next to each other's rows) and captions against 197 image keys
+    (chunked): bitwise equal over two runs (no atomics; each dQ row summed in a fixed order by one
+    program) and within the flash-attention rule of the reference given the kernels' mask."""
+    p, seed = 0.1, 31
+    lens = torch.randint(1, 31, (256,), generator=torch.Generator().manual_seed(2)).tolist()
+    for lens_k, causal in ((lens, True), ([197] * len(lens), False)):
+        q, k, v, cu_q, cu_k = make_packed(lens, lens_k, 12, 64, torch.bfloat16)
+        dout = torch.randn_like(q)
+        scale, mq, mk = fa.default_scale(64), max(lens), max(lens_k)
+        out, lse = fa.varlen_forward(q, k, v, cu_q, cu_k, mq, mk, causal, p, scale, seed)
+        runs = [fa.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, mq, mk, causal, p, scale, seed, fused_dq=True)
+                for _ in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), f"causal={causal}: not deterministic"
+        masks = fa.varlen_dropout_keep_masks(seed, cu_q, cu_k, 12, p)
+        pe = fa.effective_dropout_p(p)
+        exact = run_ref(q, k, v, cu_q, cu_k, dout, causal, torch.float32, pe, masks)
+        low = run_ref(q, k, v, cu_q, cu_k, dout, causal, torch.bfloat16, pe, masks)
+        for name, a, e, t in zip(("dq", "dk", "dv"), runs[0], exact[1:], low[1:]):
+            torch_err = (t.float() - e).abs().max().item()
+            assert_close(f"{name} causal={causal}", a, e,
+                         2 * torch_err + ATOL[torch.bfloat16] * max(1.0, e.abs().max().item()))
+
+
+def test_default_varlen_backward_on_cpu_runs_the_two_kernel_path(monkeypatch):
+    """`FUSED_DQ = None` (the default) measures on a GPU only: here the packed backward runs the
+    dQ and dK/dV kernels and times nothing."""
+    monkeypatch.setattr(fa, "FUSED_DQ", None)
+    monkeypatch.setattr(fa, "_measured_fused_choice", lambda *a, **k: pytest.fail("measured off-GPU"))
+    kinds = []
+    real_launch = fa._launch
+    monkeypatch.setattr(fa, "_launch", lambda kind, *a, **k: (kinds.append(kind), real_launch(kind, *a, **k))[1])
+    q, k, v, cu_q, cu_k = make_packed([5, 13, 1], [5, 13, 1], 2, 16, torch.float32)
+    run_varlen(q, k, v, cu_q, cu_k, torch.ones_like(q), True)
+    assert kinds == ["fwd", "dq", "dkdv"]
