@@ -387,18 +387,26 @@ def test_warmup_plan_covers_the_run_and_dedups():
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf arithmetic in the interpreter
-def test_warmup_jobs_launch_through_the_real_launchers():
+def test_warmup_jobs_launch_through_the_real_launchers(monkeypatch):
     """Each job family's launch code, run under the interpreter on tiny shapes (the conftest sets
-    TRITON_INTERPRET=1): the arguments the compile stage passes are the launchers' real ones."""
+    TRITON_INTERPRET=1): the arguments the compile stage passes are the launchers' real ones. A
+    16-bit job's first config also compiles the fused backward (the measured default may pick it)."""
     import warmup
+    from blipfast.kernels import flash_attention as fa
 
-    jobs = [warmup.Job("attention", warmup.Attn(2, 35, 35, 32, True, True, True, "heads_view", "fp16"), 1),
+    kinds = []
+    real_launch = fa._launch
+    monkeypatch.setattr(fa, "_launch", lambda kind, *a, **k: (kinds.append(kind), real_launch(kind, *a, **k))[1])
+    monkeypatch.setattr(fa, "_measured_fused_choice", lambda *a, **k: pytest.fail("the warmup timed a backward"))
+    jobs = [warmup.Job("attention", warmup.Attn(2, 35, 35, 32, True, True, True, "heads_view", "fp16"), 0),
+            warmup.Job("attention", warmup.Attn(2, 35, 35, 32, True, True, True, "heads_view", "fp16"), 1),
             warmup.Job("attention", warmup.Attn(2, 20, 20, 16, False, False, False, "fused_qkv", "fp32"), 0),
             warmup.Job("itc", warmup.Itc(4, 64, 32, "fp32")),
             warmup.Job("ce", warmup.Ce(6, 128, 32, "fp32"))]
     for job in jobs:
         name, ok, _, err = warmup.run_job(job, dev="cpu")
         assert ok, f"{name}: {err}"
+    assert kinds.count("dkdv_fused") == 1 and kinds.count("dkdv") >= 3  # job 0 only; every job's two-kernel
     assert warmup.attention_configs(jobs[0].workload, 1)["fwd"] != warmup.attention_configs(jobs[0].workload, 0)["fwd"]
 
 
