@@ -301,6 +301,17 @@ def uses_triton(provider: Provider) -> bool:
     return any(b in ("triton", "auto") for b in (provider.attention, provider.losses))
 
 
+def attention_bwd_schedules() -> Dict[str, str]:
+    """The backward schedule the Triton attention measured faster for each tuning key so far in this
+    process (`flash_attention.FUSED_DQ = None`): "fused" (5 matmuls) or "dq+dkdv" (7). Keys name
+    the layout, dtype, length and batch x heads buckets and flags (`flash_attention._TUNE_KEY`)."""
+    from blipfast.kernels import flash_attention as fa
+
+    names = ("varlen", "dtype", *fa._TUNE_KEY)
+    return {",".join(f"{n}={v}" for n, v in zip(names, key) if n != "DEVICE_KEY"): ("fused" if fused else "dq+dkdv")
+            for key, fused in fa._FUSED_CHOICE.items()}
+
+
 def warmup_steps(provider: Provider, opts) -> int:
     if opts.warmup is not None:
         return opts.warmup
@@ -402,6 +413,7 @@ def run_case(model: str, batch: int, provider: Provider, opts) -> dict:
             "provider_overrides": provider.config_overrides, "exact_work": getattr(cfg, "exact_work", None),
             "setup_s": round(setup_s, 2), "first_steps_s": round(first_steps_s, 2),
             "estimate_s": round(est, 1), "kernels_warmed": os.environ.get(WARMED_ENV) == "1",
+            "attention_bwd_schedules": attention_bwd_schedules(),
         }
         if loss != loss or abs(loss) == float("inf"):
             return row("error", f"non-finite loss {loss}", times_ms=times, config=config)

@@ -426,3 +426,20 @@ def test_e2e_case_on_gpu(provider, tmp_path):
     assert row["status"] == "ok", row["reason"]
     assert row["device"] == "cuda" and row["peak_mem_mb"] > 0 and row["driver"]
     assert row["config"]["attention_backend"] == provider.split("-")[0]
+
+
+def test_e2e_rows_name_the_measured_backward_schedules(monkeypatch):
+    """What the measured default picked (`flash_attention._FUSED_CHOICE`) goes into each e2e row's
+    config, keyed readably, so the first GPU run reports it per BLIP shape."""
+    import bench_e2e
+    from blipfast.kernels import flash_attention as fa
+
+    q = torch.zeros(2, 12, 35, 64)
+    args = fa._common(q, 35, 35, 2, 12, True, 0.1, 0, False, True)
+    monkeypatch.setattr(fa, "_FUSED_CHOICE", {fa._choice_key(args, torch.bfloat16, True): True,
+                                              fa._choice_key(dict(args, IS_CAUSAL=False), torch.bfloat16, True): False})
+    got = bench_e2e.attention_bwd_schedules()
+    assert sorted(got.values()) == ["dq+dkdv", "fused"]
+    causal_key = next(k for k, v in got.items() if v == "fused")
+    assert "IS_CAUSAL=True" in causal_key and "varlen=True" in causal_key and "dtype=torch.bfloat16" in causal_key
+    assert "LQ_BUCKET=64" in causal_key and "DEVICE_KEY" not in causal_key
