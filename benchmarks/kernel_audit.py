@@ -41,7 +41,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from typing import Dict, List, Optional
 

@@ -58,7 +58,7 @@ class ZeroShotClassifier:
     @torch.no_grad()
     def classify(self, images, top_k_itm: int = 0, batch_size: Optional[int] = None) -> Classification:
         p, model = self.predictor, self.predictor.model
-        C, K = len(self.class_names), len(self.templates)
+        C = len(self.class_names)
         if not 0 <= top_k_itm <= C:
             raise ValueError(f"top_k_itm must be in [0, {C}] (the number of classes), got {top_k_itm}")
         if top_k_itm:

@@ -17,7 +17,7 @@ import torch
 import blipfast.kernels as K
 from blipfast.kernels import reference as ref
 from tests.helpers import assert_close
-from tests.kernels.test_attention import ATOL, DEVICE, backward_path  # noqa: F401  (a fixture)
+from tests.kernels.test_attention import ATOL, DEVICE
 
 pytestmark = pytest.mark.kernels  # also run under triton 3.6, the GPU machine's (scripts/test.sh)
 

@@ -253,7 +253,7 @@ def test_evaluation_cli_saves_and_reuses_features(tmp_path):
     from blipfast.data import generate_synthetic
     from blipfast.eval.retrieval import main
 
-    data = generate_synthetic(str(tmp_path / "data"), num_train=4, num_val=5, seed=0, image_size=32)
+    generate_synthetic(str(tmp_path / "data"), num_train=4, num_val=5, seed=0, image_size=32)
     cfg = tiny_config()
     cfg.text.vocab_size, cfg.text.max_position_embeddings = 128, 40  # the demo tokenizer's vocabulary
     torch.manual_seed(0)

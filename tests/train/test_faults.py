@@ -12,7 +12,6 @@ import torch
 from blipfast.config import ConfigError
 from blipfast.train import checkpoint
 from tests.dist.train_common import tiny_model_config
-from tests.helpers import REPO
 from tests.train.test_tasks import SameBatchLoader, run_config
 
 
