@@ -976,9 +976,12 @@ def _use_fused(fused_dq: Optional[bool], args: dict, q: torch.Tensor, varlen: bo
     choice = FUSED_DQ if fused_dq is None else fused_dq
     if choice is not None:
         return bool(choice)
-    if not q.is_cuda or args["UPCAST"] or args["INTERPRET"] or torch.cuda.is_current_stream_capturing():
-        return False  # nothing to measure (or no timing allowed: a CUDA graph is being captured)
-    return _measured_fused_choice(_choice_key(args, q.dtype, varlen), fused, two_kernel)
+    if not q.is_cuda or args["UPCAST"] or args["INTERPRET"]:
+        return False  # nothing to measure
+    key = _choice_key(args, q.dtype, varlen)
+    if key not in _FUSED_CHOICE and torch.cuda.is_current_stream_capturing():
+        return False  # no timing inside a CUDA graph capture (a warm-up run outside it has measured)
+    return _measured_fused_choice(key, fused, two_kernel)
 
 
 @functools.lru_cache(maxsize=None)

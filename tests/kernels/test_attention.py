@@ -494,6 +494,24 @@ def test_backward_choice_key_and_forcing(monkeypatch):
         assert fa._use_fused(arg, args, q, False, None, None) is want, (module, arg)
 
 
+def test_backward_choice_during_cuda_graph_capture(monkeypatch):
+    """While a CUDA graph is captured nothing may be timed: a key measured before (a warm-up run)
+    keeps its choice, an unmeasured one takes the two-kernel path and stays unmeasured."""
+    class FakeCuda:  # stands for a CUDA tensor: only .is_cuda and .dtype are read
+        is_cuda, dtype = True, torch.bfloat16
+
+    args = dict(fa._common(torch.zeros(2, 3, 40, 64), 40, 40, 2, 3, False, 0.0, 0, False, False),
+                UPCAST=False, INTERPRET=False)
+    monkeypatch.setattr(fa, "FUSED_DQ", None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(fa, "_FUSED_CHOICE", {})
+    monkeypatch.setattr(fa, "_quick_bench", lambda *a, **k: pytest.fail("timed during capture"))
+    assert fa._use_fused(None, args, FakeCuda(), False, None, None) is False
+    assert fa._FUSED_CHOICE == {}
+    fa._FUSED_CHOICE[fa._choice_key(args, torch.bfloat16, False)] = True
+    assert fa._use_fused(None, args, FakeCuda(), False, None, None) is True
+
+
 def test_default_backward_on_cpu_runs_the_two_kernel_path(monkeypatch):
     monkeypatch.setattr(fa, "FUSED_DQ", None)
     kinds = []
