@@ -2,7 +2,7 @@
 autotune config for sm_90 with the installed Triton, then read what the compiler produced.
 
     python benchmarks/kernel_audit.py                 # the full table (every config)
-    python benchmarks/kernel_audit.py --quick         # the first config of each kernel only
+    python benchmarks/kernel_audit.py --quick         # the first config of each kernel only (no fp32 rows)
     python benchmarks/kernel_audit.py --json out.json
     python benchmarks/kernel_audit.py --fused-bwd     # the fused 5-matmul backward (a prototype) vs dq + dkdv,
                                                       # dense and packed (varlen)
@@ -304,6 +304,30 @@ def fused_bwd_rows(log=None, candidates: bool = True) -> List[Row]:
     return rows
 
 
+FP32_VARIANTS = ("dense", "causal+kpm", "varlen")
+
+
+def fp32_rows(log=None) -> List[Row]:
+    """The fp32 path of each attention kernel and of the fused backward (fp32 inputs on a GPU: true
+    fp32 dots on the FMA units under `fa.FP32_BLOCKS`), each variant with and without dropout,
+    marked "fp32": held to 0 spills like the 16-bit rows (no tensor-core dots, so no wgmma check,
+    and no dropout ratio)."""
+    rows: List[Row] = []
+    kernels = [(kind, fa._KERNELS[kind], kind, {}) for kind in ("fwd", "dq", "dkdv")]
+    kernels.append(("dkdvq", fa._attn_bwd_dkdv, "dkdv_fused", {"FUSED_DQ": True}))
+    for name, fn, blocks, extra in kernels:
+        m, n, w, st = fa.FP32_BLOCKS[blocks]
+        for vname in FP32_VARIANTS:
+            for drop in (False, True):
+                flags = dict(ATTN_BASE, **ATTN_VARIANTS[vname], HAS_DROPOUT=drop, UPCAST=True, DOT_PREC="ieee",
+                             BLOCK_M=m, BLOCK_N=n, **extra)
+                rows.append(audit_kernel(name, fn, flags, w, st, vname + ("+dropout" if drop else "") + " fp32",
+                                         f"{m}x{n} w{w} s{st}", elem="fp32"))
+                if log:
+                    log(rows[-1])
+    return rows
+
+
 def format_fused(rows: List[Row]) -> str:
     """Per variant: SASS warp-instructions of the main loops per 64 x 64 (query x key) tile, i.e.
     loop instructions x warps x 4096 / tile elements (every warp runs the loop body once per tile),
@@ -527,12 +551,12 @@ def _widths(counts: Dict[str, int]) -> str:
 
 
 def format_rows(rows: List[Row]) -> str:
-    head = f"{'kernel':6} {'variant':22} {'config':16} {'regs':>4} {'spill':>5} {'smem':>6} {'occ':>5} {'mma':8} " \
+    head = f"{'kernel':6} {'variant':23} {'config':16} {'regs':>4} {'spill':>5} {'smem':>6} {'occ':>5} {'mma':8} " \
            f"{'loop':>5} {'x':>5}"
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = f"{r.loop_ratio:.2f}" if r.loop_ratio else ""
-        lines.append(f"{r.kernel:6} {r.variant:22} {r.config:16} {r.regs:4d} {r.spills:5d} {r.smem:6d} "
+        lines.append(f"{r.kernel:6} {r.variant:23} {r.config:16} {r.regs:4d} {r.spills:5d} {r.smem:6d} "
                      f"{r.occ:5.3f} {r.mma:8} {r.loop:5d} {ratio:>5}")
         if r.kernel == "ce":  # a memory-bound kernel: how wide its global accesses are
             lines[-1] += f"   LDG {_widths(r.ldg)} | STG {_widths(r.stg)}"
@@ -564,6 +588,8 @@ def main(argv=None):
     rows = run_compile_audit(quick=args.quick)
     # the opt-in fused backward's own configs (not the tried candidates), so CI checks their spills too
     rows += [r for r in fused_bwd_rows(candidates=False) if r.kernel == "dkdvq"]
+    if not args.quick:
+        rows += fp32_rows()
     work = work_table()
     print(f"# kernel audit: triton {triton.__version__}, target sm_90 (compiled without a GPU)")
     print(format_rows(rows))

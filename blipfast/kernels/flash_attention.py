@@ -861,7 +861,9 @@ def _dropout_mask_kernel(OUT, H, Lq, Lk, dropout_p, seed,
 INTERPRETER_BLOCKS = {"fwd": (64, 64), "dq": (64, 64), "dkdv": (64, 64), "dkdv_fused": (64, 64)}
 # fp32 on a GPU (true fp32 dots on FMA units, not a speed path): one fixed (BLOCK_M, BLOCK_N,
 # warps, stages); small tiles, because ptxas took a minute over a 64 x 64 tile at head dim 128.
-FP32_BLOCKS = {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dkdv_fused": (32, 32, 4, 2)}
+# dK/dV walks 16-query tiles: at 32 x 32 it sat at 255 registers and spilled 8-40 B (fused: 800 B);
+# at 16 x 32 it needs 104-158 and spills nothing (benchmarks/kernel_audit.py, the fp32 rows).
+FP32_BLOCKS = {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (16, 32, 4, 2), "dkdv_fused": (16, 32, 4, 2)}
 # The packed layout on a GPU (fp16/bf16): 64-row query tiles hold several short sequences; dK/dV
 # programs own 64 keys and walk 32-query tiles (wgmma wants the keys side >= 64).
 VARLEN_BLOCKS = {"fwd": (64, 64, 4, 3), "dq": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3),

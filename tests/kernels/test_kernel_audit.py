@@ -55,10 +55,16 @@ def test_every_kernel_compiles_to_wgmma_without_spills(audit):
     assert any("varlen" in r["variant"] for r in rows)
     fused = {r["variant"] for r in rows if r["kernel"] == "dkdvq"}  # dense and packed, with and without dropout
     assert {"dense", "varlen", "varlen+causal", "varlen+dropout", "varlen+causal+dropout"} <= fused, fused
+    # the fp32 path (FMA dots) of every attention kernel, each variant with and without dropout
+    fp32 = {(r["kernel"], r["variant"]) for r in rows if r["variant"].endswith(" fp32")}
+    assert {(k, v + d + " fp32") for k in ("fwd", "dq", "dkdv", "dkdvq") for v in ("dense", "causal+kpm", "varlen")
+            for d in ("", "+dropout")} <= fp32, fp32
     spilling = [(r["kernel"], r["variant"], r["config"], r["spills"]) for r in rows if r["spills"] > THRESHOLDS["spills"]]
     assert not spilling, f"spills: {spilling}"
-    # thin-tail launches (16 rows of 197, `thin_tail_split`) are too narrow for wgmma: mma.sync there
-    attention = [r for r in rows if r["kernel"] in ("fwd", "dq", "dkdv") and "thin-tail" not in r["variant"]]
+    # thin-tail launches (16 rows of 197, `thin_tail_split`) are too narrow for wgmma: mma.sync there;
+    # fp32 runs true fp32 dots on the FMA units
+    attention = [r for r in rows if r["kernel"] in ("fwd", "dq", "dkdv") and "thin-tail" not in r["variant"]
+                 and not r["variant"].endswith(" fp32")]
     not_wgmma = [(r["kernel"], r["variant"], r["config"], r["mma"]) for r in attention if r["mma"] != "wgmma"]
     assert not not_wgmma, f"not on wgmma: {not_wgmma}"
 
