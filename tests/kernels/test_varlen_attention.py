@@ -259,30 +259,34 @@ def test_fused_varlen_programs_write_only_their_own_rows(case, monkeypatch):
         assert_close(name, a, e, 1e-5 * max(1.0, e.abs().max().item()))
 
 
+def check_fused_varlen_dropout(lens_q, lens_k, causal, H, D, dtype, ref_dtype, seed, qkv_seed=0, p=0.1):
+    """The fused packed backward with dropout: two runs bitwise equal, and output and gradients
+    within the flash-attention rule (2x PyTorch's own `dtype` error + atol) of the `ref_dtype`
+    reference given the kernels' mask."""
+    q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, H, D, dtype, seed=qkv_seed)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
+    scale, mq, mk = fa.default_scale(D), max(lens_q), max(lens_k)
+    out, lse = fa.varlen_forward(q, k, v, cu_q, cu_k, mq, mk, causal, p, scale, seed)
+    runs = [fa.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, mq, mk, causal, p, scale, seed, fused_dq=True)
+            for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs)), f"causal={causal}: not deterministic"
+    masks = fa.varlen_dropout_keep_masks(seed, cu_q, cu_k, H, p)
+    pe = fa.effective_dropout_p(p)
+    exact = run_ref(q, k, v, cu_q, cu_k, dout, causal, ref_dtype, pe, masks)
+    same = run_ref(q, k, v, cu_q, cu_k, dout, causal, dtype, pe, masks)
+    for name, a, e, t in zip(("out", "dq", "dk", "dv"), (out, *runs[0]), exact, same):
+        torch_err = (t.to(e.dtype) - e).abs().max().item()
+        assert_close(f"{name} causal={causal}", a, e, 2 * torch_err + ATOL[dtype] * max(1.0, e.abs().max().item()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_fused_varlen_dropout_is_deterministic_and_matches_reference(dtype):
     """Text queries (lengths 1..30) against 197 image keys each (the chunked schedule: one program
     walks a caption's key chunks in order) and causal packed text, with dropout: two fused
     backwards are bitwise equal, and within the flash-attention rule of the fp64 reference given
     the kernels' mask (fp16: 2x PyTorch's own fp16 error + atol)."""
-    p, seed = 0.1, 5
     for lens_q, lens_k, causal in (([1, 30, 13, 2], [197] * 4, False), ([1, 30, 13, 2, 17, 9], None, True)):
-        lens_k = lens_k or lens_q
-        q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, 2, 32, dtype, seed=6)
-        dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
-        scale, mq, mk = fa.default_scale(32), max(lens_q), max(lens_k)
-        out, lse = fa.varlen_forward(q, k, v, cu_q, cu_k, mq, mk, causal, p, scale, seed)
-        runs = [fa.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, mq, mk, causal, p, scale, seed, fused_dq=True)
-                for _ in range(2)]
-        assert all(torch.equal(a, b) for a, b in zip(*runs)), f"causal={causal}: not deterministic"
-        masks = fa.varlen_dropout_keep_masks(seed, cu_q, cu_k, 2, p)
-        pe = fa.effective_dropout_p(p)
-        exact = run_ref(q, k, v, cu_q, cu_k, dout, causal, torch.float64, pe, masks)
-        same = run_ref(q, k, v, cu_q, cu_k, dout, causal, dtype, pe, masks)
-        for name, a, e, t in zip(("out", "dq", "dk", "dv"), (out, *runs[0]), exact, same):
-            torch_err = (t.double() - e).abs().max().item()
-            assert_close(f"{name} causal={causal}", a, e,
-                         2 * torch_err + ATOL[dtype] * max(1.0, e.abs().max().item()))
+        check_fused_varlen_dropout(lens_q, lens_k or lens_q, causal, 2, 32, dtype, torch.float64, seed=5, qkv_seed=6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,24 +550,9 @@ def test_gpu_fused_varlen_dropout_is_correct_and_deterministic():
     programs running concurrently next to each other's rows) and captions against 197 image keys
     (chunked): bitwise equal over two runs (no atomics; each dQ row summed in a fixed order by one
     program) and within the flash-attention rule of the reference given the kernels' mask."""
-    p, seed = 0.1, 31
     lens = torch.randint(1, 31, (256,), generator=torch.Generator().manual_seed(2)).tolist()
     for lens_k, causal in ((lens, True), ([197] * len(lens), False)):
-        q, k, v, cu_q, cu_k = make_packed(lens, lens_k, 12, 64, torch.bfloat16)
-        dout = torch.randn_like(q)
-        scale, mq, mk = fa.default_scale(64), max(lens), max(lens_k)
-        out, lse = fa.varlen_forward(q, k, v, cu_q, cu_k, mq, mk, causal, p, scale, seed)
-        runs = [fa.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, mq, mk, causal, p, scale, seed, fused_dq=True)
-                for _ in range(2)]
-        assert all(torch.equal(a, b) for a, b in zip(*runs)), f"causal={causal}: not deterministic"
-        masks = fa.varlen_dropout_keep_masks(seed, cu_q, cu_k, 12, p)
-        pe = fa.effective_dropout_p(p)
-        exact = run_ref(q, k, v, cu_q, cu_k, dout, causal, torch.float32, pe, masks)
-        low = run_ref(q, k, v, cu_q, cu_k, dout, causal, torch.bfloat16, pe, masks)
-        for name, a, e, t in zip(("dq", "dk", "dv"), runs[0], exact[1:], low[1:]):
-            torch_err = (t.float() - e).abs().max().item()
-            assert_close(f"{name} causal={causal}", a, e,
-                         2 * torch_err + ATOL[torch.bfloat16] * max(1.0, e.abs().max().item()))
+        check_fused_varlen_dropout(lens, lens_k, causal, 12, 64, torch.bfloat16, torch.float32, seed=31)
 
 
 def test_default_varlen_backward_on_cpu_runs_the_two_kernel_path(monkeypatch):
