@@ -679,54 +679,56 @@ def _dkdv_tile(pid_n, first, q_own, Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, KPM,
 
 
 @triton.jit
+def _fused_dq_init_block(O, DO, DELTA, DQACC, som, sod, sdom, sdod, r0, hi,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows r0 + arange(BLOCK_M) < hi: delta = rowsum(dO * O), DQACC = 0."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    ok = rows < hi
+    o = tl.load(O + rows[:, None] * som + offs_d[None, :] * sod, mask=ok[:, None], other=0.0)
+    do = tl.load(DO + rows[:, None] * sdom + offs_d[None, :] * sdod, mask=ok[:, None], other=0.0)
+    tl.store(DELTA + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=ok)
+    tl.store(DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :], tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32),
+             mask=ok[:, None])
+
+
+@triton.jit
 def _fused_dq_prologue(O, DO, DELTA, DQACC, som, sod, sdom, sdod, lo, hi,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
     """FUSED_DQ, before any key tile: delta = rowsum(dO * O) and DQACC = 0 for the program's query
     rows [lo, hi) (the work `_attn_bwd_dq` does otherwise); no other row is written."""
-    offs_d = tl.arange(0, HEAD_DIM)
     if INTERPRET:
         r0 = lo + hi * 0
         while r0 < hi:
-            rows = r0 + tl.arange(0, BLOCK_M)
-            ok = rows < hi
-            o = tl.load(O + rows[:, None] * som + offs_d[None, :] * sod, mask=ok[:, None], other=0.0)
-            do = tl.load(DO + rows[:, None] * sdom + offs_d[None, :] * sdod, mask=ok[:, None], other=0.0)
-            tl.store(DELTA + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=ok)
-            tl.store(DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :],
-                     tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), mask=ok[:, None])
+            _fused_dq_init_block(O, DO, DELTA, DQACC, som, sod, sdom, sdod, r0, hi, HEAD_DIM, BLOCK_M)
             r0 += BLOCK_M
     else:
         for r0 in range(lo, hi, BLOCK_M):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            ok = rows < hi
-            o = tl.load(O + rows[:, None] * som + offs_d[None, :] * sod, mask=ok[:, None], other=0.0)
-            do = tl.load(DO + rows[:, None] * sdom + offs_d[None, :] * sdod, mask=ok[:, None], other=0.0)
-            tl.store(DELTA + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=ok)
-            tl.store(DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :],
-                     tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), mask=ok[:, None])
+            _fused_dq_init_block(O, DO, DELTA, DQACC, som, sod, sdom, sdod, r0, hi, HEAD_DIM, BLOCK_M)
+
+
+@triton.jit
+def _fused_dq_write_block(DQ, DQACC, sdqm, sdqd, r0, hi, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows r0 + arange(BLOCK_M) < hi: DQ = sm_scale * DQACC in DQ's dtype."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    ok = rows[:, None] < hi
+    acc = tl.load(DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok, other=0.0)
+    tl.store(DQ + rows[:, None] * sdqm + offs_d[None, :] * sdqd, (acc * sm_scale).to(DQ.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _fused_dq_epilogue(DQ, DQACC, sdqm, sdqd, lo, hi, sm_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
     """FUSED_DQ, after the last key tile: DQ = sm_scale * DQACC in DQ's dtype, rows [lo, hi)."""
-    offs_d = tl.arange(0, HEAD_DIM)
     if INTERPRET:
         r0 = lo + hi * 0
         while r0 < hi:
-            rows = r0 + tl.arange(0, BLOCK_M)
-            ok = rows[:, None] < hi
-            acc = tl.load(DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok, other=0.0)
-            tl.store(DQ + rows[:, None] * sdqm + offs_d[None, :] * sdqd, (acc * sm_scale).to(DQ.dtype.element_ty),
-                     mask=ok)
+            _fused_dq_write_block(DQ, DQACC, sdqm, sdqd, r0, hi, sm_scale, HEAD_DIM, BLOCK_M)
             r0 += BLOCK_M
     else:
         for r0 in range(lo, hi, BLOCK_M):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            ok = rows[:, None] < hi
-            acc = tl.load(DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok, other=0.0)
-            tl.store(DQ + rows[:, None] * sdqm + offs_d[None, :] * sdqd, (acc * sm_scale).to(DQ.dtype.element_ty),
-                     mask=ok)
+            _fused_dq_write_block(DQ, DQACC, sdqm, sdqd, r0, hi, sm_scale, HEAD_DIM, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["seed", "DEVICE_KEY"])
