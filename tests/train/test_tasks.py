@@ -67,6 +67,20 @@ def losses(tr):
         return [json.loads(line) for line in f if '"loss"' in line]
 
 
+def record_weights(monkeypatch, owner, name: str) -> list:
+    """Wrap `owner.name(model, ...)` so each call first records a copy of the model's state dict;
+    returns the (growing) list of records."""
+    records = []
+    real = getattr(owner, name)
+
+    def spy(model, *args, **kwargs):
+        records.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return records
+
+
 def test_retrieval_trains_and_evaluates(tmp_path, tokenizer, monkeypatch):
     import blipfast.eval.retrieval as eval_retrieval
 
@@ -75,14 +89,8 @@ def test_retrieval_trains_and_evaluates(tmp_path, tokenizer, monkeypatch):
     run.train.eval.k_test = 2
     tr = trainer_for(run, tokenizer)
     before = tr.model.itm_head.weight.detach().clone()
-    evaluated = []  # the weights of each model the end-of-run evaluation extracts features with
-    extract = eval_retrieval.extract_features
-
-    def spy(model, *args, **kwargs):
-        evaluated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return extract(model, *args, **kwargs)
-
-    monkeypatch.setattr(eval_retrieval, "extract_features", spy)
+    # the weights of each model the end-of-run evaluation extracts features with
+    evaluated = record_weights(monkeypatch, eval_retrieval, "extract_features")
     result = tr.fit()
     monkeypatch.undo()
     assert result["steps"] == N_BATCHES
@@ -126,14 +134,7 @@ def test_caption_loss_falls_and_evaluates(tmp_path, tokenizer, monkeypatch):
     run.train.eval.num_captions = 4
     tr = trainer_for(run, tokenizer)
     assert tr.momentum.state_dict() == {}
-    evaluated = []  # the weights of each model the end-of-run evaluation generates with
-    generate = BlipForCaptioning.generate
-
-    def spy(model, *args, **kwargs):
-        evaluated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return generate(model, *args, **kwargs)
-
-    monkeypatch.setattr(BlipForCaptioning, "generate", spy)
+    evaluated = record_weights(monkeypatch, BlipForCaptioning, "generate")  # the weights it generates with
     result = tr.fit()
     monkeypatch.undo()
     trained = tr.full_state_dict()  # the captions come from the trained weights, not the initial ones
