@@ -374,21 +374,28 @@ def run_compile_audit(quick: bool = False, log=None) -> List[Row]:
 
 
 def itc_rows(log=None) -> List[Row]:
-    """The fused ITC loss kernels at their bf16 GPU defaults, E = 256 features."""
+    """The fused ITC loss kernels at their GPU defaults, E = 256 features: bf16 (wgmma; variant
+    "default", and "ids" with retrieval image ids) and fp32 (3xTF32 mma.sync, features streamed in
+    chunks; "default fp32", "ids fp32", and "E1024 fp32" at the widest E the op takes)."""
     import torch
 
     itc = importlib.import_module("blipfast.kernels.itc")
-    cfg = itc.ItcKernelConfig().resolved(torch.bfloat16, False)
-    base = dict(TILES_PER_SPLIT=8, HAS_IDX=False, BLOCK_N=cfg.block_n,
-                **itc._feature_constexprs(torch.bfloat16, 256, cfg.precision, False))
+    fp32_types = {n: "*fp32" for n in ("q_ptr", "qm_ptr", "k_ptr", "queue_ptr")}
     out = []
-    for name, fn, bm, extra in (("itc_st", itc._itc_stats_kernel, cfg.block_m, dict(WRITE_SIMS=True)),
-                                ("itc_gr", itc._itc_grad_kernel, cfg.block_m_grad, {})):
-        row = audit_kernel(name, fn, dict(base, BLOCK_M=bm, **extra), cfg.num_warps, cfg.num_stages, "default",
-                           f"{bm}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}")
-        out.append(row)
-        if log:
-            log(row)
+    for dtype, suffix, types in ((torch.bfloat16, "", {}), (torch.float32, " fp32", fp32_types)):
+        cfg = itc.ItcKernelConfig().resolved(dtype, False)
+        widths = (256, 1024) if dtype == torch.float32 else (256,)
+        for E, ids in [(256, False), (256, True)] + [(e, False) for e in widths if e != 256]:
+            variant = ("ids" if ids else "default" if E == 256 else f"E{E}") + suffix
+            base = dict(TILES_PER_SPLIT=8, HAS_IDX=ids, BLOCK_N=cfg.block_n,
+                        **itc._feature_constexprs(dtype, E, cfg.precision, False))
+            for name, fn, bm, extra in (("itc_st", itc._itc_stats_kernel, cfg.block_m, dict(WRITE_SIMS=True)),
+                                        ("itc_gr", itc._itc_grad_kernel, cfg.block_m_grad, {})):
+                row = audit_kernel(name, fn, dict(base, BLOCK_M=bm, **extra), cfg.num_warps, cfg.num_stages, variant,
+                                   f"{bm}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}", types=types)
+                out.append(row)
+                if log:
+                    log(row)
     return out
 
 

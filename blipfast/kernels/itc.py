@@ -42,7 +42,10 @@ removed (no floor).
 Precision: the dot products run in the online features' dtype (fp16/bf16: tensor cores with
 fp32 accumulation, momentum features and queue cast to it on load, as PyTorch autocast would;
 fp32: `precision`, default "tf32x3", about fp32-accurate; the 1/temp = 1000 scale makes plain
-TF32 too coarse). All softmax statistics are fp32. Under TRITON_INTERPRET=1, bf16 tiles are
+TF32 too coarse). With fp32 features the kernels walk the features in FP32_CHUNK_E-wide chunks
+(`_streamed_logits`), and the gradient kernel accumulates in its output partial chunk by chunk
+(`_grad_tile_in_out`): 3xTF32 mma.sync operands live in registers, and whole (16, E) operands
+spilled. All softmax statistics are fp32. Under TRITON_INTERPRET=1, bf16 tiles are
 upcast to fp32 (the interpreter's bf16 arithmetic is broken, triton#11584).
 
 `itc_loss` runs as the PyTorch custom op "blipfast::itc_loss" (a fake implementation for
@@ -75,37 +78,56 @@ NEG = tl.constexpr(-3.0e38)  # finite "minus infinity" for running maxima (no in
 @triton.jit
 def _load_queries(q_ptr, qm_ptr, rows, row_ok, offs_e, e_ok, stride_q, stride_qm, UPCAST: tl.constexpr,
                   STACK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """The row block's online and momentum features, q and qm (BLOCK_M, BLOCK_E), as the logits'
-    dot operand: with STACK_Q one (2 * BLOCK_M, BLOCK_E) matrix [q; qm], else the pair (q, qm).
+    """The row block's online and momentum features q and qm (BLOCK_M, BLOCK_E) as the logits' dot
+    operand: with STACK_Q one (2 * BLOCK_M, BLOCK_E) matrix [q; qm], loaded once; without, the rows'
+    base pointers (q rows, qm rows, row mask), for `_streamed_logits` to load in feature chunks.
 
     Stacked, one dot gives both logit tiles, and with 8 warps and 64 rows each warpgroup computes
     one of them: two 64-row dots each run on both warpgroups, and keep twice the loop-invariant
-    wgmma descriptors live (the gradient kernel spilled). fp32 features (3xTF32 mma.sync, operands
-    in registers) keep the pair."""
-    mask = row_ok[:, None] & e_ok[None, :]
-    q = tl.load(q_ptr + rows[:, None] * stride_q + offs_e[None, :], mask=mask, other=0.0)
-    qm = tl.load(qm_ptr + rows[:, None] * stride_qm + offs_e[None, :], mask=mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    qm = qm.to(q.dtype)  # momentum features may be kept in another dtype (e.g. fp32 EMA weights)
+    wgmma descriptors live (the gradient kernel spilled). fp32 features run 3xTF32 mma.sync, whose
+    A operand every warp holds whole: a (16, 256) q and qm in registers would be 256 registers per
+    thread, so they are streamed instead (they are re-read from L1/L2 per column tile)."""
     if STACK_Q:
+        mask = row_ok[:, None] & e_ok[None, :]
+        q = tl.load(q_ptr + rows[:, None] * stride_q + offs_e[None, :], mask=mask, other=0.0)
+        qm = tl.load(qm_ptr + rows[:, None] * stride_qm + offs_e[None, :], mask=mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        qm = qm.to(q.dtype)  # momentum features may be kept in another dtype (e.g. fp32 EMA weights)
         qq = tl.permute(tl.join(q, qm), (2, 0, 1))  # (BLOCK_M, BLOCK_E, 2) -> (2, BLOCK_M, BLOCK_E)
         return tl.reshape(qq, (2 * BLOCK_M, BLOCK_E))
     else:
-        return q, qm
+        return q_ptr + rows * stride_q, qm_ptr + rows * stride_qm, row_ok
 
 
 @triton.jit
-def _logits(queries, kT, inv_t, STACK_Q: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr):
-    """The tile's logits (s, sm), 2 x (BLOCK_M, BLOCK_N): s = q k / temp, sm = qm k / temp."""
-    if STACK_Q:
-        ss = tl.dot(queries, kT, input_precision=PRECISION) * inv_t  # (2 * BLOCK_M, BLOCK_N) = [s; sm]
-        ss = tl.permute(tl.reshape(ss, (2, BLOCK_M, BLOCK_N)), (1, 2, 0))  # (BLOCK_M, BLOCK_N, 2)
-        return tl.split(ss)
-    else:
-        q, qm = queries
-        return tl.dot(q, kT, input_precision=PRECISION) * inv_t, tl.dot(qm, kT, input_precision=PRECISION) * inv_t
+def _logits(queries, kT, inv_t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The tile's logits (s, sm), 2 x (BLOCK_M, BLOCK_N), s = q k / temp, sm = qm k / temp, from
+    the stacked [q; qm] (16-bit features)."""
+    ss = tl.dot(queries, kT) * inv_t  # (2 * BLOCK_M, BLOCK_N) = [s; sm]
+    ss = tl.permute(tl.reshape(ss, (2, BLOCK_M, BLOCK_N)), (1, 2, 0))  # (BLOCK_M, BLOCK_N, 2)
+    return tl.split(ss)
+
+
+@triton.jit
+def _streamed_logits(queries, col_ptr, cols, col_ok, stride_ce, stride_cn, e_lim, inv_t, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_E: tl.constexpr):
+    """(s, sm) as `_logits`, for fp32 features: the dots walk the features in CHUNK_E-wide chunks,
+    loading q, qm and the columns chunk by chunk, so no operand wider than CHUNK_E is live."""
+    q_rows, qm_rows, row_ok = queries
+    s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    sm = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for c in range(BLOCK_E // CHUNK_E):
+        offs_e = c * CHUNK_E + tl.arange(0, CHUNK_E)
+        e_ok = offs_e < e_lim
+        kT = tl.load(col_ptr + offs_e[:, None] * stride_ce + cols[None, :] * stride_cn,
+                     mask=e_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)  # (CHUNK_E, BLOCK_N)
+        mask = row_ok[:, None] & e_ok[None, :]
+        q = tl.load(q_rows[:, None] + offs_e[None, :], mask=mask, other=0.0)  # (BLOCK_M, CHUNK_E)
+        qm = tl.load(qm_rows[:, None] + offs_e[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.dot(q, kT, s, input_precision=PRECISION)
+        sm = tl.dot(qm, kT, sm, input_precision=PRECISION)
+    return s * inv_t, sm * inv_t
 
 
 @triton.jit
@@ -133,17 +155,24 @@ def _stats_tile(state, s, sm, col_ok, pos, shift):
 
 
 @triton.jit
-def _grad_tile(state, s, sm, kT, col_ok, pos, shift, lse, alpha, PRECISION: tl.constexpr):
-    """Fold one tile into (acc, ws, wsum): acc += (p - t) @ K, ws += sum_j (p - t)(s - shift) and
-    wsum += sum_j (p - t) as rounded for the dot. lse: the merged per-row (mx, lz, mx_m, lz_m, posw)."""
-    acc, ws, wsum = state
+def _grad_weights(s, sm, col_ok, pos, lse, alpha):
+    """The tile's weights p - t (BLOCK_M, BLOCK_N), 0 in the columns past the end.
+    lse: the merged per-row (mx, lz, mx_m, lz_m, posw)."""
     mx, lz, mx_m, lz_m, posw = lse
     # log-sum-exps as (row max, log of the rescaled sum): exp((s - max) - log_sum) keeps the
     # probabilities' relative precision where exp(s - lse) would lose it to |s| up to 1000
     p = tl.exp((s - mx[:, None]) - lz[:, None])
     pm = tl.exp((sm - mx_m[:, None]) - lz_m[:, None])
     w = p - alpha * pm - tl.where(pos, posw[:, None], 0.0)
-    w = tl.where(col_ok[None, :], w, 0.0)  # (BLOCK_M, BLOCK_N) = p - t
+    return tl.where(col_ok[None, :], w, 0.0)
+
+
+@triton.jit
+def _grad_tile(state, s, sm, kT, col_ok, pos, shift, lse, alpha, PRECISION: tl.constexpr):
+    """Fold one tile into (acc, ws, wsum): acc += (p - t) @ K, ws += sum_j (p - t)(s - shift) and
+    wsum += sum_j (p - t) as rounded for the dot."""
+    acc, ws, wsum = state
+    w = _grad_weights(s, sm, col_ok, pos, lse, alpha)
     ws += tl.sum(w * (s - shift[:, None]), 1)  # sum_j w_ij = 0: the shift only removes rounding
     w_lp = w.to(kT.dtype)
     wsum += tl.sum(w_lp.to(tl.float32), 1)
@@ -152,11 +181,39 @@ def _grad_tile(state, s, sm, kT, col_ok, pos, shift, lse, alpha, PRECISION: tl.c
 
 
 @triton.jit
+def _grad_tile_in_out(state, s, sm, col_ptr, cols, col_ok, stride_ce, stride_cn, e_lim, pos, shift, lse, alpha,
+                      inv_t, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_E: tl.constexpr):
+    """`_grad_tile` for fp32 features (ACC_OUT): the (BLOCK_M, E) accumulator lives in the
+    program's own rows of the output partial, `out_rows` (BLOCK_M,) pointers, and each tile adds to
+    it chunk by chunk, (BLOCK_M, CHUNK_E) at a time, with the column tile's matching chunk: no
+    operand or accumulator wider than CHUNK_E is in registers, whatever E. It holds
+    sum_j (p - t) k_j / temp (the register path's `acc * inv_t`)."""
+    out_rows, row_ok, ws, wsum = state
+    w = _grad_weights(s, sm, col_ok, pos, lse, alpha)  # fp32: no rounding for the dot
+    ws += tl.sum(w * (s - shift[:, None]), 1)
+    wsum += tl.sum(w, 1)
+    for c in range(BLOCK_E // CHUNK_E):
+        offs_e = c * CHUNK_E + tl.arange(0, CHUNK_E)
+        e_ok = offs_e < e_lim
+        kT = tl.load(col_ptr + offs_e[:, None] * stride_ce + cols[None, :] * stride_cn,
+                     mask=e_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)  # (CHUNK_E, BLOCK_N)
+        ptrs = out_rows[:, None] + offs_e[None, :]
+        mask = row_ok[:, None] & e_ok[None, :]
+        acc = tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, tl.dot(w * inv_t, tl.trans(kT), acc, input_precision=PRECISION), mask=mask)
+    # Triton stores each element from one thread, but a replica in another warp may load it: the
+    # next tile's loads wait for this tile's stores
+    tl.debug_barrier()
+    return out_rows, row_ok, ws, wsum
+
+
+@triton.jit
 def _column_sweep(state, queries, col_ptr, col_idx_ptr, first_tile, n_cols, stride_ce, stride_cn, e_lim,
                   rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr, B,
                   IN_BATCH: tl.constexpr, GRAD: tl.constexpr, HAS_IDX: tl.constexpr, WRITE_SIMS: tl.constexpr,
                   STACK_Q: tl.constexpr, TILES: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_E: tl.constexpr,
+                  ACC_OUT: tl.constexpr):
     """Stream TILES column tiles from tile `first_tile` on and fold each into `state`: the gradient's
     (GRAD, `_grad_tile`) or the statistics' (`_stats_tile`, and with WRITE_SIMS the in-batch logits
     into sims (B, B)). The columns are in-batch momentum features (IN_BATCH: rows of a (B, E)
@@ -168,12 +225,13 @@ def _column_sweep(state, queries, col_ptr, col_idx_ptr, first_tile, n_cols, stri
     for i in range(0, TILES):
         cols = (first_tile + i) * BLOCK_N + offs_n
         col_ok = cols < n_cols
-        kT = tl.load(col_ptr + offs_e[:, None] * stride_ce + cols[None, :] * stride_cn,
-                     mask=e_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_E, BLOCK_N)
-        if STACK_Q:
-            kT = kT.to(queries.dtype)
-        else:
-            kT = kT.to(queries[0].dtype)
+        if STACK_Q or (GRAD and not ACC_OUT):  # the whole tile: the stacked dot's operand, the gradient's
+            kT = tl.load(col_ptr + offs_e[:, None] * stride_ce + cols[None, :] * stride_cn,
+                         mask=e_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_E, BLOCK_N)
+            if STACK_Q:
+                kT = kT.to(queries.dtype)
+            else:
+                kT = kT.to(tl.float32)
         if HAS_IDX:  # positives: every column with the row's image id
             idx_col = tl.load(col_idx_ptr + cols, mask=col_ok, other=0)
             pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
@@ -181,8 +239,15 @@ def _column_sweep(state, queries, col_ptr, col_idx_ptr, first_tile, n_cols, stri
             pos = (cols[None, :] == rows[:, None]) & col_ok[None, :]
         else:  # no positives in the queue
             pos = (cols[None, :] < 0) & row_ok[:, None]
-        s, sm = _logits(queries, kT, inv_t, STACK_Q, PRECISION, BLOCK_M, BLOCK_N)
-        if GRAD:
+        if STACK_Q:
+            s, sm = _logits(queries, kT, inv_t, BLOCK_M, BLOCK_N)
+        else:
+            s, sm = _streamed_logits(queries, col_ptr, cols, col_ok, stride_ce, stride_cn, e_lim, inv_t, PRECISION,
+                                     BLOCK_M, BLOCK_N, BLOCK_E, CHUNK_E)
+        if GRAD and ACC_OUT:
+            state = _grad_tile_in_out(state, s, sm, col_ptr, cols, col_ok, stride_ce, stride_cn, e_lim, pos, shift,
+                                      lse, alpha, inv_t, PRECISION, BLOCK_E, CHUNK_E)
+        elif GRAD:
             state = _grad_tile(state, s, sm, kT, col_ok, pos, shift, lse, alpha, PRECISION)
         else:
             state = _stats_tile(state, s, sm, col_ok, pos, shift)
@@ -196,17 +261,20 @@ def _sweep_split(state, queries, k_ptr, queue_ptr, idx_ptr, idxq_ptr, pid_s, spl
                  stride_ue, stride_un, rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr,
                  GRAD: tl.constexpr, HAS_IDX: tl.constexpr, WRITE_SIMS: tl.constexpr, STACK_Q: tl.constexpr,
                  TILES: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_E: tl.constexpr,
+                 ACC_OUT: tl.constexpr):
     """`_column_sweep` over the program's column split: splits [0, splits_b) cover the in-batch
     columns (rows of k, (B, E)), the others the queue ((E, Q)); the program branches once, not per tile."""
     if pid_s < splits_b:
         state = _column_sweep(state, queries, k_ptr, idx_ptr, pid_s * TILES, B, 1, stride_k, e_lim,
                               rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr, B,
-                              True, GRAD, HAS_IDX, WRITE_SIMS, STACK_Q, TILES, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E)
+                              True, GRAD, HAS_IDX, WRITE_SIMS, STACK_Q, TILES, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E,
+                              CHUNK_E, ACC_OUT)
     else:
         state = _column_sweep(state, queries, queue_ptr, idxq_ptr, (pid_s - splits_b) * TILES, Q, stride_ue, stride_un,
                               e_lim, rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr, B,
-                              False, GRAD, HAS_IDX, WRITE_SIMS, STACK_Q, TILES, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E)
+                              False, GRAD, HAS_IDX, WRITE_SIMS, STACK_Q, TILES, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E,
+                              CHUNK_E, ACC_OUT)
     return state
 
 
@@ -216,7 +284,7 @@ def _itc_stats_kernel(
     B, Q, E, stride_q, stride_qm, stride_k, stride_ue, stride_un, splits_b,
     TILES_PER_SPLIT: tl.constexpr, HAS_IDX: tl.constexpr, WRITE_SIMS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-    EVEN_E: tl.constexpr, STACK_Q: tl.constexpr,
+    EVEN_E: tl.constexpr, STACK_Q: tl.constexpr, CHUNK_E: tl.constexpr, ACC_OUT: tl.constexpr,
 ):
     """Program (row block, column split): partial statistics of its columns, 7 x (BLOCK_M,).
 
@@ -240,7 +308,7 @@ def _itc_stats_kernel(
     state = _sweep_split((m0, z, m0, z, z, z, z), queries, k_ptr, queue_ptr, idx_ptr, idxq_ptr, pid_s, splits_b,
                          B, Q, e_lim, stride_k, stride_ue, stride_un, rows, row_ok, key_row, shift, (), 0.0, inv_t,
                          sims_ptr, False, HAS_IDX, WRITE_SIMS, STACK_Q, TILES_PER_SPLIT, PRECISION,
-                         BLOCK_M, BLOCK_N, BLOCK_E)
+                         BLOCK_M, BLOCK_N, BLOCK_E, CHUNK_E, ACC_OUT)
 
     base = part_ptr + pid_s * B + rows
     for k in tl.static_range(7):  # m_s, l_s, m_m, l_m, ts, pos_s, pos_n: part is (7, splits, B)
@@ -254,7 +322,7 @@ def _itc_grad_kernel(
     B, Q, E, stride_q, stride_qm, stride_k, stride_ue, stride_un, splits_b,
     TILES_PER_SPLIT: tl.constexpr, HAS_IDX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, EVEN_E: tl.constexpr,
-    STACK_Q: tl.constexpr,
+    STACK_Q: tl.constexpr, CHUNK_E: tl.constexpr, ACC_OUT: tl.constexpr,
 ):
     """Program (row block, column split): partial sum_j (p_ij - t_ij) k_j / temp, (BLOCK_M, E);
     partial sum_j (p_ij - t_ij) s_ij, (BLOCK_M,) (for the temperature: summing the products
@@ -280,13 +348,26 @@ def _itc_grad_kernel(
            tl.load(stat_ptr + 3 * B + rows, mask=row_ok, other=0.0),
            tl.load(posw_ptr + rows, mask=row_ok, other=0.0))  # posw = (1 - alpha) / number of positives
     z = tl.zeros((BLOCK_M,), tl.float32)
-    acc, ws, wsum = _sweep_split((tl.zeros((BLOCK_M, BLOCK_E), tl.float32), z, z), queries, k_ptr, queue_ptr,
-                                 idx_ptr, idxq_ptr, pid_s, splits_b, B, Q, e_lim, stride_k, stride_ue, stride_un,
-                                 rows, row_ok, key_row, shift, lse, alpha, inv_t, gpart_ptr, True, HAS_IDX, False,
-                                 STACK_Q, TILES_PER_SPLIT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E)
-
-    out = gpart_ptr + pid_s * B * E + rows[:, None] * E + offs_e[None, :]
-    tl.store(out, acc * inv_t, mask=row_ok[:, None] & e_ok[None, :])
+    if ACC_OUT:  # the accumulator is the output partial itself (`_grad_tile_in_out`): zero it first
+        out_rows = gpart_ptr + pid_s * B * E + rows * E
+        for c in range(BLOCK_E // CHUNK_E):
+            offs_c = c * CHUNK_E + tl.arange(0, CHUNK_E)
+            tl.store(out_rows[:, None] + offs_c[None, :], tl.zeros((BLOCK_M, CHUNK_E), tl.float32),
+                     mask=row_ok[:, None] & (offs_c < e_lim)[None, :])
+        tl.debug_barrier()
+        state = (out_rows, row_ok, z, z)
+    else:
+        state = (tl.zeros((BLOCK_M, BLOCK_E), tl.float32), z, z)
+    state = _sweep_split(state, queries, k_ptr, queue_ptr, idx_ptr, idxq_ptr, pid_s, splits_b, B, Q, e_lim,
+                         stride_k, stride_ue, stride_un, rows, row_ok, key_row, shift, lse, alpha, inv_t, gpart_ptr,
+                         True, HAS_IDX, False, STACK_Q, TILES_PER_SPLIT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E,
+                         CHUNK_E, ACC_OUT)
+    if ACC_OUT:
+        _, _, ws, wsum = state
+    else:
+        acc, ws, wsum = state
+        out = gpart_ptr + pid_s * B * E + rows[:, None] * E + offs_e[None, :]  # computed here: not live in the loop
+        tl.store(out, acc * inv_t, mask=row_ok[:, None] & e_ok[None, :])
     tl.store(tpart_ptr + pid_s * B + rows, ws, mask=row_ok)  # tpart is (2, splits, B)
     tl.store(tpart_ptr + (n_splits + pid_s) * B + rows, wsum, mask=row_ok)
 
@@ -304,10 +385,12 @@ class ItcKernelConfig:
     GPU defaults (chosen by compiling for sm_90 and reading ptxas' register/spill report,
     benchmarks/kernel_audit.py, not yet timed on a GPU): 16-bit features: both kernels 64 x 16
     tiles, 8 warps, 2 stages (wgmma, no spills under triton 3.6 and 3.9, 88 KB shared memory;
-    32-column tiles spill in the gradient kernel under 3.9); fp32 features: 16 x 32 tiles,
-    4 warps, 1 stage with "tf32x3" dots (plain TF32 is too coarse for logits up to
-    1 / temp = 1000; the fp32 path is the accurate one, bf16 the fast one; its 3xTF32 mma.sync
-    operands live in registers, and it spills 0.4-1.2 KB). Splits: about 4 programs per SM
+    32-column tiles spill in the gradient kernel under 3.9); fp32 features: 16 x 16 tiles,
+    8 warps, 1 stage with "tf32x3" dots (plain TF32 is too coarse for logits up to
+    1 / temp = 1000; the fp32 path is the accurate one, bf16 the fast one). The fp32 kernels
+    stream the features in 32-wide chunks (`_streamed_logits`, `_grad_tile_in_out`): 160-190
+    registers and no spills for E from 64 to 1024 under both Tritons, where holding q, qm and the
+    gradient in registers spilled 0.4-1.2 KB at E = 256. Splits: about 4 programs per SM
     (gradient kernel: 2). Interpreter: 16 x 64 tiles, 2 splits."""
 
     block_m: Optional[int] = None  # rows per program of the stats kernel
@@ -322,7 +405,7 @@ class ItcKernelConfig:
         if interp:
             d = dict(block_m=16, block_m_grad=16, block_n=64, num_warps=4, num_stages=1)
         elif dtype == torch.float32:
-            d = dict(block_m=16, block_m_grad=16, block_n=32, num_warps=4, num_stages=1)
+            d = dict(block_m=16, block_m_grad=16, block_n=16, num_warps=8, num_stages=1)
         else:
             d = dict(block_m=64, block_m_grad=64, block_n=16, num_warps=8, num_stages=2)
         given = {k: getattr(self, k) for k in d if getattr(self, k) is not None}
@@ -399,6 +482,9 @@ def _column_splits(B: int, Q: int, bn: int, row_blocks: int, num_splits: Optiona
     return tps, splits_b, splits_b + triton.cdiv(n_tq, tps)
 
 
+FP32_CHUNK_E = 32  # feature chunk of the fp32 logits (`_streamed_logits`); see `kernel_audit.itc_rows`
+
+
 def _feature_constexprs(dtype: torch.dtype, E: int, precision: str, interp: bool) -> dict:
     """Both kernels' compile-time flags that follow from the features' dtype and width E."""
     be = max(16, triton.next_power_of_2(E))
@@ -407,7 +493,9 @@ def _feature_constexprs(dtype: torch.dtype, E: int, precision: str, interp: bool
         EVEN_E=E == be,
         UPCAST=dtype == torch.bfloat16 and interp,  # the interpreter's bf16 arithmetic is broken
         PRECISION=precision if dtype == torch.float32 else "tf32",  # ignored for 16-bit
-        STACK_Q=dtype != torch.float32,  # one [q; qm] dot on wgmma; fp32 (3xTF32 mma.sync) keeps two
+        STACK_Q=dtype != torch.float32,  # one [q; qm] dot on wgmma; fp32 (3xTF32 mma.sync) streams them
+        CHUNK_E=be if dtype != torch.float32 else min(be, FP32_CHUNK_E),
+        ACC_OUT=dtype == torch.float32,  # fp32 gradients accumulate in the output (`_grad_tile_in_out`)
     )
 
 

@@ -113,6 +113,10 @@ CASES = [
     (8, 256, 50, 0.4, 0.5, torch.float32, None),
     (8, 16, 19, 0.0, 0.07, torch.float32, 4),
     (4, 32, 20, 0.4, 0.07, torch.bfloat16, 2),  # interpreter: bf16 tiles upcast to fp32 (UPCAST)
+    # fp32 streams the features in FP32_CHUNK_E-wide chunks: a ragged second chunk (E = 40 of 64),
+    # and E = 300 (BLOCK_E 512: ten chunks, the last partly and six wholly past E)
+    (5, 40, 33, 0.4, 0.07, torch.float32, 2),
+    (6, 300, 29, 0.4, 0.02, torch.float32, 3),
 ]
 
 
@@ -129,18 +133,18 @@ def test_itc_retrieval_ids_match_reference(B, Q, alpha):
                             torch.float32)
 
 
-# the GPU's 16-bit default tiles (64 rows: the stacked [q; qm] operand is 128 rows) in the
-# interpreter, with a second, ragged row block (B = 70 = 64 + 6) and a ragged last column tile
-GPU_TILES = itc.ItcKernelConfig().resolved(torch.float16, interp=False)
-
-
-@pytest.mark.parametrize("dtype,ids", [(torch.float16, False), (torch.float16, True), (torch.float32, False)])
-def test_itc_gpu_default_tiles_match_reference(dtype, ids):
-    B, E, Q = 70, 24, 45
-    assert GPU_TILES.block_m < B and GPU_TILES.block_m_grad < B
+# the GPU's default tiles for the dtype in the interpreter (16-bit: 64 rows, the stacked [q; qm]
+# operand is 128 rows; fp32: 16 x 16, features streamed in chunks), with a second, ragged row
+# block (B = 70 = 64 + 6) and a ragged last column tile
+@pytest.mark.parametrize("dtype,ids,E", [(torch.float16, False, 24), (torch.float16, True, 24),
+                                         (torch.float32, False, 24), (torch.float32, True, 72)])
+def test_itc_gpu_default_tiles_match_reference(dtype, ids, E):
+    B, Q = 70, 45
+    tiles = itc.ItcKernelConfig().resolved(dtype, interp=False)
+    assert tiles.block_m < B and tiles.block_m_grad < B
     x = make_inputs(B, E, Q, 0.07, seed=21, idx=ids)
-    cfg = itc.ItcKernelConfig(block_m=GPU_TILES.block_m, block_m_grad=GPU_TILES.block_m_grad,
-                              block_n=GPU_TILES.block_n, num_splits=3, precision="ieee")
+    cfg = itc.ItcKernelConfig(block_m=tiles.block_m, block_m_grad=tiles.block_m_grad,
+                              block_n=tiles.block_n, num_splits=3, precision="ieee")
     check_against_reference(run_kernel(x, 0.4, dtype, config=cfg), run_reference(x, 0.4, dtype), dtype)
 
 

@@ -59,6 +59,10 @@ def test_every_kernel_compiles_to_wgmma_without_spills(audit):
     fp32 = {(r["kernel"], r["variant"]) for r in rows if r["variant"].endswith(" fp32")}
     assert {(k, v + d + " fp32") for k in ("fwd", "dq", "dkdv", "dkdvq") for v in ("dense", "causal+kpm", "varlen")
             for d in ("", "+dropout")} <= fp32, fp32
+    # the ITC kernels: bf16 (wgmma) and fp32 (3xTF32 mma.sync, streamed features), with and without image ids
+    itc = {(r["kernel"], r["variant"]) for r in rows if r["kernel"].startswith("itc")}
+    assert {(k, v) for k in ("itc_st", "itc_gr")
+            for v in ("default", "ids", "default fp32", "ids fp32", "E1024 fp32")} <= itc, itc
     spilling = [(r["kernel"], r["variant"], r["config"], r["spills"]) for r in rows if r["spills"] > THRESHOLDS["spills"]]
     assert not spilling, f"spills: {spilling}"
     # thin-tail launches (16 rows of 197, `thin_tail_split`) are too narrow for wgmma: mma.sync there;
@@ -70,8 +74,8 @@ def test_every_kernel_compiles_to_wgmma_without_spills(audit):
 
 
 def test_loss_kernels_on_wgmma(audit):
-    rows = [r for r in audit["rows"] if r["kernel"].startswith("itc") and r["variant"] == "default"]
-    assert rows and all(r["mma"] == "wgmma" for r in rows), rows
+    rows = [r for r in audit["rows"] if r["kernel"].startswith("itc") and r["variant"] in ("default", "ids")]
+    assert len(rows) == 4 and all(r["mma"] == "wgmma" for r in rows), rows
     assert all(r["loop"] > 0 for r in rows), "a main loop was not found in the SASS"
 
 
