@@ -200,9 +200,11 @@ def _grad_tile_in_out(state, s, sm, col_ptr, cols, col_ok, stride_ce, stride_cn,
         ptrs = out_rows[:, None] + offs_e[None, :]
         mask = row_ok[:, None] & e_ok[None, :]
         acc = tl.load(ptrs, mask=mask, other=0.0)
+        # the chunk is read by every thread holding a copy of it before any thread overwrites it, and
+        # (the barrier after the loop) written before the next tile reads it: correct whatever
+        # layouts the compiler picks (today its layout conversions around the dot also synchronise)
+        tl.debug_barrier()
         tl.store(ptrs, tl.dot(w * inv_t, tl.trans(kT), acc, input_precision=PRECISION), mask=mask)
-    # Triton stores each element from one thread, but a replica in another warp may load it: the
-    # next tile's loads wait for this tile's stores
     tl.debug_barrier()
     return out_rows, row_ok, ws, wsum
 
