@@ -281,8 +281,8 @@ def fused_bwd_rows(log=None, candidates: bool = True) -> List[Row]:
                                          f"w{c.num_warps} s{c.num_stages}"))
                 if log:
                     log(rows[-1])
-            # the fused configs, and (tried, spilling: see fa._gpu_configs) the pipelined ones
-            tried = _fixed_configs(((32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2)))
+            # the fused configs, and (tried, spilling: see fa._gpu_configs) 32-query and pipelined ones
+            tried = _fixed_configs(((32, 64, 4, 1), (32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2)))
             own = _fixed_configs([fa.VARLEN_BLOCKS["dkdv_fused"]]) if varlen else fa._gpu_configs("dkdv_fused")
             # packed: a runtime `group` (chunked keys: the cross-attention's 197 per caption), and the
             # packed schedule's group = 1, which a launch specialises as a constant ("g1")

@@ -38,7 +38,8 @@ rows (as key tiles always do).
 Backward: two schedules, both deterministic. A dQ kernel (S, dP, dQ: 3 matmuls per (query tile,
 key tile)) and a dK/dV kernel (S, dP, dV, dK: 4); or the dK/dV kernel alone with FUSED_DQ, 5 matmuls
 per tile: each program walks its key tiles in order and adds dS K into fp32 dQ rows only it
-touches, so it needs no atomics; it needs more registers and runs fewer programs
+touches, so it needs no atomics (16-bit: computed as K^T dS^T, the head dim on the M side of the dot,
+so that it runs on wgmma with 16-query tiles); it needs more registers and runs fewer programs
 (benchmarks/kernel_audit.py --fused-bwd). Dense: one program per (batch, head). Packed: one per
 group of key tiles holding whole sequences (`varlen_fused_schedule`: a tile of several short
 sequences, or all chunks of a long one), owning those sequences' query rows; with dropout its query
@@ -380,13 +381,21 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, q_end, q_own, co
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
     if FUSED_DQ:  # the fifth matmul: dQ_i += dS_ij K_j into fp32 rows only this program touches
-        dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC)  # (BLOCK_M, HEAD_DIM)
-        acc_ptrs = DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :]
+        if UPCAST:  # fp32 FMA dots: queries on the M side (transposed, the product spilled up to 1 KB)
+            dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC)  # (BLOCK_M, HEAD_DIM)
+            acc_ptrs = DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :]
+            row_of = rows[:, None]
+        else:  # (dS K)^T = K^T dS^T: head dim (64) on the M side suits wgmma, BLOCK_M (16 or 32) does not
+            dq_part = tl.dot(tl.trans(k), ds_t.to(k.dtype), input_precision=DOT_PREC)  # (HEAD_DIM, BLOCK_M)
+            acc_ptrs = DQACC + rows[None, :] * HEAD_DIM + offs_d[:, None]
+            row_of = rows[None, :]
         if OWN_ROWS:  # adding 0 to a foreign row is still a write: it races with the owner's (a lost update)
-            tl.store(acc_ptrs, tl.load(acc_ptrs, mask=mine[:, None], other=0.0) + dq_part, mask=mine[:, None])
+            ok = row_of >= q_own
+            if BOUNDS:
+                ok = ok & (row_of < q_end)
+            tl.store(acc_ptrs, tl.load(acc_ptrs, mask=ok, other=0.0) + dq_part, mask=ok)
         elif BOUNDS:
-            tl.store(acc_ptrs, tl.load(acc_ptrs, mask=rows[:, None] < q_end, other=0.0) + dq_part,
-                     mask=rows[:, None] < q_end)
+            tl.store(acc_ptrs, tl.load(acc_ptrs, mask=row_of < q_end, other=0.0) + dq_part, mask=row_of < q_end)
         else:
             tl.store(acc_ptrs, tl.load(acc_ptrs) + dq_part)
     return dk, dv
@@ -867,10 +876,10 @@ INTERPRETER_BLOCKS = {"fwd": (64, 64), "dq": (64, 64), "dkdv": (64, 64), "dkdv_f
 # at 16 x 32 it needs 104-158 and spills nothing (benchmarks/kernel_audit.py, the fp32 rows).
 FP32_BLOCKS = {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (16, 32, 4, 2), "dkdv_fused": (16, 32, 4, 2)}
 # The packed layout on a GPU (fp16/bf16): 64-row query tiles hold several short sequences; dK/dV
-# programs own 64 keys and walk 32-query tiles (wgmma wants the keys side >= 64).
+# programs own 64 keys and walk 32-query tiles (wgmma wants the keys side >= 64), 16-query ones fused.
 VARLEN_BLOCKS = {"fwd": (64, 64, 4, 3), "dq": (64, 64, 4, 3), "dkdv": (32, 64, 4, 3),
                  # the fused backward: `_gpu_configs("dkdv_fused")`'s tile (1 stage: see there)
-                 "dkdv_fused": (32, 64, 4, 1)}
+                 "dkdv_fused": (16, 64, 4, 1)}
 
 # BH_BUCKET: the same lengths at B*H = 192 and 3072 fill the GPU differently, so a config tuned on
 # one must not be reused for the other (tuning results are also cached on disk, per key).
@@ -912,8 +921,10 @@ def _gpu_configs(kind: str):
         # one program per (batch, head) walking every tile (`backward(fused_dq=True)`). Without
         # software pipelining (1 stage): with 2-3 stages, 64 x 64 and 64 x 128 tiles, the dropout or
         # causal variants spill under triton 3.9 or 3.6 (benchmarks/kernel_audit.py --fused-bwd).
-        # 32-query tiles put the fifth dot (dS^T K: queries on its M side) on mma.sync.
-        "dkdv_fused": [(32, 64, 4, 1)],
+        # The fifth dot runs transposed, K^T dS^T (head dim on its M side: wgmma); with it, 32-query
+        # tiles sit at 255 registers and spill 8-72 B, 16-query tiles need 134-226 and spill nothing
+        # under triton 3.9 and 3.6 (occupancy 0.19-0.25 against 0.125, ~1.45x instructions per row).
+        "dkdv_fused": [(16, 64, 4, 1)],
     }[kind]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 

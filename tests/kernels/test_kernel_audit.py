@@ -50,7 +50,7 @@ def audit(request, tmp_path_factory):
 def test_every_kernel_compiles_to_wgmma_without_spills(audit):
     rows = [r for r in audit["rows"] if r["variant"] != "candidate"]  # candidates are reported, not used
     assert len(rows) >= 30, f"only {len(rows)} kernels audited"
-    # dkdvq: the opt-in fused 5-matmul backward (its dS^T K has 32 rows: wgmma + mma.sync, not checked below)
+    # dkdvq: the fused 5-matmul backward (checked for wgmma below)
     assert {r["kernel"] for r in rows} == {"fwd", "dq", "dkdv", "dkdvq", "itc_st", "itc_gr", "ce"}
     assert any("varlen" in r["variant"] for r in rows)
     fused = {r["variant"] for r in rows if r["kernel"] == "dkdvq"}  # dense and packed, with and without dropout
@@ -71,6 +71,13 @@ def test_every_kernel_compiles_to_wgmma_without_spills(audit):
                  and not r["variant"].endswith(" fp32")]
     not_wgmma = [(r["kernel"], r["variant"], r["config"], r["mma"]) for r in attention if r["mma"] != "wgmma"]
     assert not not_wgmma, f"not on wgmma: {not_wgmma}"
+    # the fused backward: its fifth dot runs transposed (K^T dS^T, head dim on the M side), so the
+    # packed kernel is all wgmma; the dense one also walks the thin key tail of 197 in 16-key tiles
+    # (mma.sync, as the two-kernel path's thin-tail launch does)
+    fused = [r for r in rows if r["kernel"] == "dkdvq" and not r["variant"].endswith(" fp32")]
+    odd = [(r["variant"], r["config"], r["mma"]) for r in fused
+           if r["mma"] != ("wgmma" if r["variant"].startswith("varlen") else "wgmma+mma.sync")]
+    assert fused and not odd, f"fused backward not on wgmma: {odd}"
 
 
 def test_loss_kernels_on_wgmma(audit):
