@@ -381,7 +381,7 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, q_end, q_own, co
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
     if FUSED_DQ:  # the fifth matmul: dQ_i += dS_ij K_j into fp32 rows only this program touches
-        if UPCAST:  # fp32 FMA dots: queries on the M side (transposed, the product spilled up to 1 KB)
+        if UPCAST:  # fp32 FMA dots: queries on the M side (the transposed product spilled up to 1 KB there)
             dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC)  # (BLOCK_M, HEAD_DIM)
             acc_ptrs = DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :]
             row_of = rows[:, None]
@@ -923,7 +923,7 @@ def _gpu_configs(kind: str):
         # causal variants spill under triton 3.9 or 3.6 (benchmarks/kernel_audit.py --fused-bwd).
         # The fifth dot runs transposed, K^T dS^T (head dim on its M side: wgmma); with it, 32-query
         # tiles sit at 255 registers and spill 8-72 B, 16-query tiles need 134-226 and spill nothing
-        # under triton 3.9 and 3.6 (occupancy 0.19-0.25 against 0.125, ~1.45x instructions per row).
+        # under triton 3.9 and 3.6 (occupancy 0.125-0.188 against 0.125, ~1.45x instructions per row).
         "dkdv_fused": [(16, 64, 4, 1)],
     }[kind]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
