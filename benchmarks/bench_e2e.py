@@ -424,7 +424,7 @@ def run_case(model: str, batch: int, provider: Provider, opts) -> dict:
     except torch.cuda.OutOfMemoryError as e:
         return row("oom", f"out of memory: {str(e).splitlines()[0][:200]}")
     finally:
-        del model_obj, opt, data
+        model_obj = opt = data = None  # drop the references (`step` shares these cells; `del` would unbind them)
         if provider.compile:
             torch._dynamo.reset()  # drop compiled graphs that still reference this model
         gc.collect()
