@@ -183,7 +183,7 @@ def _grad_tile(state, s, sm, kT, col_ok, pos, shift, lse, alpha, PRECISION: tl.c
 @triton.jit
 def _grad_tile_in_out(state, s, sm, col_ptr, cols, col_ok, stride_ce, stride_cn, e_lim, pos, shift, lse, alpha,
                       inv_t, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_E: tl.constexpr):
-    """`_grad_tile` for fp32 features (ACC_OUT): the (BLOCK_M, E) accumulator lives in the
+    """`_grad_tile` for fp32 features (not STACK_Q): the (BLOCK_M, E) accumulator lives in the
     program's own rows of the output partial, `out_rows` (BLOCK_M,) pointers, and each tile adds to
     it chunk by chunk, (BLOCK_M, CHUNK_E) at a time, with the column tile's matching chunk: no
     operand or accumulator wider than CHUNK_E is in registers, whatever E. It holds
@@ -214,8 +214,7 @@ def _column_sweep(state, queries, col_ptr, col_idx_ptr, first_tile, n_cols, stri
                   rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr, B,
                   IN_BATCH: tl.constexpr, GRAD: tl.constexpr, HAS_IDX: tl.constexpr, WRITE_SIMS: tl.constexpr,
                   STACK_Q: tl.constexpr, TILES: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_E: tl.constexpr,
-                  ACC_OUT: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_E: tl.constexpr):
     """Stream TILES column tiles from tile `first_tile` on and fold each into `state`: the gradient's
     (GRAD, `_grad_tile`) or the statistics' (`_stats_tile`, and with WRITE_SIMS the in-batch logits
     into sims (B, B)). The columns are in-batch momentum features (IN_BATCH: rows of a (B, E)
@@ -227,13 +226,10 @@ def _column_sweep(state, queries, col_ptr, col_idx_ptr, first_tile, n_cols, stri
     for i in range(0, TILES):
         cols = (first_tile + i) * BLOCK_N + offs_n
         col_ok = cols < n_cols
-        if STACK_Q or (GRAD and not ACC_OUT):  # the whole tile: the stacked dot's operand, the gradient's
+        if STACK_Q:  # the whole tile, the stacked dot's operand (fp32 loads it in chunks)
             kT = tl.load(col_ptr + offs_e[:, None] * stride_ce + cols[None, :] * stride_cn,
                          mask=e_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_E, BLOCK_N)
-            if STACK_Q:
-                kT = kT.to(queries.dtype)
-            else:
-                kT = kT.to(tl.float32)
+            kT = kT.to(queries.dtype)
         if HAS_IDX:  # positives: every column with the row's image id
             idx_col = tl.load(col_idx_ptr + cols, mask=col_ok, other=0)
             pos = (idx_col[None, :] == key_row[:, None]) & col_ok[None, :]
@@ -246,7 +242,7 @@ def _column_sweep(state, queries, col_ptr, col_idx_ptr, first_tile, n_cols, stri
         else:
             s, sm = _streamed_logits(queries, col_ptr, cols, col_ok, stride_ce, stride_cn, e_lim, inv_t, PRECISION,
                                      BLOCK_M, BLOCK_N, BLOCK_E, CHUNK_E)
-        if GRAD and ACC_OUT:
+        if GRAD and not STACK_Q:
             state = _grad_tile_in_out(state, s, sm, col_ptr, cols, col_ok, stride_ce, stride_cn, e_lim, pos, shift,
                                       lse, alpha, inv_t, PRECISION, BLOCK_E, CHUNK_E)
         elif GRAD:
@@ -263,20 +259,19 @@ def _sweep_split(state, queries, k_ptr, queue_ptr, idx_ptr, idxq_ptr, pid_s, spl
                  stride_ue, stride_un, rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr,
                  GRAD: tl.constexpr, HAS_IDX: tl.constexpr, WRITE_SIMS: tl.constexpr, STACK_Q: tl.constexpr,
                  TILES: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_E: tl.constexpr,
-                 ACC_OUT: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK_E: tl.constexpr):
     """`_column_sweep` over the program's column split: splits [0, splits_b) cover the in-batch
     columns (rows of k, (B, E)), the others the queue ((E, Q)); the program branches once, not per tile."""
     if pid_s < splits_b:
         state = _column_sweep(state, queries, k_ptr, idx_ptr, pid_s * TILES, B, 1, stride_k, e_lim,
                               rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr, B,
                               True, GRAD, HAS_IDX, WRITE_SIMS, STACK_Q, TILES, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E,
-                              CHUNK_E, ACC_OUT)
+                              CHUNK_E)
     else:
         state = _column_sweep(state, queries, queue_ptr, idxq_ptr, (pid_s - splits_b) * TILES, Q, stride_ue, stride_un,
                               e_lim, rows, row_ok, key_row, shift, lse, alpha, inv_t, sims_ptr, B,
                               False, GRAD, HAS_IDX, WRITE_SIMS, STACK_Q, TILES, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E,
-                              CHUNK_E, ACC_OUT)
+                              CHUNK_E)
     return state
 
 
@@ -286,7 +281,7 @@ def _itc_stats_kernel(
     B, Q, E, stride_q, stride_qm, stride_k, stride_ue, stride_un, splits_b,
     TILES_PER_SPLIT: tl.constexpr, HAS_IDX: tl.constexpr, WRITE_SIMS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-    EVEN_E: tl.constexpr, STACK_Q: tl.constexpr, CHUNK_E: tl.constexpr, ACC_OUT: tl.constexpr,
+    EVEN_E: tl.constexpr, STACK_Q: tl.constexpr, CHUNK_E: tl.constexpr,
 ):
     """Program (row block, column split): partial statistics of its columns, 7 x (BLOCK_M,).
 
@@ -310,7 +305,7 @@ def _itc_stats_kernel(
     state = _sweep_split((m0, z, m0, z, z, z, z), queries, k_ptr, queue_ptr, idx_ptr, idxq_ptr, pid_s, splits_b,
                          B, Q, e_lim, stride_k, stride_ue, stride_un, rows, row_ok, key_row, shift, (), 0.0, inv_t,
                          sims_ptr, False, HAS_IDX, WRITE_SIMS, STACK_Q, TILES_PER_SPLIT, PRECISION,
-                         BLOCK_M, BLOCK_N, BLOCK_E, CHUNK_E, ACC_OUT)
+                         BLOCK_M, BLOCK_N, BLOCK_E, CHUNK_E)
 
     base = part_ptr + pid_s * B + rows
     for k in tl.static_range(7):  # m_s, l_s, m_m, l_m, ts, pos_s, pos_n: part is (7, splits, B)
@@ -324,7 +319,7 @@ def _itc_grad_kernel(
     B, Q, E, stride_q, stride_qm, stride_k, stride_ue, stride_un, splits_b,
     TILES_PER_SPLIT: tl.constexpr, HAS_IDX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, EVEN_E: tl.constexpr,
-    STACK_Q: tl.constexpr, CHUNK_E: tl.constexpr, ACC_OUT: tl.constexpr,
+    STACK_Q: tl.constexpr, CHUNK_E: tl.constexpr,
 ):
     """Program (row block, column split): partial sum_j (p_ij - t_ij) k_j / temp, (BLOCK_M, E);
     partial sum_j (p_ij - t_ij) s_ij, (BLOCK_M,) (for the temperature: summing the products
@@ -350,7 +345,7 @@ def _itc_grad_kernel(
            tl.load(stat_ptr + 3 * B + rows, mask=row_ok, other=0.0),
            tl.load(posw_ptr + rows, mask=row_ok, other=0.0))  # posw = (1 - alpha) / number of positives
     z = tl.zeros((BLOCK_M,), tl.float32)
-    if ACC_OUT:  # the accumulator is the output partial itself (`_grad_tile_in_out`): zero it first
+    if not STACK_Q:  # fp32: the accumulator is the output partial itself (`_grad_tile_in_out`): zero it first
         out_rows = gpart_ptr + pid_s * B * E + rows * E
         for c in range(BLOCK_E // CHUNK_E):
             offs_c = c * CHUNK_E + tl.arange(0, CHUNK_E)
@@ -363,8 +358,8 @@ def _itc_grad_kernel(
     state = _sweep_split(state, queries, k_ptr, queue_ptr, idx_ptr, idxq_ptr, pid_s, splits_b, B, Q, e_lim,
                          stride_k, stride_ue, stride_un, rows, row_ok, key_row, shift, lse, alpha, inv_t, gpart_ptr,
                          True, HAS_IDX, False, STACK_Q, TILES_PER_SPLIT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E,
-                         CHUNK_E, ACC_OUT)
-    if ACC_OUT:
+                         CHUNK_E)
+    if not STACK_Q:
         _, _, ws, wsum = state
     else:
         acc, ws, wsum = state
@@ -495,9 +490,10 @@ def _feature_constexprs(dtype: torch.dtype, E: int, precision: str, interp: bool
         EVEN_E=E == be,
         UPCAST=dtype == torch.bfloat16 and interp,  # the interpreter's bf16 arithmetic is broken
         PRECISION=precision if dtype == torch.float32 else "tf32",  # ignored for 16-bit
-        STACK_Q=dtype != torch.float32,  # one [q; qm] dot on wgmma; fp32 (3xTF32 mma.sync) streams them
+        # one [q; qm] dot on wgmma; fp32 (3xTF32 mma.sync) streams them and accumulates the gradient in
+        # its output (`_streamed_logits`, `_grad_tile_in_out`)
+        STACK_Q=dtype != torch.float32,
         CHUNK_E=be if dtype != torch.float32 else min(be, FP32_CHUNK_E),
-        ACC_OUT=dtype == torch.float32,  # fp32 gradients accumulate in the output (`_grad_tile_in_out`)
     )
 
 
