@@ -385,15 +385,16 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, q_end, q_own, co
             dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC)  # (BLOCK_M, HEAD_DIM)
             acc_ptrs = DQACC + rows[:, None] * HEAD_DIM + offs_d[None, :]
             row_of = rows[:, None]
+            if OWN_ROWS:
+                own = mine[:, None]
         else:  # (dS K)^T = K^T dS^T: head dim (64) on the M side suits wgmma, BLOCK_M (16 or 32) does not
             dq_part = tl.dot(tl.trans(k), ds_t.to(k.dtype), input_precision=DOT_PREC)  # (HEAD_DIM, BLOCK_M)
             acc_ptrs = DQACC + rows[None, :] * HEAD_DIM + offs_d[:, None]
             row_of = rows[None, :]
+            if OWN_ROWS:
+                own = mine[None, :]
         if OWN_ROWS:  # adding 0 to a foreign row is still a write: it races with the owner's (a lost update)
-            ok = row_of >= q_own
-            if BOUNDS:
-                ok = ok & (row_of < q_end)
-            tl.store(acc_ptrs, tl.load(acc_ptrs, mask=ok, other=0.0) + dq_part, mask=ok)
+            tl.store(acc_ptrs, tl.load(acc_ptrs, mask=own, other=0.0) + dq_part, mask=own)
         elif BOUNDS:
             tl.store(acc_ptrs, tl.load(acc_ptrs, mask=row_of < q_end, other=0.0) + dq_part, mask=row_of < q_end)
         else:

@@ -235,24 +235,34 @@ FUSED_OWNERSHIP = {
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", list(FUSED_OWNERSHIP))
-def test_fused_varlen_programs_write_only_their_own_rows(case, monkeypatch):
+def test_fused_varlen_programs_write_only_their_own_rows(case, dtype, monkeypatch):
     """The fused backward with dropout, run one program at a time (`_one_program_at_a_time`):
     no program writes delta, dQ, its fp32 scratch, dK or dV outside its own rows and keys (a
     foreign write races with the owner on a GPU), and the gradients still equal the fp64 reference
-    given the kernels' dropout mask (programs are independent)."""
+    given the kernels' dropout mask (programs are independent). fp32 adds dS K with queries on the
+    dot's M side, fp16 as K^T dS^T into transposed scratch pointers: both are checked. fp16's
+    gradients are held bitwise to the same backward launched as one grid (the interpreter runs its
+    programs in turn, so ownership changes nothing there); that backward is held to the reference
+    by `check_fused_varlen_dropout`."""
     p, seed, (lens_q, lens_k, causal) = 0.3, 21, FUSED_OWNERSHIP[case]
     lens_k = lens_k or lens_q
-    q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, 2, 16, torch.float32, seed=4)
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    q, k, v, cu_q, cu_k = make_packed(lens_q, lens_k, 2, 16, dtype, seed=4)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE, dtype)
     scale = fa.default_scale(16)
     out, lse = fa.varlen_forward(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal, p, scale, seed)
+    args = (dout, q, k, v, out, lse, cu_q, cu_k, max(lens_q), max(lens_k), causal, p, scale, seed)
+    whole = fa.varlen_backward(*args, fused_dq=True) if dtype == torch.float16 else None
     checked = []
     _one_program_at_a_time(monkeypatch, checked)
-    got = fa.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max(lens_q), max(lens_k), causal, p, scale, seed,
-                             fused_dq=True)
+    got = fa.varlen_backward(*args, fused_dq=True)
     foreign = [lo for lo, hi in checked if hi > lo and lo % 16]
     assert len(checked) > 1 and foreign, f"no program whose first query tile holds foreign rows: {checked}"
+    if dtype == torch.float16:
+        for name, a, w in zip(("dq", "dk", "dv"), got, whole):
+            assert torch.equal(a, w), f"{name}: one program at a time differs from the whole grid"
+        return
     masks = fa.varlen_dropout_keep_masks(seed, cu_q, cu_k, 2, p)
     exact = run_ref(q, k, v, cu_q, cu_k, dout, causal, torch.float64, fa.effective_dropout_p(p), masks)
     for name, a, e in zip(("dq", "dk", "dv"), got, exact[1:]):
