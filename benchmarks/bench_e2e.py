@@ -304,10 +304,10 @@ def uses_triton(provider: Provider) -> bool:
 def attention_bwd_schedules() -> Dict[str, str]:
     """The backward schedule the Triton attention measured faster for each tuning key so far in this
     process (`flash_attention.FUSED_DQ = None`): "fused" (5 matmuls) or "dq+dkdv" (7). Keys name
-    the layout, dtype, length and batch x heads buckets and flags (`flash_attention._TUNE_KEY`)."""
+    the layout, dtype, length and batch x heads buckets and flags (`flash_attention.TUNE_KEY`)."""
     from blipfast.kernels import flash_attention as fa
 
-    names = ("varlen", "dtype", *fa._TUNE_KEY)
+    names = ("varlen", "dtype", *fa.TUNE_KEY)
     return {",".join(f"{n}={v}" for n, v in zip(names, key) if n != "DEVICE_KEY"): ("fused" if fused else "dq+dkdv")
             for key, fused in fa._FUSED_CHOICE.items()}
 

@@ -237,7 +237,7 @@ def attention_variants():
     the dense variants under every autotune config, the packed ones under their fixed blocks."""
     for kind, fn in fa._KERNELS.items():
         # the second launch over a thin tail (`thin_tail_split`): 16 rows (fwd/dq) or keys (dkdv)
-        m, n, w, st = fa._gpu_configs(kind)[0].kwargs["BLOCK_M"], fa._gpu_configs(kind)[0].kwargs["BLOCK_N"], 4, 3
+        m, n, w, st = fa.gpu_configs(kind)[0].kwargs["BLOCK_M"], fa.gpu_configs(kind)[0].kwargs["BLOCK_N"], 4, 3
         m, n = (16, n) if kind != "dkdv" else (m, 16)
         tail_cfg = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)]
         for drop in (False, True):
@@ -248,8 +248,8 @@ def attention_variants():
                 if flags["VARLEN"]:
                     m, n, w, st = fa.VARLEN_BLOCKS[kind]
                     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)]
-                else:  # the autotuner's space for this variant (fa._prune drops the same tiles)
-                    configs = [c for c in fa._gpu_configs(kind) if fa.fits_registers(c, drop)]
+                else:  # the autotuner's space for this variant (fa.prune drops the same tiles)
+                    configs = [c for c in fa.gpu_configs(kind) if fa.fits_registers(c, drop)]
                 yield kind, fn, vname + ("+dropout" if drop else ""), dict(ATTN_BASE, **flags, HAS_DROPOUT=drop), configs
 
 
@@ -275,15 +275,15 @@ def fused_bwd_rows(log=None, candidates: bool = True) -> List[Row]:
             variant = vname + ("+dropout" if drop else "")
             varlen = flags["VARLEN"]
             for kind in ("dq", "dkdv"):
-                c = _fixed_configs([fa.VARLEN_BLOCKS[kind]])[0] if varlen else fa._gpu_configs(kind)[0]
+                c = _fixed_configs([fa.VARLEN_BLOCKS[kind]])[0] if varlen else fa.gpu_configs(kind)[0]
                 rows.append(audit_kernel(kind, fa._KERNELS[kind], dict(flags, **c.kwargs), c.num_warps,
                                          c.num_stages, variant, f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} "
                                          f"w{c.num_warps} s{c.num_stages}"))
                 if log:
                     log(rows[-1])
-            # the fused configs, and (tried, spilling: see fa._gpu_configs) 32-query and pipelined ones
+            # the fused configs, and (tried, spilling: see fa.gpu_configs) 32-query and pipelined ones
             tried = _fixed_configs(((32, 64, 4, 1), (32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2)))
-            own = _fixed_configs([fa.VARLEN_BLOCKS["dkdv_fused"]]) if varlen else fa._gpu_configs("dkdv_fused")
+            own = _fixed_configs([fa.VARLEN_BLOCKS["dkdv_fused"]]) if varlen else fa.gpu_configs("dkdv_fused")
             # packed: a runtime `group` (chunked keys: the cross-attention's 197 per caption), and the
             # packed schedule's group = 1, which a launch specialises as a constant ("g1")
             groups = [{}, {"group": 1}] if varlen else [{}]
@@ -535,7 +535,7 @@ def work_table() -> List[dict]:
     """Per BLIP shape and path (padded `attention` under its default GPU tile, packed
     `varlen_attention` under its fixed blocks): computed / useful, forward bytes / floor."""
     out = []
-    dense_bm, dense_bn = fa._gpu_configs("fwd")[0].kwargs.values()
+    dense_bm, dense_bn = fa.gpu_configs("fwd")[0].kwargs.values()
     var_bm, var_bn = fa.VARLEN_BLOCKS["fwd"][:2]
     for s in blip_shapes():
         useful = _useful(s)

@@ -255,7 +255,7 @@ def attention_units(w: Attn) -> List[List[str]]:
     else:
         per_kind = {}
         for kind in fa._KERNELS:
-            cfgs = fa._prune(fa._gpu_configs(kind), dict(args))
+            cfgs = fa.prune(fa.gpu_configs(kind), dict(args))
             per_kind[kind] = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in cfgs]
     out = fa.empty_blhd(2, w.H, w.Lq, w.D, q)
     ints = {**fa._strides(q, "sqb sqh sqm sqd"), **fa._strides(k, "skb skh skn skd"),

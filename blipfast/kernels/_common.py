@@ -1,5 +1,8 @@
-"""Helpers every kernel family shares: whether Triton runs interpreted, and where tensors may be."""
+"""Helpers every kernel family shares: whether Triton runs interpreted, where tensors may be, and
+the CUDA device a launch runs on."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -25,3 +28,8 @@ def check_device(t: torch.Tensor, what: str, who: str = "the Triton kernels") ->
             raise ValueError(f"{what} is on CUDA but TRITON_INTERPRET=1 runs kernels on the CPU")
     elif t.device.type != "cpu" or not interpreting():
         raise ValueError(f"{what} is on {t.device}; {who} need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)")
+
+
+def device_guard(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it x's (a no-op on the CPU)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

@@ -1,6 +1,6 @@
 """Fused attention: the public `attention` function over the flash-attention Triton kernels.
 
-Layers: `flash_attention.py` holds the kernels and their launchers; this file validates inputs,
+Layers: `flash_kernels.py` holds the kernels, `flash_attention.py` their launchers; this file validates inputs,
 registers the launchers as PyTorch custom ops (a fake implementation for tracing, an autograd
 formula that calls the backward op), and exposes two functions over the same kernel family:
 

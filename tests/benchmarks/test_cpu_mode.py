@@ -378,7 +378,7 @@ def test_warmup_plan_covers_the_run_and_dedups():
     args = fa._dense_args(q, k, mask, False, 0.0, 1)
     for kind in fa._KERNELS:
         want = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                for c in fa._prune(fa._gpu_configs(kind), dict(args))}
+                for c in fa.prune(fa.gpu_configs(kind), dict(args))}
         have = {(u["BLOCK_M"], u["BLOCK_N"], u["num_warps"], u["num_stages"])
                 for j in vit for u in map(json.loads, j.units) if u["kernel"] == kind}
         assert want == have, kind

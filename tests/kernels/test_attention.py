@@ -324,7 +324,7 @@ def test_autotune_key_names_the_gpu_model():
     h100_pcie = fa.device_key("NVIDIA H100 PCIe", 114, 85_029_158_912)
     h200 = fa.device_key("NVIDIA H200", 132, 150_754_820_096)
     assert len({h100, h100_pcie, h200}) == 3 and all(0 <= x < 2**31 for x in (h100, h100_pcie, h200))
-    assert "DEVICE_KEY" in fa._TUNE_KEY
+    assert "DEVICE_KEY" in fa.TUNE_KEY
     for kind in fa._KERNELS:
         assert "DEVICE_KEY" in fa._launcher(kind, True).keys, kind  # the autotuner keys (and caches) on it
         assert "DEVICE_KEY" in fa._KERNELS[kind].arg_names
@@ -393,7 +393,7 @@ def test_gpu_every_tuning_config_is_correct():
     q, k, v = make_qkv(4, 4, 97, 203, 64, torch.bfloat16, "heads_view")
     mask = make_mask("padded", 4, 203)
     for kind in ("fwd", "dq", "dkdv"):
-        for c in fa._gpu_configs(kind):
+        for c in fa.gpu_configs(kind):
             cfg = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
             check_low_precision(q, k, v, mask, True, torch.bfloat16, config={kind: cfg})
 
@@ -440,7 +440,7 @@ def test_gpu_fused_dq_every_config_is_correct_and_deterministic():
     exact = run_reference(q, k, v, dout, mask, True, torch.float32, dropout_p=p_eff, dropout_mask=keep)
     low = run_reference(q, k, v, dout, mask, True, torch.bfloat16, dropout_p=p_eff, dropout_mask=keep)
     out, lse = fa.forward(q, k, v, mask, True, p, fa.default_scale(D), seed)
-    for c in fa._gpu_configs("dkdv_fused"):
+    for c in fa.gpu_configs("dkdv_fused"):
         cfg = {"dkdv_fused": (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)}
         runs = [fa.backward(dout, q, k, v, out, lse, mask, True, p, fa.default_scale(D), seed, config=cfg,
                             fused_dq=True) for _ in range(2)]
@@ -505,7 +505,7 @@ def test_backward_choice_during_cuda_graph_capture(monkeypatch):
     monkeypatch.setattr(fa, "FUSED_DQ", None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(fa, "_FUSED_CHOICE", {})
-    monkeypatch.setattr(fa, "_quick_bench", lambda *a, **k: pytest.fail("timed during capture"))
+    monkeypatch.setattr(fa, "quick_bench", lambda *a, **k: pytest.fail("timed during capture"))
     assert fa._use_fused(None, args, FakeCuda(), False, None, None) is False
     assert fa._FUSED_CHOICE == {}
     fa._FUSED_CHOICE[fa._choice_key(args, torch.bfloat16, False)] = True

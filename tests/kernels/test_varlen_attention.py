@@ -345,7 +345,7 @@ def _pairs(x: torch.Tensor, dim: int, where, shift: int):
 
 def _layout_pairs(x: torch.Tensor) -> dict:
     """Element pairs of a (B, H, L, K) tensor that share a Philox word, share a call, or sit in
-    neighbouring calls, in `flash_attention._dropout_draws`' layout (byte 2 * i[3] + j[3] of word
+    neighbouring calls, in `attention_dropout._dropout_draws`' layout (byte 2 * i[3] + j[3] of word
     2 * i[0] + j[0]; the call is (j >> 4, j[2:1], i >> 4, i[2:1], head)); then heads and batch rows."""
     return {
         "bytes of a word (key bit 3)": _pairs(x, 3, lambda j: j % 16 < 8, 8),
