@@ -6,6 +6,7 @@ autotune config for sm_90 with the installed Triton, then read what the compiler
     python benchmarks/kernel_audit.py --json out.json
     python benchmarks/kernel_audit.py --fused-bwd     # the fused 5-matmul backward (a prototype) vs dq + dkdv,
                                                       # dense and packed (varlen)
+    python benchmarks/kernel_audit.py --dropout-cost  # where dropout's extra loop instructions go, by opcode
 
 Per compiled kernel it reports:
   regs, spills      registers per thread and spill bytes (STACK + LOCAL) from `cuobjdump -res-usage`
@@ -128,11 +129,11 @@ def _res_usage(cubin: bytes) -> dict:
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
-def loop_instructions(sass: str) -> int:
-    """Instructions (NOPs excluded) of the main loop body: among backward branches, the longest
-    span that contains an MMA (HGMMA / HMMA)."""
+def loop_body(sass: str) -> List[str]:
+    """Opcodes (full names, NOPs excluded) of the main loop body: among backward branches, the
+    longest span that contains an MMA (HGMMA / HMMA)."""
     instrs = [(int(a, 16), op, rest) for a, _, op, rest in _INSTR.findall(sass)]
-    best = 0
+    best: List[str] = []
     for addr, op, rest in instrs:
         if op != "BRA":
             continue
@@ -141,9 +142,14 @@ def loop_instructions(sass: str) -> int:
         if target >= addr:
             continue
         body = [o for a, o, _ in instrs if target <= a <= addr and o != "NOP"]
-        if any(o.startswith(("HGMMA", "HMMA")) for o in body):
-            best = max(best, len(body))
+        if any(o.startswith(("HGMMA", "HMMA")) for o in body) and len(body) > len(best):
+            best = body
     return best
+
+
+def loop_instructions(sass: str) -> int:
+    """Instructions of the main loop body (`loop_body`)."""
+    return len(loop_body(sass))
 
 
 def inner_loop_instructions(sass: str) -> int:
@@ -326,6 +332,68 @@ def fp32_rows(log=None) -> List[Row]:
                 if log:
                     log(rows[-1])
     return rows
+
+
+# Where the dropout's extra loop instructions go (`dropout_cost`): opcode prefixes per group, the
+# first matching group wins; what matches none is "other".
+DROPOUT_GROUPS = (
+    ("mul", ("IMAD.WIDE", "IMAD.HI")),  # Philox's 32 x 32 -> 64-bit products, two per round
+    ("lop3", ("LOP3",)),                # Philox's xors (one LOP3 per round and word pair), word picks
+    ("rot", ("SHF.L.W",)),              # an element's byte rotated to the top of its word
+    ("cmp", ("ISETP",)),                # byte >= threshold, one per element
+    ("sel", ("FSEL", "SEL")),           # dropped elements zeroed, or the 1 / (1 - p) factor picked
+    ("fp", ("FMUL", "FFMA", "FADD")),   # net: the backward folds the factor into its dP arithmetic
+)
+
+
+def dropout_cost(base: List[str], drop: List[str]) -> Dict[str, int]:
+    """Per DROPOUT_GROUPS group (plus "other"), loop instructions with dropout minus without: the
+    opcode lists of the two compiled loop bodies (`loop_body`). The values sum to the length difference."""
+    def group(op: str) -> str:
+        return next((g for g, prefixes in DROPOUT_GROUPS if op.startswith(prefixes)), "other")
+
+    out = {g: 0 for g, _ in DROPOUT_GROUPS}
+    out["other"] = 0
+    for ops, sign in ((drop, 1), (base, -1)):
+        for op in ops:
+            out[group(op)] += sign
+    return out
+
+
+def dropout_cost_rows(log=None) -> List[dict]:
+    """For the forward, dQ and dK/dV at their default tiles (dense: the autotuner's first config; packed:
+    VARLEN_BLOCKS), the main loop with and without dropout, and where the difference goes."""
+    rows = []
+    for kind, fn in fa._KERNELS.items():
+        for vname in ("dense", "varlen"):
+            if vname == "varlen":
+                m, n, w, st = fa.VARLEN_BLOCKS[kind]
+            else:
+                c = fa.gpu_configs(kind)[0]
+                m, n, w, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+            bodies = []
+            for drop in (False, True):
+                flags = dict(ATTN_BASE, **ATTN_VARIANTS[vname], HAS_DROPOUT=drop, BLOCK_M=m, BLOCK_N=n)
+                bodies.append(loop_body(_res_usage(compile_sm90(fn, flags, w, st).asm["cubin"])["sass"]))
+            row = dict(kernel=kind, variant=vname, config=f"{m}x{n} w{w} s{st}", elems=m * n // (32 * w),
+                       base=len(bodies[0]), dropout=len(bodies[1]), **dropout_cost(*bodies))
+            rows.append(row)
+            if log:
+                log(row)
+    return rows
+
+
+def format_dropout_cost(rows: List[dict]) -> str:
+    groups = [g for g, _ in DROPOUT_GROUPS] + ["other"]
+    head = f"{'kernel':6} {'variant':7} {'config':13} {'elem/thr':>8} {'loop':>5} {'+drop':>5} {'x':>5} " + \
+        " ".join(f"{g:>5}" for g in groups) + f" {'/elem':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        extra = r["dropout"] - r["base"]
+        lines.append(f"{r['kernel']:6} {r['variant']:7} {r['config']:13} {r['elems']:8d} {r['base']:5d} {extra:+5d} "
+                     f"{r['dropout'] / r['base']:5.2f} " + " ".join(f"{r[g]:+5d}" for g in groups)
+                     + f" {extra / r['elems']:6.2f}")
+    return "\n".join(lines)
 
 
 def format_fused(rows: List[Row]) -> str:
@@ -584,7 +652,14 @@ def main(argv=None):
     ap.add_argument("--json", help="also write the rows as JSON here")
     ap.add_argument("--fused-bwd", action="store_true",
                     help="only the fused deterministic backward (kernel dkdvq) against dq + dkdv")
+    ap.add_argument("--dropout-cost", action="store_true",
+                    help="only where the dropout's extra loop instructions go (fwd, dq, dkdv at their default tiles)")
     args = ap.parse_args(argv)
+    if args.dropout_cost:
+        print(f"# dropout loop cost by opcode group: triton {triton.__version__}, target sm_90; elem/thr: score "
+              f"elements per thread per tile, /elem: extra instructions per element")
+        print(format_dropout_cost(dropout_cost_rows()))
+        return
     if args.fused_bwd:
         print(f"# fused backward candidates: triton {triton.__version__}, target sm_90")
         rows = fused_bwd_rows()
@@ -604,10 +679,10 @@ def main(argv=None):
     print("# work at BLIP shapes (B=256, H=12, d=64; text: caption lengths mean "
           f"{sum(caption_lengths()) / 256:.1f} of 30)")
     print(format_work(work))
-    if args.json:
+    if args.json:  # with the dropout cost breakdown (kernels compiled above: Triton's cache has them)
         with open(args.json, "w") as f:
-            json.dump(dict(triton=triton.__version__, rows=[dataclasses.asdict(r) for r in rows], work=work), f,
-                      indent=1)
+            json.dump(dict(triton=triton.__version__, rows=[dataclasses.asdict(r) for r in rows], work=work,
+                           dropout_cost=dropout_cost_rows()), f, indent=1)
 
 
 if __name__ == "__main__":

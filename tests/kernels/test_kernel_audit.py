@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from kernel_audit import THRESHOLDS  # benchmarks/ is on pytest's pythonpath; importing it compiles nothing
+from kernel_audit import DROPOUT_GROUPS, THRESHOLDS, dropout_cost, loop_body  # benchmarks/ is on pytest's
+# pythonpath; importing it compiles nothing
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow  # each Triton's audit compiles every variant: ~2 min with a cold Triton cache (~20 s warm)
@@ -114,6 +115,39 @@ def test_dropout_loop_cost(audit):
     assert ratios
     over = {k: round(v, 2) for k, v in ratios.items() if v > THRESHOLDS["dropout_loop_ratio"]}
     assert not over, f"dropout loops over {THRESHOLDS['dropout_loop_ratio']}x: {over}"
+
+
+def test_dropout_cost_breakdown_matches_the_audited_loops(audit):
+    """`--dropout-cost` (where the extra instructions go) reads the same loops the audit rows count:
+    its totals equal the rows' loop lengths, and its groups add up to the difference."""
+    loops = {(r["kernel"], r["variant"], r["config"]): r["loop"] for r in audit["rows"]}
+    rows = audit["dropout_cost"]
+    assert {(r["kernel"], r["variant"]) for r in rows} == {(k, v) for k in ("fwd", "dq", "dkdv") for v in ("dense", "varlen")}
+    for r in rows:
+        assert r["base"] == loops[(r["kernel"], r["variant"], r["config"])], r
+        assert r["dropout"] == loops[(r["kernel"], r["variant"] + "+dropout", r["config"])], r
+        assert sum(r[g] for g, _ in DROPOUT_GROUPS) + r["other"] == r["dropout"] - r["base"], r
+        assert r["mul"] > 0 and r["cmp"] == r["elems"], r  # Philox products; one compare per element
+
+
+def test_loop_body_and_dropout_cost_on_hand_written_sass():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HGMMA.64x64x16.F32 gdesc[UR4], RZ, !UPT ;
+        /*0020*/                   NOP ;
+        /*0030*/                   IMAD R2, R3, R4, R5 ;
+        /*0040*/              @P0   BRA 0x10 ;
+        /*0050*/                   FADD R6, R7, R8 ;
+        /*0060*/              @!P1  BRA 0x50 ;
+        /*0070*/                   EXIT ;
+    """
+    # the backward branch at 0x60 spans no MMA; NOPs are not counted
+    assert [op.split(".")[0] for op in loop_body(sass)] == ["HGMMA", "IMAD", "BRA"]
+    base = ["HGMMA", "IMAD", "FADD"]
+    drop = ["HGMMA", "IMAD.WIDE.U32", "LOP3.LUT", "SHF.L.W.U32.HI", "ISETP.GE.U32.AND", "FSEL", "FFMA", "MOV"]
+    cost = dropout_cost(base, drop)
+    assert cost == dict(mul=1, lop3=1, rot=1, cmp=1, sel=1, fp=0, other=0)  # FFMA for FADD; MOV for IMAD
+    assert sum(cost.values()) == len(drop) - len(base)
 
 
 def test_vit_computed_over_useful_work(audit):
