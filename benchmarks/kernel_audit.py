@@ -433,6 +433,12 @@ def run_compile_audit(quick: bool = False, log=None) -> List[Row]:
                 log(row)
     rows += itc_rows(log)
     rows += ce_rows(log)
+    return set_dropout_ratios(rows)
+
+
+def set_dropout_ratios(rows: List[Row]) -> List[Row]:
+    """Give each dropout row its loop_ratio: its loop over the same kernel's, variant's and config's
+    loop without dropout (None where that has no MMA loop: the fp32 rows)."""
     base = {(r.kernel, r.variant, r.config): r.loop for r in rows if "dropout" not in r.variant}
     for r in rows:
         if "dropout" in r.variant:
@@ -662,7 +668,7 @@ def main(argv=None):
         return
     if args.fused_bwd:
         print(f"# fused backward candidates: triton {triton.__version__}, target sm_90")
-        rows = fused_bwd_rows()
+        rows = set_dropout_ratios(fused_bwd_rows())
         print(format_rows(rows))
         print()
         print(format_fused(rows))
@@ -672,6 +678,7 @@ def main(argv=None):
     rows += [r for r in fused_bwd_rows(candidates=False) if r.kernel == "dkdvq"]
     if not args.quick:
         rows += fp32_rows()
+    set_dropout_ratios(rows)  # the fused backward's rows too
     work = work_table()
     print(f"# kernel audit: triton {triton.__version__}, target sm_90 (compiled without a GPU)")
     print(format_rows(rows))
