@@ -14,6 +14,7 @@ import triton
 import triton.testing
 
 
+# (BLOCK_M, BLOCK_N) under the interpreter, whose cost is per tile, not per element: 64 x 64 was the
 # fastest there (N = 197 runs 4 ragged tiles). Tests pass other tilings explicitly.
 INTERPRETER_BLOCKS = {"fwd": (64, 64), "dq": (64, 64), "dkdv": (64, 64), "dkdv_fused": (64, 64)}
 # fp32 on a GPU (true fp32 dots on FMA units, not a speed path): one fixed (BLOCK_M, BLOCK_N,
