@@ -3,13 +3,20 @@ that accepts the case, xformers and flash-attn when importable, and the plain-Py
 
     pytest benchmarks/bench_attention.py --benchmark-enable                # all cases (GPU)
     pytest benchmarks/bench_attention.py --benchmark-enable -k "vit_b_197 and fwd+bwd"
+    pytest benchmarks/bench_attention.py --benchmark-enable -k dropout     # BLIP's text dropout, 0.1
 
 GPU only: without CUDA every case is skipped, except under BLIPFAST_BENCH_DRY_RUN=1, where tiny
 fp32 versions of the cases run on the CPU through the providers that can (reference, SDPA math),
 to exercise the code path. Inputs are bf16, laid out as the model holds them (ViT: strided views
 of a fused (B, N, 3, H, D) qkv; text: (B, L, H, D) viewed as (B, H, L, D)).
 
-Each case records in `extra_info` (read by benchmarks/harness.py into result rows):
+The text, decoder and cross-attention cases run a second time with BLIP's attention dropout
+(DROPOUT_CASES, dropout_p = 0.1; `test_attention_dropout`, `test_varlen_attention_dropout`): each
+provider draws its own mask, so the check against the reference runs without dropout, and the rows
+compare the providers' dropout against each other and against the same case's rows without it.
+
+Each case records in `extra_info` (read by benchmarks/harness.py into result rows; dropout_p is part
+of the case):
   p20/p50/p80_ms  device time per call (CUDA events, harness.time_iterations);
   flops           FlashAttention convention: forward 4*B*H*Lq*Lk*D, halved when causal;
                   backward 2.5x forward (5 matmuls, one of them recomputing QK^T); fwd+bwd 3.5x;
@@ -69,6 +76,11 @@ PROVIDERS = ("triton", "triton-bwd5", "triton-bwd7", "sdpa-flash", "sdpa-efficie
 FORCED_BWD = {"triton-bwd5": True, "triton-bwd7": False, "triton-varlen-bwd5": True, "triton-varlen-bwd7": False}
 MODES = ("fwd", "bwd", "fwd+bwd")
 DRY_CASES = ("vit_b_197", "causal_35_padded", "cross_35x197")  # one per kind keeps the dry run short
+# BLIP's text attention trains with dropout 0.1 (BERT's attention_probs_dropout_prob; its ViT has none):
+# the text encoder, the causal decoder and the cross-attention, with dropout, fwd and fwd+bwd.
+DROPOUT_P = 0.1
+DROPOUT_CASES = ("text_35_padded", "causal_35_padded", "cross_35x197")
+DROPOUT_MODES = ("fwd", "fwd+bwd")
 HBM_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0}  # most specific first
 
 
@@ -104,7 +116,7 @@ def sdpa_provider(backend_name: str) -> Callable:
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend_name]
 
-    def call(q, k, v, mask, causal):
+    def call(q, k, v, mask, causal, dropout_p=0.0):
         attn_mask = None
         if mask is not None:
             attn_mask = mask[:, None, None, :]  # (B, 1, 1, Lk)
@@ -112,16 +124,17 @@ def sdpa_provider(backend_name: str) -> Callable:
                 tri = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
                 attn_mask = attn_mask & tri  # (B, 1, Lq, Lk)
         with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=causal and attn_mask is None)
 
     return call
 
 
 def make_provider(name: str) -> Callable:
-    """call(q, k, v, mask, causal) -> (B, H, Lq, D); pytest.skip when it cannot run here."""
+    """call(q, k, v, mask, causal, dropout_p=0.0) -> (B, H, Lq, D); pytest.skip when it cannot run here."""
     if name == "reference":
-        return lambda q, k, v, mask, causal: ref.attention(q, k, v, key_padding_mask=mask, causal=causal)
+        return lambda q, k, v, mask, causal, dropout_p=0.0: ref.attention(q, k, v, key_padding_mask=mask,
+                                                                          causal=causal, dropout_p=dropout_p)
     if name.startswith("sdpa-"):
         if DRY:  # the CPU has only SDPA's math backend: run it once, under the efficient name
             if name != "sdpa-efficient":
@@ -132,13 +145,15 @@ def make_provider(name: str) -> Callable:
         if not CUDA:
             pytest.skip("the Triton kernels need CUDA here (the interpreter is for tests)")
         from blipfast.kernels import attention
-        return lambda q, k, v, mask, causal: attention(q, k, v, key_padding_mask=mask, causal=causal)
+        return lambda q, k, v, mask, causal, dropout_p=0.0: attention(q, k, v, key_padding_mask=mask, causal=causal,
+                                                                      dropout_p=dropout_p)
     factory = {"xformers": XformersAttention, "flash_attn": FlashAttnAttention}[name]
     try:
         backend = factory()
     except BackendUnavailable as e:
         pytest.skip(str(e))
-    return lambda q, k, v, mask, causal: backend(q, k, v, key_padding_mask=mask, causal=causal)
+    return lambda q, k, v, mask, causal, dropout_p=0.0: backend(q, k, v, key_padding_mask=mask, causal=causal,
+                                                                dropout_p=dropout_p)
 
 
 def forced_backward(provider: str, mode: str, run: Callable[[], object]) -> Callable[[], object]:
@@ -208,12 +223,34 @@ def reference_output(case: str) -> torch.Tensor:
 def test_attention(benchmark, case, provider, mode):
     if DRY and case not in DRY_CASES:
         pytest.skip("dry run: one case per attention kind")
+    run_case(benchmark, case, provider, mode, 0.0)
+
+
+@pytest.mark.parametrize("dropout_p", [DROPOUT_P])
+@pytest.mark.parametrize("mode", DROPOUT_MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", DROPOUT_CASES)
+def test_attention_dropout(benchmark, case, provider, mode, dropout_p):
+    """The attention BLIP trains with dropout (text, decoder, cross), at its rate: the cost of the
+    random mask against each provider's own dropout, and against the same case without it
+    (test_attention's rows)."""
+    if DRY and case not in DRY_CASES:
+        pytest.skip("dry run: one case per attention kind")
+    run_case(benchmark, case, provider, mode, dropout_p)
+
+
+def run_case(benchmark, case: str, provider: str, mode: str, dropout_p: float):
+    """Check `provider`'s forward on `case` against the fp32 reference (without dropout: a dropout
+    mask is each provider's own draw; tests/kernels check blipfast's given its mask), then time
+    `mode` with `dropout_p`."""
     B, H, Lq, Lk, D, causal, padded, layout = shape_of(case)
     call = make_provider(provider)
     qkv, mask, dout = make_inputs(case)
-    try:  # one probe call: a provider that rejects the case is skipped, not failed
+    try:  # probe calls: a provider that rejects the case is skipped, not failed
         with torch.no_grad():
             out = call(*qkv, mask, causal)
+            if dropout_p:
+                call(*qkv, mask, causal, dropout_p=dropout_p)
     except BackendUnsupported as e:
         pytest.skip(str(e))
     except RuntimeError as e:  # SDPA: "No available kernel", xformers: no operator for the inputs
@@ -225,7 +262,10 @@ def test_attention(benchmark, case, provider, mode):
     tol = 0.05 if DTYPE == torch.bfloat16 else 1e-4
     assert max_err <= tol, f"{provider} forward differs from the fp32 reference by {max_err:.3g} (> {tol})"
 
-    run = forced_backward(provider, mode, make_run(call, mode, qkv, mask, dout, causal))
+    def timed(q, k, v, m, c):
+        return call(q, k, v, m, c, dropout_p=dropout_p)
+
+    run = forced_backward(provider, mode, make_run(timed, mode, qkv, mask, dout, causal))
     warmup, iters = (1, 3) if DRY else (3, 10)
     with harness.peak_memory(DEVICE) as mem:
         times = harness.time_iterations(run, DEVICE, warmup=warmup, iters=iters, max_seconds=0.5)
@@ -235,7 +275,7 @@ def test_attention(benchmark, case, provider, mode):
     # come from the test parameters. Fraction of the memory floor = row gbps / hbm_peak_gbps.
     benchmark.extra_info.update(
         op="attention", B=B, H=H, Lq=Lq, Lk=Lk, D=D, causal=causal, key_padding=padded, layout=layout,
-        dtype=str(DTYPE).replace("torch.", ""), hbm_peak_gbps=hbm_gbps(),
+        dropout_p=dropout_p, dtype=str(DTYPE).replace("torch.", ""), hbm_peak_gbps=hbm_gbps(),
         precision="bf16" if DTYPE == torch.bfloat16 else "fp32", flops=flops, bytes=nbytes,
         p20_ms=p20, p50_ms=p50, p80_ms=p80, peak_mem_mb=mem["mb"],
     )
@@ -286,14 +326,15 @@ def _pad(x, cu, lens, L):
     return torch.stack(rows).transpose(1, 2)
 
 
-def varlen_provider(name: str, lens_q, lens_k, cu_q, cu_k, causal) -> Callable:
-    """call(q, k, v) -> packed (total_q, H, D) output (padded providers pad, attend and unpad)."""
+def varlen_provider(name: str, lens_q, lens_k, cu_q, cu_k, causal, dropout_p: float = 0.0) -> Callable:
+    """call(q, k, v) -> packed (total_q, H, D) output (padded providers pad, attend and unpad), with
+    attention dropout `dropout_p`."""
     mq, mk = max(lens_q), max(lens_k)
     if name == "triton-varlen" or name in FORCED_BWD:
         if not CUDA:
             pytest.skip("the Triton kernels need CUDA here (the interpreter is for tests)")
         from blipfast.kernels import varlen_attention
-        return lambda q, k, v: varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal)
+        return lambda q, k, v: varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal, dropout_p=dropout_p)
     if name in ("triton-padded", "sdpa-padded", "reference"):
         if name == "triton-padded" and not CUDA:
             pytest.skip("the Triton kernels need CUDA here")
@@ -310,8 +351,8 @@ def varlen_provider(name: str, lens_q, lens_k, cu_q, cu_k, causal) -> Callable:
 
         def call(q, k, v):
             qp, kp, vp = _pad(q, cu_q, lens_q, Lq), _pad(k, cu_k, lens_k, Lk), _pad(v, cu_k, lens_k, Lk)
-            out = attn(qp, kp, vp, mask, causal) if name != "triton-padded" else \
-                attn(qp, kp, vp, key_padding_mask=mask, causal=causal)
+            out = attn(qp, kp, vp, mask, causal, dropout_p=dropout_p) if name != "triton-padded" else \
+                attn(qp, kp, vp, key_padding_mask=mask, causal=causal, dropout_p=dropout_p)
             return out.transpose(1, 2).reshape(-1, *q.shape[1:])[keep]
         return call
     if name == "flash_attn-varlen":
@@ -319,7 +360,7 @@ def varlen_provider(name: str, lens_q, lens_k, cu_q, cu_k, causal) -> Callable:
             from flash_attn import flash_attn_varlen_func
         except ImportError:
             pytest.skip("flash-attn is not installed")
-        return lambda q, k, v: flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, causal=causal)
+        return lambda q, k, v: flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, dropout_p=dropout_p, causal=causal)
     if name == "xformers-blockdiag":
         try:
             from xformers.ops import fmha
@@ -328,7 +369,8 @@ def varlen_provider(name: str, lens_q, lens_k, cu_q, cu_k, causal) -> Callable:
         bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(lens_q, lens_k)
         if causal:
             bias = bias.make_causal()
-        return lambda q, k, v: fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+        return lambda q, k, v: fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias,
+                                                               p=dropout_p)[0]
     raise ValueError(name)
 
 
@@ -338,6 +380,23 @@ def varlen_provider(name: str, lens_q, lens_k, cu_q, cu_k, causal) -> Callable:
 def test_varlen_attention(benchmark, case, provider, mode):
     if DRY and provider not in ("sdpa-padded",):
         pytest.skip("dry run: only the padded SDPA path runs on the CPU")
+    run_varlen_case(benchmark, case, provider, mode, 0.0)
+
+
+@pytest.mark.parametrize("dropout_p", [DROPOUT_P])
+@pytest.mark.parametrize("mode", DROPOUT_MODES)
+@pytest.mark.parametrize("provider", VARLEN_PROVIDERS)
+@pytest.mark.parametrize("case", list(VARLEN_CASES))
+def test_varlen_attention_dropout(benchmark, case, provider, mode, dropout_p):
+    """Packed text with BLIP's attention dropout (see test_attention_dropout)."""
+    if DRY and provider not in ("sdpa-padded",):
+        pytest.skip("dry run: only the padded SDPA path runs on the CPU")
+    run_varlen_case(benchmark, case, provider, mode, dropout_p)
+
+
+def run_varlen_case(benchmark, case: str, provider: str, mode: str, dropout_p: float):
+    """Check `provider` on packed `case` against the fp32 reference (without dropout), then time `mode`
+    with `dropout_p`."""
     qkv, lens_q, lens_k, cu_q, cu_k, causal = varlen_inputs(case)
     call = varlen_provider(provider, lens_q, lens_k, cu_q, cu_k, causal)
     with torch.no_grad():
@@ -347,6 +406,8 @@ def test_varlen_attention(benchmark, case, provider, mode):
     tol = 0.05 if DTYPE == torch.bfloat16 else 1e-4
     assert max_err <= tol, f"{provider} differs from the fp32 reference by {max_err:.3g} (> {tol})"
     dout = torch.randn_like(out)
+    if dropout_p:
+        call = varlen_provider(provider, lens_q, lens_k, cu_q, cu_k, causal, dropout_p)
     run = forced_backward(provider, mode, make_run(lambda q, k, v, _m, _c: call(q, k, v), mode, qkv, None, dout,
                                                    causal))
     warmup, iters = (1, 3) if DRY else (3, 10)
@@ -364,7 +425,7 @@ def test_varlen_attention(benchmark, case, provider, mode):
                      "fwd+bwd": (int(3.5 * fwd), fwd_bytes + bwd_bytes)}[mode]
     benchmark.extra_info.update(
         op="varlen_attention", B=B, H=H, Lq=max(lens_q), Lk=max(lens_k), D=D, causal=causal,
-        total_q=tq, total_k=tk, layout="packed", dtype=str(DTYPE).replace("torch.", ""),
+        total_q=tq, total_k=tk, layout="packed", dropout_p=dropout_p, dtype=str(DTYPE).replace("torch.", ""),
         hbm_peak_gbps=hbm_gbps(), precision="bf16" if DTYPE == torch.bfloat16 else "fp32", flops=flops,
         bytes=nbytes, p20_ms=p20, p50_ms=p50, p80_ms=p80, peak_mem_mb=mem["mb"],
     )

@@ -25,7 +25,8 @@ rows.jsonl, summary.txt and logs.tar.gz are rewritten in $OUT (atomically), so a
 outside still returns every finished stage. Caps: BLIPFAST_CAP_<STAGE> seconds.
 
 Narrowing: BLIPFAST_GPU_TESTS (test files or folders, default tests/), BLIPFAST_GPU_TESTS_K (a
-pytest -k expression), BLIPFAST_MICRO_BENCHES (files), BLIPFAST_E2E_CASES (MODEL:BATCH:PROVIDER,...),
+pytest -k expression), BLIPFAST_MICRO_BENCHES (files), BLIPFAST_MICRO_K (a pytest -k expression for
+them), BLIPFAST_E2E_CASES (MODEL:BATCH:PROVIDER,...),
 BLIPFAST_TRAINER_ARGS (extra key=value overrides for train.py). --dry-run (BLIPFAST_BENCH_DRY_RUN=1)
 runs everything on the CPU at tiny sizes (the trainer on 2 CPU ranks). BLIPFAST_INJECT_HANG=STAGE
 makes that stage's first process hang (tests of the deadline machinery).
@@ -359,6 +360,7 @@ def stage_e2e(run_id: str, logdir: str, deadline: float, py: str, dry: bool, res
 def stage_micro(run_id: str, logdir: str, deadline: float, py: str, dry: bool) -> List[dict]:
     rows = []
     override = os.environ.get("BLIPFAST_MICRO_BENCHES", "").split()
+    kexpr = os.environ.get("BLIPFAST_MICRO_K")  # e.g. "dropout": only BLIP's text attention with dropout
     files = override or glob.glob(os.path.join(HERE, "bench_*.py"))
     files = [f for f in files if os.path.basename(f) != "bench_e2e.py"]
     rank = {name: i for i, name in enumerate(MICRO_ORDER)}
@@ -385,7 +387,8 @@ def stage_micro(run_id: str, logdir: str, deadline: float, py: str, dry: bool) -
         out_json = os.path.join(logdir, f"{stem}.json")
         cmd = [py, "-m", "pytest", path, "-q", "-rs", "-p", "no:cacheprovider", "--benchmark-enable",
                f"--benchmark-json={out_json}", "--benchmark-save-data", "--benchmark-disable-gc",
-               "--benchmark-sort=name", "--benchmark-columns=min,median,max,rounds", *bench]
+               "--benchmark-sort=name", "--benchmark-columns=min,median,max,rounds", *bench,
+               *(["-k", kexpr] if kexpr else [])]
         rc, secs = run_stage("micro", cmd, file_deadline, os.path.join(logdir, f"{stem}.log"))
         got = []
         if os.path.exists(out_json):

@@ -184,8 +184,10 @@ def micro_workloads(dry: bool):
     attn, itc, ce = [], [], []
     try:
         cases = _literal(os.path.join(HERE, "bench_attention.py"), "CASES")
-        for (_B, H, Lq, Lk, D, causal, padded, layout) in cases.values():
-            attn.append(Attn(H, Lq, Lk, D, causal, padded, False, layout, "bf16"))
+        with_dropout = _literal(os.path.join(HERE, "bench_attention.py"), "DROPOUT_CASES")
+        for name, (_B, H, Lq, Lk, D, causal, padded, layout) in cases.items():
+            for drop in (False, True) if name in with_dropout else (False,):
+                attn.append(Attn(H, Lq, Lk, D, causal, padded, drop, layout, "bf16"))
     except (OSError, KeyError, ValueError, SyntaxError) as e:
         print(f"[warmup] bench_attention.py: no CASES literal ({e})")
     try:

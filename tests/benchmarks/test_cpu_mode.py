@@ -167,6 +167,30 @@ def test_pytest_benchmark_json_becomes_rows(tmp_path):
     assert by["fast"]["p50_ms"] >= 1.0 and by["reference"]["p50_ms"] >= 2.0
 
 
+def test_attention_bench_dropout_rows_are_their_own_cases(tmp_path):
+    """bench_attention.py's dry run (CPU, tiny; the providers that run there): the dropout rows
+    (BLIP's text attention at p = 0.1) form their own groups, beside the same case without dropout,
+    for the padded and the packed layouts."""
+    out = tmp_path / "attn.json"
+    env = dict(os.environ, BLIPFAST_BENCH_DRY_RUN="1")
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-m", "pytest", os.path.join(BENCH, "bench_attention.py"), "-q",
+                          "-p", "no:cacheprovider", "-k", "(causal_35_padded or packed_text_causal) and fwd and not bwd",
+                          "--benchmark-enable", f"--benchmark-json={out}"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:]
+    rows = harness.rows_from_pytest_benchmark(str(out), "r1", "bench_attention")
+    for r in rows:
+        harness.validate_row(r)
+    got = {(r["op"], r["provider"], r["config"]["dropout_p"]) for r in rows}
+    assert got == {(op, prov, p) for op, prov in (("attention", "reference"), ("attention", "sdpa-efficient"),
+                                                   ("varlen_attention", "sdpa-padded")) for p in (0.0, 0.1)}, got
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["group"], set()).add((r["op"], r["config"]["dropout_p"]))
+    assert len(groups) == 4 and all(len(g) == 1 for g in groups.values()), groups
+
+
 def test_e2e_parent_survives_a_dying_worker(tmp_path, monkeypatch):
     """A case that kills its worker (as a CUDA fault would) gets an error row; the rest still run."""
     stub = tmp_path / "stub_worker.py"
@@ -208,6 +232,16 @@ def _toy_bench(tmp_path):
             benchmark(sum, range(1000 if provider == "torch" else 10))
     """))
     return toy
+
+
+def test_micro_stage_narrowed_by_a_k_expression(tmp_path, monkeypatch):
+    """BLIPFAST_MICRO_K reaches the micro stage's pytest as -k (e.g. "dropout" on a GPU run)."""
+    import run_all
+
+    monkeypatch.setenv("BLIPFAST_MICRO_BENCHES", str(_toy_bench(tmp_path)))
+    monkeypatch.setenv("BLIPFAST_MICRO_K", "triton")
+    rows = run_all.stage_micro("r1", str(tmp_path), time.time() + 120, sys.executable, dry=True)
+    assert [r["provider"] for r in rows] == ["triton"], rows
 
 
 def _suites(rows):
@@ -369,6 +403,11 @@ def test_warmup_plan_covers_the_run_and_dedups():
             for j in attn if "e2e" in j.sources}
     assert {(30, 30, False, True, "heads_view"), (30, 30, True, True, "heads_view"),
             (30, 197, False, True, "heads_view")} <= base
+    # the microbenchmarks' text, decoder and cross cases also run with dropout (bench_attention.DROPOUT_CASES):
+    # their compile units are in the plan (at 35 tokens they are the e2e text's units, planned once)
+    micro_drop = [w for w in warmup.micro_workloads(dry=False)[0] if w.dropout]
+    assert {(w.Lq, w.Lk, w.causal) for w in micro_drop} == {(35, 35, False), (35, 35, True), (35, 197, False)}
+    assert {u for w in micro_drop for us in warmup.attention_units(w) for u in us} <= set(units)
     vit = [j for j in attn if (j.workload.Lq, j.workload.layout, j.workload.dtype) == (197, "fused_qkv", "bf16")
            and not j.workload.mask]
     assert {"e2e", "tests", "micro"} <= {s for j in vit for s in j.sources}
