@@ -28,8 +28,12 @@ for sm_90 (Triton's compiler with an explicit target needs no GPU) to prove they
     python benchmarks/warmup.py --dry-run --list   # CPU: print the plan
     python benchmarks/warmup.py --dry-run --compile-sm90 4
 
-Kernels that a checkout adds later (say a variable-length attention) are compiled here once a
-workload function below lists them; until then they compile when first used.
+Packed text (exact work: `varlen_attention`, the e2e model's text and bench_attention's
+VARLEN_CASES) runs at fixed tiles: one job per workload launches the forward and both backward
+schedules on five sequences whose totals are not multiples of 16 (Triton specialises integers that
+are; a batch whose totals are compiles those variants when it first runs). Kernels that a checkout
+adds later are compiled here once a workload function below lists them; until then they compile
+when first used.
 """
 from __future__ import annotations
 
@@ -57,7 +61,8 @@ DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 @dataclass(frozen=True)
 class Attn:
-    """One attention call site: q (B, H, Lq, D), k/v (B, H, Lk, D) in `layout`."""
+    """One attention call site: q (B, H, Lq, D), k/v (B, H, Lk, D) in `layout`; or, with layout
+    "packed", variable-length sequences of at most Lq queries and Lk keys (`varlen_attention`)."""
     H: int
     Lq: int
     Lk: int
@@ -65,7 +70,7 @@ class Attn:
     causal: bool
     mask: bool
     dropout: bool
-    layout: str  # fused_qkv | heads_view | contiguous
+    layout: str  # fused_qkv | heads_view | contiguous | packed
     dtype: str
 
 
@@ -125,6 +130,12 @@ def model_workloads(model: str, batches: List[int]) -> Tuple[List[Attn], List[It
         Attn(t.num_attention_heads, L, L, dt, True, True, drop, "heads_view", "bf16"),  # decoder
         Attn(t.num_attention_heads, L, n_img, dt, False, False, drop, "heads_view", "bf16"),  # cross
     ]
+    if cfg.exact_work:  # text on its real tokens only: the packed kernels (varlen_attention)
+        attn += [
+            Attn(t.num_attention_heads, L, L, dt, False, False, drop, "packed", "bf16"),  # text encoder
+            Attn(t.num_attention_heads, L, L, dt, True, False, drop, "packed", "bf16"),  # decoder
+            Attn(t.num_attention_heads, L, n_img, dt, False, False, drop, "packed", "bf16"),  # cross
+        ]
     attn = [a for a in attn if a.D in SUPPORTED_HEAD_DIMS]  # others run elsewhere (sdpa)
     itc = [Itc(B, cfg.queue_size, cfg.embed_dim, "bf16") for B in batches]
     ce = [Ce(B * (L - 1), t.vocab_size, t.hidden_size, "bf16") for B in batches]
@@ -188,6 +199,9 @@ def micro_workloads(dry: bool):
         for name, (_B, H, Lq, Lk, D, causal, padded, layout) in cases.items():
             for drop in (False, True) if name in with_dropout else (False,):
                 attn.append(Attn(H, Lq, Lk, D, causal, padded, drop, layout, "bf16"))
+        for (_B, H, D, causal, lk) in _literal(os.path.join(HERE, "bench_attention.py"), "VARLEN_CASES").values():
+            for drop in (False, True):  # every packed case also runs with dropout
+                attn.append(Attn(H, 30, lk or 30, D, causal, False, drop, "packed", "bf16"))  # captions <= 30
     except (OSError, KeyError, ValueError, SyntaxError) as e:
         print(f"[warmup] bench_attention.py: no CASES literal ({e})")
     try:
@@ -233,6 +247,49 @@ def make_qkv(w: Attn, B: int, device: str):
     return q, k, v, mask, dout
 
 
+def make_packed(w: Attn, device: str):
+    """Packed inputs for a "packed" workload: five sequences, the longest of w.Lq queries, a
+    single-token one among them; keys are the queries' own (self-attention) or w.Lk per sequence
+    (cross-attention to image tokens). Returns (q, k, v, cu_q, cu_k, max_q, max_k, dout)."""
+    import torch
+
+    lens_q = [w.Lq, max(1, w.Lq // 2 + 1), min(w.Lq, 7), 1, min(w.Lq, 3)]
+    if sum(lens_q) % 16 == 0:  # Triton specialises integers divisible by 16: keep the common case
+        lens_q[-1] = 2
+    lens_k = lens_q if w.Lk == w.Lq else [w.Lk] * len(lens_q)
+    kw = dict(device=device, dtype=_torch_dtype(w.dtype))
+    q = torch.randn(sum(lens_q), w.H, w.D, **kw)
+    k, v = (torch.randn(sum(lens_k), w.H, w.D, **kw) for _ in range(2))
+
+    def cu(lens):
+        return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+    return q, k, v, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k), torch.randn_like(q)
+
+
+def packed_units(w: Attn) -> List[List[str]]:
+    """The compile units of a packed workload: one job, the forward, dQ, dK/dV and fused kernels at
+    their fixed packed tiles (VARLEN_BLOCKS; fp32: FP32_BLOCKS, no fused backward)."""
+    from blipfast.kernels import flash_attention as fa
+
+    q, k, v, cu_q, cu_k, _, max_k, _ = make_packed(w, "cpu")  # tiny; the fused schedule runs on it
+    args = fa._varlen_args(q, k, cu_q, cu_k, w.causal, 0.1 if w.dropout else 0.0, 1)
+    fp32 = w.dtype == "fp32"
+    flags = {k_: args[k_] for k_ in ("HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "VARLEN", "HAS_DROPOUT")}
+    flags.update(UPCAST=fp32, DOT_PREC="ieee" if fp32 else "tf32")
+    ints = f"Lq={_spec(q.shape[0])},Lk={_spec(k.shape[0])},H={_spec(w.H)}"
+    units = []
+    for kind in ("fwd", "dq", "dkdv") if fp32 else ("fwd", "dq", "dkdv", "dkdv_fused"):
+        bm, bn, warps, stages = (fa.FP32_BLOCKS if fp32 else fa.VARLEN_BLOCKS)[kind]
+        # the fused kernel's key-tile group: 1 (packed short sequences, a constant to Triton) or the
+        # chunks of a long key sequence (197 image tokens)
+        group = fa.varlen_fused_schedule(cu_q, cu_k, k.shape[0], max_k, bn)[2] if kind == "dkdv_fused" else 1
+        units.append(json.dumps({"kernel": kind, "dtype": w.dtype, **flags, "BLOCK_M": bm, "BLOCK_N": bn,
+                                 "num_warps": warps, "num_stages": stages, "ints": ints + f",group={_spec(group)}"},
+                                sort_keys=True))
+    return [units]
+
+
 def _spec(v) -> str:
     """Triton's integer specialisation: 1, divisible by 16, or neither."""
     if isinstance(v, bool) or not isinstance(v, int):
@@ -246,6 +303,9 @@ def attention_units(w: Attn) -> List[List[str]]:
     Computed from meta tensors through the launchers' own helpers (_dense_args, the EVEN_* rules,
     the autotuner's prune function), so it follows the kernels' code, not a copy of it."""
     from blipfast.kernels import flash_attention as fa
+
+    if w.layout == "packed":
+        return packed_units(w)
 
     q, k, v, mask, dout = make_qkv(w, 2, "meta")
     args = fa._dense_args(q, k, mask, w.causal, 0.1 if w.dropout else 0.0, 1)
@@ -340,6 +400,16 @@ def run_job(job: Job, dev: str = "cuda") -> Tuple[str, bool, float, Optional[str
         if job.family == "attention":
             from blipfast.kernels import flash_attention as fa
 
+            if w.layout == "packed":  # fixed tiles: the launchers pick them; both backward schedules
+                q, k, v, cu_q, cu_k, mq, mk, dout = make_packed(w, dev)
+                p, scale = (0.1 if w.dropout else 0.0), fa.default_scale(w.D)
+                o, lse = fa.varlen_forward(q, k, v, cu_q, cu_k, mq, mk, w.causal, p, scale, 1234)
+                for fused in (False, True) if w.dtype != "fp32" else (False,):
+                    fa.varlen_backward(dout, q, k, v, o, lse, cu_q, cu_k, mq, mk, w.causal, p, scale, 1234,
+                                       fused_dq=fused)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                return job.describe(), True, time.time() - t0, None
             q, k, v, mask, dout = make_qkv(w, 2, dev)
             cfg = attention_configs(w, job.config_index)
             if w.dtype == "fp32":
@@ -385,33 +455,22 @@ def run_job(job: Job, dev: str = "cuda") -> Tuple[str, bool, float, Optional[str
 
 
 def _compile_sm90(unit: str) -> Tuple[str, bool, float, Optional[str]]:
-    """Compile one attention unit for sm_90 without a GPU (Triton's compiler, explicit target)."""
+    """Compile one attention unit for sm_90 without a GPU, as the static audit does
+    (`kernel_audit.compile_sm90`: Triton's compiler with an explicit target, the launch's types)."""
     t0 = time.time()
     u = json.loads(unit)
     try:
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
+        from kernel_audit import ATTN_BASE, compile_sm90  # benchmarks/ is on sys.path here
 
         from blipfast.kernels import flash_attention as fa
 
-        fn = fa._KERNELS[u["kernel"]]
+        fn = fa._KERNELS.get(u["kernel"], fa._attn_bwd_dkdv)  # "dkdv_fused": dK/dV with FUSED_DQ
         consts = {k: u[k] for k in ("HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "UPCAST", "DOT_PREC",
-                                    "EVEN_M", "EVEN_N", "BLOCK_M", "BLOCK_N") if k in u}
-        consts["INTERPRET"] = False
-        consts["VARLEN"] = bool(u.get("VARLEN", False))
-        # constexprs this unit does not name (added to the kernels later) take the audit's values
-        from kernel_audit import ATTN_BASE  # noqa: F401  (benchmarks/ is on sys.path here)
-        for name, value in ATTN_BASE.items():
-            if name in fn.arg_names:
-                consts.setdefault(name, value)
-        elem = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[u["dtype"]]
-        types = dict(KPM="*u8", LSE="*fp32", DELTA="*fp32", qk_scale="fp32", sm_scale="fp32", dropout_p="fp32",
-                     seed="i64")
-        ptrs = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
-        sig = {a: "constexpr" if a in consts else types.get(a, elem if a in ptrs else "i32") for a in fn.arg_names}
-        k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=u["num_warps"], num_stages=u["num_stages"]))
+                                    "EVEN_M", "EVEN_N", "BLOCK_M", "BLOCK_N", "VARLEN") if k in u}
+        consts.update(FUSED_DQ=u["kernel"] == "dkdv_fused", INTERPRET=False)
+        for name, value in ATTN_BASE.items():  # constexprs a unit does not name take the audit's values
+            consts.setdefault(name, value)
+        k = compile_sm90(fn, consts, u["num_warps"], u["num_stages"], elem=u["dtype"])
         return f"{u['kernel']} {u['dtype']} {u['BLOCK_M']}x{u['BLOCK_N']} smem {k.metadata.shared}", True, \
             time.time() - t0, None
     except Exception as e:  # noqa: BLE001

@@ -403,10 +403,20 @@ def test_warmup_plan_covers_the_run_and_dedups():
             for j in attn if "e2e" in j.sources}
     assert {(30, 30, False, True, "heads_view"), (30, 30, True, True, "heads_view"),
             (30, 197, False, True, "heads_view")} <= base
+    # exact work: the e2e model's text runs packed (varlen_attention), each variant with its fused backward
+    packed = {(j.workload.Lk, j.workload.causal, j.workload.dropout): {json.loads(u)["kernel"] for u in j.units}
+              for j in attn if j.workload.layout == "packed" and "e2e" in j.sources}
+    assert set(packed) == {(30, False, True), (30, True, True), (197, False, True)}, packed
+    assert packed[(30, False, True)] == {"fwd", "dq", "dkdv", "dkdv_fused"}
+    # the cross-attention adds only its fused unit: 197 keys per caption are chunked, so the fused
+    # kernel's key-tile group is a runtime value, not the constant 1 (the other units are the text's)
+    assert packed[(197, False, True)] == {"dkdv_fused"}
     # the microbenchmarks' text, decoder and cross cases also run with dropout (bench_attention.DROPOUT_CASES):
     # their compile units are in the plan (at 35 tokens they are the e2e text's units, planned once)
     micro_drop = [w for w in warmup.micro_workloads(dry=False)[0] if w.dropout]
-    assert {(w.Lq, w.Lk, w.causal) for w in micro_drop} == {(35, 35, False), (35, 35, True), (35, 197, False)}
+    assert {(w.Lq, w.Lk, w.causal, w.layout) for w in micro_drop} == {
+        (35, 35, False, "heads_view"), (35, 35, True, "heads_view"), (35, 197, False, "heads_view"),
+        (30, 30, False, "packed"), (30, 30, True, "packed"), (30, 197, False, "packed")}
     assert {u for w in micro_drop for us in warmup.attention_units(w) for u in us} <= set(units)
     vit = [j for j in attn if (j.workload.Lq, j.workload.layout, j.workload.dtype) == (197, "fused_qkv", "bf16")
            and not j.workload.mask]
@@ -440,12 +450,16 @@ def test_warmup_jobs_launch_through_the_real_launchers(monkeypatch):
     jobs = [warmup.Job("attention", warmup.Attn(2, 35, 35, 32, True, True, True, "heads_view", "fp16"), 0),
             warmup.Job("attention", warmup.Attn(2, 35, 35, 32, True, True, True, "heads_view", "fp16"), 1),
             warmup.Job("attention", warmup.Attn(2, 20, 20, 16, False, False, False, "fused_qkv", "fp32"), 0),
+            # packed text (exact work): cross-attention with dropout, and a causal fp32 one
+            warmup.Job("attention", warmup.Attn(2, 20, 45, 16, False, False, True, "packed", "fp16"), 0),
+            warmup.Job("attention", warmup.Attn(2, 20, 20, 16, True, False, False, "packed", "fp32"), 0),
             warmup.Job("itc", warmup.Itc(4, 64, 32, "fp32")),
             warmup.Job("ce", warmup.Ce(6, 128, 32, "fp32"))]
     for job in jobs:
         name, ok, _, err = warmup.run_job(job, dev="cpu")
         assert ok, f"{name}: {err}"
-    assert kinds.count("dkdv_fused") == 1 and kinds.count("dkdv") >= 3  # job 0 only; every job's two-kernel
+    # the dense job 0 and the 16-bit packed job; every job's two-kernel backward
+    assert kinds.count("dkdv_fused") == 2 and kinds.count("dkdv") >= 5 and kinds.count("fwd") >= 5
     assert warmup.attention_configs(jobs[0].workload, 1)["fwd"] != warmup.attention_configs(jobs[0].workload, 0)["fwd"]
 
 
