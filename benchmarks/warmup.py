@@ -253,6 +253,8 @@ def make_packed(w: Attn, device: str):
     (cross-attention to image tokens). Returns (q, k, v, cu_q, cu_k, max_q, max_k, dout)."""
     import torch
 
+    from blipfast.ops.packing import Packing
+
     lens_q = [w.Lq, max(1, w.Lq // 2 + 1), min(w.Lq, 7), 1, min(w.Lq, 3)]
     if sum(lens_q) % 16 == 0:  # Triton specialises integers divisible by 16: keep the common case
         lens_q[-1] = 2
@@ -261,8 +263,8 @@ def make_packed(w: Attn, device: str):
     q = torch.randn(sum(lens_q), w.H, w.D, **kw)
     k, v = (torch.randn(sum(lens_k), w.H, w.D, **kw) for _ in range(2))
 
-    def cu(lens):
-        return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    def cu(lens):  # the model's own packing: int32 (B + 1,) cumulative lengths from 0
+        return Packing.from_lengths(torch.tensor(lens, device=device), max(lens)).cu_seqlens
 
     return q, k, v, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k), torch.randn_like(q)
 
